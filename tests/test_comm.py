@@ -1,0 +1,131 @@
+"""hvdet.comm under real launchers (horovodrun --gloo, horovodrun --mpi, mpirun) and in one process."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.harness import ROOT, run_ranks
+
+
+def case_collectives():
+    from hvdet import comm
+
+    r, n = comm.rank(), comm.size()
+    x = torch.tensor([float(r + 1), 10.0 * r])
+    out = {
+        "rank": r, "size": n, "local_rank": comm.local_rank(), "main": comm.is_main_process(),
+        "controller": comm.controller(),
+        "sum": comm.allreduce(x, op="sum").tolist(),
+        "mean": comm.allreduce(x, op="mean").tolist(),
+        "max": comm.allreduce(x, op="max").tolist(),
+        "objects": comm.allgather_object({"rank": r}),
+        "bcast": comm.broadcast_object(f"from {r}", root_rank=n - 1),
+    }
+    comm.barrier()
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, float(r))
+    comm.broadcast_parameters(model.state_dict(), root_rank=0)
+    out["weight_after_broadcast"] = model.weight.sum().item()
+    return out
+
+
+def case_groups(backends):
+    from hvdet import comm
+
+    r, n = comm.rank(), comm.size()
+    out = {}
+    for group_size in (1, 2, n):
+        group = comm.consecutive_groups(group_size)
+        for backend in backends:
+            t = torch.tensor([float(r), 1.0])
+            out[(group_size, backend)] = (group.ranks, group.rank, group.allreduce(t, "sum", backend).tolist(),
+                                          group.allreduce(t, "mean", backend).tolist())
+    out["auto"] = comm.consecutive_groups(2).resolve_backend(torch.device("cpu"))
+    return out
+
+
+def case_distributed_optimizer():
+    from hvdet import comm
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+    comm.broadcast_parameters(model.state_dict())
+    opt = comm.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.named_parameters())
+    x = torch.full((1, 4), float(comm.rank() + 1))  # each rank a different gradient
+    model(x).sum().backward()
+    opt.step()
+    return model.weight.detach().clone()
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun", "horovodrun-mpi"])
+def test_world_collectives(launcher):
+    res = run_ranks("tests.test_comm:case_collectives", np=2, launcher=launcher)
+    assert [o["rank"] for o in res] == [0, 1]
+    for o in res:
+        assert o["size"] == 2
+        assert o["sum"] == [3.0, 10.0]
+        assert o["mean"] == [1.5, 5.0]
+        assert o["max"] == [2.0, 10.0]
+        assert o["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert o["bcast"] == "from 1"
+        assert o["weight_after_broadcast"] == 0.0
+        assert o["controller"] == ("gloo" if launcher == "horovodrun" else "mpi")
+    assert [o["main"] for o in res] == [True, False]
+
+
+@pytest.mark.parametrize("launcher,backends", [("horovodrun", ["horovod", "torch"]),
+                                               ("mpirun", ["horovod", "torch", "mpi"])])
+def test_groups_of_consecutive_ranks(launcher, backends):
+    res = run_ranks("tests.test_comm:case_groups", np=4, launcher=launcher, backends=backends)
+    for r, o in enumerate(res):
+        for backend in backends:
+            ranks, idx, total, mean = o[(1, backend)]
+            assert ranks == (r,) and idx == 0 and total == [r, 1.0]
+            ranks, idx, total, mean = o[(2, backend)]
+            first = r // 2 * 2
+            assert ranks == (first, first + 1) and idx == r - first
+            assert total == [2.0 * first + 1, 2.0] and mean == [first + 0.5, 1.0]
+            ranks, idx, total, mean = o[(4, backend)]
+            assert ranks == (0, 1, 2, 3) and total == [6.0, 4.0] and mean == [1.5, 1.0]
+        assert o["auto"] in backends
+
+
+def test_distributed_optimizer_averages_gradients():
+    w0, w1 = run_ranks("tests.test_comm:case_distributed_optimizer", np=2, launcher="horovodrun")
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 1, bias=False).weight.detach().clone()
+    assert torch.equal(w0, w1)
+    torch.testing.assert_close(w0, ref - 1.5)  # mean of inputs 1 and 2
+
+
+def test_single_process_without_launcher():
+    code = ("from hvdet import comm; import torch; comm.init();"
+            "g = comm.consecutive_groups(None);"
+            "print(comm.rank(), comm.size(), comm.allreduce(torch.ones(2), 'mean').tolist(), g.size)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "0 1 [1.0, 1.0] 1"
+
+
+def test_group_size_must_divide_world():
+    from hvdet import comm
+
+    comm.init()
+    with pytest.raises(ValueError, match="divide the world size"):
+        comm.consecutive_groups(3 if comm.size() != 3 else 2)
+
+
+@pytest.mark.parametrize("fake,message", [
+    ("raise ImportError('No module named horovod')", "not installed"),
+    ("__version__ = '0.28.1'", "built without PyTorch"),
+])
+def test_broken_horovod_says_what_to_run(tmp_path, fake, message):
+    pkg = tmp_path / "horovod"
+    (pkg / "torch").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(fake + "\n")
+    (pkg / "torch" / "__init__.py").write_text("raise ImportError('mpi_lib_v2.so: undefined symbol')\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", "import hvdet.comm"], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
+    assert out.returncode != 0
+    assert message in out.stderr and "make venv" in out.stderr
