@@ -1,0 +1,154 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically by rank 0.
+
+A checkpoint holds the model, the optimizer state (PMD-LAMB's moments and step counter included), the
+AMP scaler, AGVM's smoothed scales, the iteration (the schedule is a pure function of it), the train
+loader's position (epoch and batch within it), every rank's RNG states, the world size and global
+batch it was written with, and the time-to-accuracy bookkeeping (elapsed time, evaluations so far).
+
+Resuming on another number of ranks changes the global batch. ``on_world_size_change="rescale"``
+continues with the lr given by the linear scaling rule for the new batch (the run's lr is always
+``base_lr * global_batch / reference_batch``), the iteration counter unchanged, the sampler restarted
+at the same fraction of its epoch and fresh per-rank RNG streams; ``"refuse"`` stops with a message.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvdet import comm
+
+FORMAT = "hvdet-checkpoint-1"
+_NAME = re.compile(r"^iter_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit this run; the message names the file."""
+
+
+def path_for(output_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"iter_{iteration:07d}.pt"
+
+
+def rng_state() -> dict:
+    """This rank's random number generator states (torch, CUDA, numpy, Python)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states, in rank order (collective: every rank calls it at the same iteration)."""
+    return comm.allgather_object(rng_state())
+
+
+def save(state: dict, path: str | os.PathLike) -> Path | None:
+    """Write ``state`` to ``path`` on rank 0 only, atomically: a reader (or a resume after a crash
+    mid-write) sees the old file or the complete new one, never a truncated one."""
+    if not comm.is_main_process():
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one file system
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read a checkpoint (on the CPU). Every rank reads the same file, so all start identical."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # Our own files, holding numpy RNG states and plain Python objects besides tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an hvdet checkpoint (no format {FORMAT!r} marker); "
+                              "for --eval-only a plain model state_dict is accepted too")
+    return state
+
+
+def model_state(path: str | os.PathLike) -> dict:
+    """The model weights of an hvdet checkpoint, or of a file holding a plain state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return state["model"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        return state["model"]
+    if isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()):
+        return state
+    raise CheckpointError(f"{path} holds neither an hvdet checkpoint nor a model state_dict")
+
+
+def resume_policy(state: dict, path, world_size: int, global_batch: int, policy: str) -> float:
+    """Check a checkpoint against this run's world size; return the lr factor new/old batch.
+
+    policy ``rescale``: accept, the lr follows the linear scaling rule; ``refuse``: raise.
+    """
+    old_world, old_batch = state["world_size"], state["global_batch"]
+    if old_world == world_size and old_batch == global_batch:
+        return 1.0
+    if policy == "refuse":
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run on {old_world} ranks (global batch {old_batch}); this run "
+            f"has {world_size} ranks (global batch {global_batch}). Launch it with -np {old_world}, or set "
+            f"checkpoint.on_world_size_change=rescale to continue with the lr scaled by the linear "
+            f"scaling rule (x{global_batch / old_batch:g})")
+    return global_batch / old_batch
+
+
+def loader_state_for(state: dict, world_size: int) -> dict:
+    """The train loader's state for this world size: the same one, or the same fraction of the epoch."""
+    loader = dict(state["loader"])
+    if state["world_size"] != world_size and "position" in loader:
+        # position counts this rank's batches in the epoch; the epoch's images are spread over the
+        # ranks, so the same images consumed means position * old_world / new_world batches.
+        loader["position"] = loader["position"] * state["world_size"] // world_size
+    return loader
+
+
+def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` periodic checkpoints (rank 0; 0 keeps all)."""
+    if keep_last <= 0 or not comm.is_main_process():
+        return
+    folder = Path(output_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("iter_*.pt") if (m := _NAME.match(p.name)))
+    for _, p in found[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def latest(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in ``output_dir``, or None."""
+    folder = Path(output_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("iter_*.pt") if (m := _NAME.match(p.name)))
+    return found[-1][1] if found else None
