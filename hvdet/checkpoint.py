@@ -76,9 +76,20 @@ def save(state: dict, path: str | os.PathLike) -> Path | None:
     return path
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run's ``output_dir`` (its newest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"{path} is a directory without checkpoints (looked for {path}/checkpoints/iter_*.pt)")
+        return found
+    return path
+
+
 def load(path: str | os.PathLike) -> dict:
     """Read a checkpoint (on the CPU). Every rank reads the same file, so all start identical."""
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -94,7 +105,7 @@ def load(path: str | os.PathLike) -> dict:
 
 def model_state(path: str | os.PathLike) -> dict:
     """The model weights of an hvdet checkpoint, or of a file holding a plain state_dict."""
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -148,7 +159,60 @@ def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
 
 
 def latest(output_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in ``output_dir``, or None."""
+    """The newest checkpoint of a run (``output_dir`` or its ``checkpoints`` folder), or None."""
     folder = Path(output_dir) / "checkpoints"
+    folder = folder if folder.is_dir() else Path(output_dir)
     found = sorted((int(m.group(1)), p) for p in folder.glob("iter_*.pt") if (m := _NAME.match(p.name)))
     return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's checkpoint (``run`` is hvdet.engine.Run)
+# ---------------------------------------------------------------------------------------------
+
+def save_run(run, iteration: int) -> Path:
+    """Checkpoint ``run`` after ``iteration`` iterations (collective; rank 0 writes)."""
+    from hvdet.config import lr_at, to_dict
+
+    rngs = gather_rng_states()  # collective: every rank is here at the same iteration
+    state = {"iteration": iteration, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "agvm": run.agvm.state_dict() if run.agvm else None,
+             "loader": run.loader.state_dict(), "rng": rngs, "world_size": run.plan.world_size,
+             "global_batch": run.plan.global_batch, "lr": lr_at(run.cfg, run.plan, iteration - 1),
+             "config": to_dict(run.cfg), "clock": run.clock.state()}
+    path = path_for(run.cfg.output_dir, iteration)
+    if save(state, path) is not None:
+        _link_last(path)
+        prune(run.cfg.output_dir, run.cfg.checkpoint.keep_last)
+    return path
+
+
+def _link_last(path: Path) -> None:
+    """``checkpoints/last.pt`` -> the newest checkpoint (a relative symlink, replaced atomically)."""
+    tmp = path.with_name(".last.pt.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(path.name, tmp)
+    os.replace(tmp, path.with_name("last.pt"))
+
+
+def restore_run(run, state: dict, path: str | os.PathLike, reseed) -> None:
+    """Continue ``run`` from ``state``, the checkpoint :func:`load` read from ``path`` (every rank
+    reads the same file). ``reseed(seed, rank)`` makes fresh per-rank RNG streams when the world
+    size changed."""
+    world, plan = comm.size(), run.plan
+    factor = resume_policy(state, path, world, plan.global_batch, run.cfg.checkpoint.on_world_size_change)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.agvm is not None and state.get("agvm"):
+        run.agvm.load_state_dict(state["agvm"])
+    run.loader.load_state_dict(loader_state_for(state, world))
+    if state["world_size"] == world:
+        set_rng_state(state["rng"][comm.rank()])
+    else:  # other ranks, other sampling streams: exact continuation is impossible anyway
+        reseed(run.cfg.seed + state["iteration"], comm.rank())
+    run.clock = type(run.clock)(**{k: v for k, v in state["clock"].items() if k != "start"})
+    run.start_step = state["iteration"]
+    if comm.is_main_process() and factor != 1.0:
+        print(f"resuming {path}: {state['world_size']} -> {world} ranks, global batch {state['global_batch']} -> "
+              f"{plan.global_batch}, lr x{factor:g} by the linear scaling rule", flush=True)

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -42,10 +47,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_images: str = "data/coco/train2017"
-    train_ann: str = "data/coco/annotations/instances_train2017.json"
-    val_images: str = "data/coco/val2017"
-    val_ann: str = "data/coco/annotations/instances_val2017.json"
+    root: str = "data/coco"                   # relative paths below are under root (COCO 2017 layout)
+    train_images: str = "train2017"
+    train_ann: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_ann: str = "annotations/instances_val2017.json"
     images_per_gpu: int = 2
     num_workers: int = 2
     min_sizes: list[int] = field(default_factory=lambda: [800])   # several: multi-scale training
@@ -71,6 +77,8 @@ class SolverConfig:
     schedule: str = "step"                    # step | cosine
     max_iters: int = 0                        # either max_iters/steps ...
     steps: list[int] = field(default_factory=list)
+    iters_at_batch: int | None = None         # iterations above are counted at this global batch and
+    #   rescaled to the run's, keeping the epochs constant (LargeDet 4.1); None: as given
     max_epochs: float = 0.0                   # ... or max_epochs/step_epochs, converted with the global batch
     step_epochs: list[float] = field(default_factory=list)
     iterations_scale: float = 1.0             # MegDet's "longer" policy, e.g. 1.4
@@ -104,6 +112,7 @@ class AGVMConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0                         # iterations between evaluations; 0: only at the end
+    start: int = 0                            # no periodic evaluation before this iteration
     at_end: bool = True
     images_per_gpu: int = 2
     num_workers: int = 0
@@ -128,6 +137,7 @@ class Config:
     output_dir: str = "runs/default"
     seed: int = 0
     target: dict[str, float] = field(default_factory=dict)   # e.g. {bbox: 0.366}: stop when reached
+    target_metric: str = "AP"                 # AP (COCO's AP@[.5:.95]) or AP50 (the Open Images metric)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -145,6 +155,7 @@ CHOICES = {
     "solver.schedule": ("step", "cosine"),
     "bn.backend": ("auto", "horovod", "torch", "mpi"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
+    "target_metric": ("AP", "AP50", "AP75"),
 }
 TARGET_KEYS = ("bbox", "segm")
 
@@ -262,6 +273,8 @@ def _convert(value, hint):
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return True, float(value)  # PyYAML (YAML 1.1) reads 1e6 or 5e-4, without a dot, as strings
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None
     if hint is str:
@@ -342,6 +355,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 # The linear scaling rule and the run length
 # ---------------------------------------------------------------------------------------------
 
+def data_path(cfg: Config, name: str) -> str:
+    """``data.<name>`` under ``data.root`` (an absolute path stays as it is)."""
+    return os.path.join(cfg.data.root, getattr(cfg.data, name))
+
+
 def global_batch(cfg: Config, world_size: int) -> int:
     """Images per optimizer step over all ranks."""
     return cfg.data.images_per_gpu * world_size * cfg.solver.backward_passes_per_step
@@ -363,3 +381,46 @@ def with_overrides(cfg: Config, overrides: typing.Sequence[str], source: str = "
 
 def dump(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run for a world size: batch, lr, length
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    world_size: int
+    global_batch: int
+    lr: float          # peak lr: base_lr * global_batch / reference_batch (linear scaling rule)
+    max_iters: int
+    steps: list[int]
+
+
+def plan_run(cfg: Config, world_size: int, dataset_size: int) -> Plan:
+    """Global batch, lr and iterations on ``world_size`` ranks (epoch schedules need ``dataset_size``)."""
+    # Imported here: loading and validating a config must not need torch or Horovod.
+    from hvdet.optim.schedules import epochs_to_iters, scale_iterations
+
+    s, batch = cfg.solver, global_batch(cfg, world_size)
+    if s.max_epochs:
+        max_iters = epochs_to_iters(s.max_epochs, dataset_size, batch)
+        steps = [epochs_to_iters(e, dataset_size, batch) for e in s.step_epochs]
+    else:
+        max_iters, steps = s.max_iters, list(s.steps)
+    if s.iters_at_batch:  # fewer iterations of a larger batch: the same epochs
+        max_iters = scale_iterations(max_iters, s.iters_at_batch / batch)
+        steps = [scale_iterations(x, s.iters_at_batch / batch) for x in steps]
+    if s.iterations_scale != 1.0:  # the "1.4x" policy stretches the whole schedule
+        max_iters = scale_iterations(max_iters, s.iterations_scale)
+        steps = [scale_iterations(x, s.iterations_scale) for x in steps]
+    return Plan(world_size, batch, scaled_lr(cfg, world_size), max_iters, steps)
+
+
+def lr_at(cfg: Config, plan: Plan, step: int) -> float:
+    """The global lr of 0-based iteration ``step``: linear warmup, then step or cosine decay."""
+    from hvdet.optim.schedules import cosine_lr, step_lr
+
+    s = cfg.solver
+    if s.schedule == "cosine":
+        return cosine_lr(step, plan.lr, plan.max_iters, s.warmup_iters, s.warmup_start_factor, s.final_lr)
+    return step_lr(step, plan.lr, plan.steps, s.gamma, s.warmup_iters, s.warmup_start_factor)

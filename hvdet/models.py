@@ -131,6 +131,8 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
         from hvdet.nn import convert_cross_gpu_bn  # lazily: hvdet.nn needs a launched comm layer
 
         model = convert_cross_gpu_bn(model, group_size=bn_group_size)
+        # The frozen stages stay frozen whatever the converted layers' parameters default to.
+        _freeze_stages(model.backbone.body, trainable_backbone_layers)
     return model
 
 

@@ -1,0 +1,122 @@
+"""Command line: ``hvdet train|eval|report|make-synthetic`` and ``python train.py``.
+
+    python train.py --config configs/synthetic_demo.yaml [key=value ...] [--resume CKPT] [--eval-only CKPT]
+    horovodrun -np 8 python train.py --config configs/largedet_fast_320.yaml output_dir=runs/fast
+    hvdet eval --config FILE CKPT [key=value ...]          # = train.py --eval-only CKPT
+    hvdet report RUN_DIR                                    # = python -m hvdet.report RUN_DIR
+    hvdet make-synthetic OUT_DIR [...]                      # = python -m hvdet.data.synthetic OUT_DIR
+
+The same command runs as one plain process, under ``horovodrun`` and under ``mpirun``. Known
+failures (a bad config, an unusable checkpoint, a diverged run) print one line naming the cause and
+exit non-zero; a launched rank then exits at once, so the launcher stops the others instead of
+leaving them waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Train (or evaluate) a detector with Horovod.")
+    parser.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/synthetic_demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides parsed as YAML values, e.g. solver.base_lr=0.1 output_dir=runs/x")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", metavar="CKPT", help="continue a run exactly from this checkpoint")
+    mode.add_argument("--eval-only", metavar="CKPT", help="evaluate this checkpoint; writes output_dir/eval.json")
+    return parser
+
+
+def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    args = _train_parser(prog).parse_args(argv)
+    return _run(args.config, args.overrides, resume=args.resume, eval_only=args.eval_only)
+
+
+def _run(config_path: str, overrides: list[str], resume: str | None = None, eval_only: str | None = None) -> int:
+    from hvdet.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"hvdet: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    from hvdet import checkpoint, comm, engine
+
+    try:
+        if eval_only:
+            record = engine.evaluate_checkpoint(cfg, eval_only)
+            _print_main(comm, _metrics_line(record, f"{cfg.output_dir}/eval.json"))
+        else:
+            summary = engine.train(cfg, resume=resume)
+            _print_main(comm, _summary_line(summary, cfg.output_dir))
+    except (checkpoint.CheckpointError, engine.DivergenceError, ConfigError) as err:
+        print(f"hvdet: rank {comm.rank()}: {err}", file=sys.stderr)
+        _exit_now(comm, EXIT_FAILED)
+        return EXIT_FAILED
+    comm.shutdown()
+    return 0
+
+
+def _exit_now(comm, code: int) -> None:
+    """Leave without Horovod's shutdown: it would wait for ranks that may be gone or stuck."""
+    if comm.is_initialized() and comm.size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _print_main(comm, line: str) -> None:
+    if comm.is_main_process():
+        print(line, flush=True)
+
+
+def _metrics_line(record: dict, where: str) -> str:
+    parts = [f"{k} AP {v['AP']:.4f} AP50 {v['AP50']:.4f}" for k, v in record.items()
+             if isinstance(v, dict) and "AP" in v]
+    return f"eval: {'; '.join(parts)} ({record['eval_s']:.1f} s) -> {where}"
+
+
+def _summary_line(s: dict, output_dir: str) -> str:
+    if s["target"]:
+        tta = f"{s['time_to_target_s']:.1f} s" if s["reached"] else "not reached"
+        head = f"target {s['target']}: {tta}"
+    else:
+        head = "no target"
+    best = ", ".join(f"{k} AP {v:.4f}" for k, v in s["best"].items()) or "no evaluation"
+    ranks = f"{s['world_size']} rank" + ("s" if s["world_size"] != 1 else "")
+    return (f"{head}; best {best}; {s['iterations']} iterations on {ranks}, global batch "
+            f"{s['global_batch_size']}, {s['images_per_s']:.1f} images/s; train {s['train_s']:.1f} s, "
+            f"eval {s['eval_s']:.1f} s -> {output_dir}/summary.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("train", "eval", "report", "make-synthetic")
+    if not argv or argv[0] not in commands:
+        print(f"usage: hvdet {{{','.join(commands)}}} ...  (hvdet COMMAND --help for each)", file=sys.stderr)
+        return EXIT_CONFIG
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest, prog="hvdet train")
+    if command == "eval":
+        parser = argparse.ArgumentParser(prog="hvdet eval", description="Evaluate a checkpoint (COCO metrics).")
+        parser.add_argument("--config", required=True)
+        parser.add_argument("checkpoint")
+        parser.add_argument("overrides", nargs="*", metavar="key=value")
+        args = parser.parse_args(rest)
+        return _run(args.config, args.overrides, eval_only=args.checkpoint)
+    if command == "report":
+        from hvdet.report import main as report_main
+
+        return report_main(rest)
+    from hvdet.data.synthetic import main as synthetic_main
+
+    return synthetic_main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Cross-GPU Batch Normalization (MegDet, Algorithm 1): BN statistics over a group of ranks.
+
+MegDet (Peng et al., CVPR 2018) normalizes each BN layer with the statistics of all images on a
+group of GPUs ("BN size", 32 images was best) instead of the 2 images one GPU holds. Per rank i
+of a group, over its images and pixels, for every channel:
+
+    s_i = sum x,  n_i = count                       # (1) local sums
+    mu = sum_i s_i / sum_i n_i                      # (2) allreduce over the group
+    v_i = sum (x - mu)^2                            # (3) local squared deviations from the GROUP mean
+    sigma^2 = sum_i v_i / sum_i n_i                 # (4) allreduce over the group
+    y = gamma * (x - mu) / sqrt(sigma^2 + eps) + beta   # (5) normalize
+
+The backward pass is that of BatchNorm over the whole group's batch. With x_hat = (x - mu) * invstd
+and n = sum_i n_i, it needs two group sums, gathered in one more allreduce:
+
+    dx = gamma * invstd * (dy - sum_g(dy) / n - x_hat * sum_g(dy * x_hat) / n)
+    dgamma_i = sum_i(dy * x_hat),  dbeta_i = sum_i(dy)    # LOCAL: the gradient allreduce sums them
+
+Edge cases: a rank may hold no elements (n_i = 0): it sends zeros and still takes part in every
+collective, so it never hangs the others; a group with no element at all (or a single value per
+channel) raises on every rank, as torch's BatchNorm does. fp16/bf16 input accumulates in fp32 and
+the collectives carry fp64. ``one_pass=True`` sends (sum x, sum x^2, count) in one allreduce and
+takes sigma^2 = E[x^2] - mu^2: half the latency, but it cancels catastrophically when
+|mu| >> sigma. Running mean / unbiased running variance follow torch's BatchNorm; eval mode uses
+the running statistics and never communicates.
+
+Every rank of a group must run the same layers in the same order (forward and backward): each
+training forward is two collectives (one with ``one_pass``), each backward one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from hvdet import comm
+
+BACKENDS = ("auto", *comm.GROUP_BACKENDS)
+_DIMS = (0, 2, 3)  # everything but the channel
+
+
+def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> int:
+    """Ranks per BN group for MegDet's "BN size" (images per statistic): bn_size / images_per_gpu."""
+    if images_per_gpu < 1 or bn_size_images < 1:
+        raise ValueError(f"BN size ({bn_size_images}) and images per GPU ({images_per_gpu}) must be >= 1")
+    if bn_size_images % images_per_gpu:
+        raise ValueError(f"BN size {bn_size_images} images is not a multiple of {images_per_gpu} images per GPU")
+    group_size = bn_size_images // images_per_gpu
+    if world_size % group_size:
+        raise ValueError(f"BN size {bn_size_images} images = {group_size} ranks of {images_per_gpu} images, "
+                         f"which does not divide the world of {world_size} ranks "
+                         f"(use a BN size of {images_per_gpu} x a divisor of {world_size})")
+    return group_size
+
+
+def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", one_pass: bool = False):
+    """Mean, biased variance (accumulation dtype) and element count per channel over ``group``.
+
+    Steps (1)-(4) of Algorithm 1. Collective: every rank of the group must call it.
+    """
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    n_local = float(x.numel() // x.shape[1])
+    s = xa.sum(_DIMS).double()                                           # s_i
+    count = s.new_full((1,), n_local)                                    # n_i
+    if one_pass:
+        ss = xa.square().sum(_DIMS).double()                             # sum x^2
+        # One collective: half the latency of the exact path.
+        total = group.allreduce(torch.cat([s, ss, count]), "sum", backend)
+        n = _check_count(total[-1].item())
+        mean = total[: s.numel()] / n
+        var = (total[s.numel():-1] / n - mean.square()).clamp_(min=0.0)  # E[x^2] - mu^2
+        return mean.to(acc), var.to(acc), n
+    # Sync point 1: the group mean; every rank needs it before its squared deviations.
+    total = group.allreduce(torch.cat([s, count]), "sum", backend)
+    n = _check_count(total[-1].item())
+    mean = (total[:-1] / n).to(acc)                                      # mu
+    v = (xa - mean[None, :, None, None]).square_().sum(_DIMS).double()   # v_i
+    # Sync point 2: the group variance (exact two-pass: no cancellation).
+    var = group.allreduce(v, "sum", backend) / n                         # sigma^2
+    return mean, var.to(acc), n
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_count(n: float) -> float:
+    # The count is the group's, the same on every rank: all raise together, none hangs.
+    if n < 2:
+        raise ValueError(f"CrossGPUBatchNorm2d: expected more than 1 value per channel in the BN group, "
+                         f"got {int(n)} (every rank of the group holds an empty batch?)")
+    return n
+
+
+class _CrossGPUBatchNormFn(torch.autograd.Function):
+    """Training-mode CGBN with the exact group backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, backend, one_pass):
+        mean, var, n = group_moments(x, group, backend, one_pass)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+                unbiased = var * (n / (n - 1))  # torch's convention: the running variance is unbiased
+                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        stat_dtype = weight.dtype if weight is not None else mean.dtype
+        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.n, ctx.group, ctx.backend = eps, n, group, backend
+        # Step (5): torch's own fused kernel with the group statistics in place of running ones.
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, var = ctx.saved_tensors
+        sum_dy, sum_dy_xhat = _local_grad_sums(dy, x, weight, mean, var, ctx.eps)
+        # Sync point 3: dx depends on every rank's dy through mu and sigma. Always called, even when
+        # this rank needs no dx, so the ranks of a group stay in lockstep.
+        total = ctx.group.allreduce(torch.cat([sum_dy, sum_dy_xhat]).double(), "sum", ctx.backend)
+        c = mean.numel()
+        mean_dy, mean_dy_xhat = (total[:c] / ctx.n).to(mean.dtype), (total[c:] / ctx.n).to(mean.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(dy, x, weight, mean, var, ctx.eps, mean_dy, mean_dy_xhat)
+        dw = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _local_grad_sums(dy, x, weight, mean, var, eps):
+    """This rank's sum(dy) and sum(dy * x_hat) per channel, in the statistics' dtype."""
+    if x.numel() == 0:  # the native kernel divides by the element count
+        return mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
+    # torch's eval-mode BN backward computes exactly these two reductions in one fused pass,
+    # given our group statistics as the "running" ones.
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, mean, var, None, None, False, eps, [False, True, True])
+    return sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype)
+
+
+def _input_grad(dy, x, weight, mean, var, eps, mean_dy, mean_dy_xhat):
+    """dx = gamma * invstd * (dy - mean_g(dy) - x_hat * mean_g(dy * x_hat)), as a*dy + b*x + c."""
+    invstd = torch.rsqrt(var + eps)
+    a = invstd if weight is None else weight * invstd
+    b = -a * invstd * mean_dy_xhat
+    c = -a * mean_dy - b * mean
+    acc = mean.dtype
+    shape = (1, -1, 1, 1)
+    dx = torch.addcmul(c.view(shape), x.to(acc), b.view(shape))
+    return dx.addcmul_(dy.to(acc), a.view(shape)).to(x.dtype)
+
+
+class CrossGPUBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover ``group_size`` consecutive ranks (MegDet CGBN).
+
+    ``group_size``: ranks sharing statistics (None: all ranks); it must divide the world size.
+    ``backend``: the group collective, ``auto`` (the fastest measured, see ``comm.AUTO_ORDER``),
+    ``torch`` (NCCL on GPU, Gloo on CPU), ``mpi`` (mpi4py, under mpirun) or ``horovod``.
+    ``one_pass``: one allreduce of (sum, sum of squares, count) instead of the exact two-pass.
+    A group of one rank is plain BatchNorm2d. Subclassing BatchNorm2d keeps the state_dict keys
+    and ``isinstance`` checks (weight-decay rules, freezing) of the layer it replaces.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, group_size: int | None = None, backend: str = "auto",
+                 one_pass: bool = False, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if backend not in BACKENDS:
+            raise ValueError(f"CrossGPUBatchNorm2d: backend must be one of {BACKENDS}, got {backend!r}")
+        self.group_size = group_size
+        self.backend = backend
+        self.one_pass = one_pass
+        if comm.is_initialized():
+            self._group()  # a bad group size fails here, where the layer is built
+
+    def _group(self) -> comm.Group:
+        try:
+            return comm.consecutive_groups(self.group_size)  # cached: a dict look-up after the first call
+        except ValueError as err:
+            raise ValueError(f"CrossGPUBatchNorm2d(group_size={self.group_size}): {err}") from None
+
+    def _factor(self) -> float:
+        """torch's exponential average factor (momentum, or 1/t for momentum=None), counting this batch."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not self.training:
+            # Running statistics (or, without them, this rank's batch, as torch's SyncBatchNorm does):
+            # no communication in eval mode.
+            use_batch = self.running_mean is None
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                use_batch, 0.0, self.eps)
+        group = self._group()
+        factor = self._factor()
+        if group.size == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                True, factor, self.eps)
+        return _CrossGPUBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                          factor, self.eps, group, self.backend, self.one_pass)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, backend={self.backend}, one_pass={self.one_pass}"
+
+
+def convert_cross_gpu_bn(module: nn.Module, group_size: int | None = None, backend: str = "auto",
+                         one_pass: bool = False) -> nn.Module:
+    """Replace every BatchNorm2d and torchvision FrozenBatchNorm2d in ``module`` by CrossGPUBatchNorm2d.
+
+    Statistics and affine parameters are copied; a frozen layer's affine becomes trainable (that is
+    the point of converting it). Returns the converted module (a new one if ``module`` itself is a BN).
+    """
+    if isinstance(module, CrossGPUBatchNorm2d):
+        return module
+    if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+        return _from_bn(module, group_size, backend, one_pass)
+    for name, child in module.named_children():
+        new = convert_cross_gpu_bn(child, group_size, backend, one_pass)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _from_bn(bn: nn.Module, group_size, backend, one_pass) -> CrossGPUBatchNorm2d:
+    frozen = isinstance(bn, FrozenBatchNorm2d)
+    ref = next(iter(bn.state_dict().values()), torch.empty(0))  # for the device and dtype
+    new = CrossGPUBatchNorm2d(
+        bn.weight.numel() if frozen else bn.num_features, eps=bn.eps, momentum=0.1 if frozen else bn.momentum,
+        affine=frozen or bn.affine, track_running_stats=frozen or bn.track_running_stats,
+        group_size=group_size, backend=backend, one_pass=one_pass, device=ref.device,
+        dtype=ref.dtype if ref.is_floating_point() else None)
+    with torch.no_grad():
+        if new.affine and bn.weight is not None:
+            new.weight.copy_(bn.weight)
+            new.bias.copy_(bn.bias)
+            if not frozen:
+                new.weight.requires_grad_(bn.weight.requires_grad)
+                new.bias.requires_grad_(bn.bias.requires_grad)
+        if new.track_running_stats:
+            new.running_mean.copy_(bn.running_mean)
+            new.running_var.copy_(bn.running_var)
+            if not frozen:
+                new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new.train(bn.training)

@@ -1,0 +1,160 @@
+"""PMD-LAMB (LargeDet, Algorithm 1) and LAMB, with a fused multi-tensor step."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _fused():
+    # Imported on first use, so `python -m hvdet.optim.fused --build` does not run a module that the
+    # package import already loaded.
+    from hvdet.optim import fused
+    return fused
+
+
+def pmd_decay(step: int, cycle_length: int | None) -> float:
+    """xi_t = cos(pi/2 * (t mod T) / T) (LargeDet Eq. 3); 1 for every t when T is None (LAMB)."""
+    if cycle_length is None:
+        return 1.0
+    return math.cos(math.pi / 2 * (step % cycle_length) / cycle_length)
+
+
+class PMDLAMB(torch.optim.Optimizer):
+    r"""Periodical Moments Decay LAMB (LargeDet, ECCV 2020, Algorithm 1), per parameter tensor x:
+
+        xi  = cos(pi/2 * (t mod T) / T)                  # Eq. 3, t = this tensor's step, from 1
+        m_t = xi * beta1 * m_{t-1} + (1 - beta1) * g_t   # Eq. 4
+        v_t = xi * beta2 * v_{t-1} + (1 - beta2) * g_t^2 # Eq. 5
+        r_t = m_t / (sqrt(v_t) + eps)
+        u_t = r_t + lambda * x_t
+        x_{t+1} = x_t - lr * alpha * phi * u_t,   phi = ||x_t|| / ||u_t||
+
+    Edge cases: phi = 1 when ||x_t|| or ||u_t|| is 0 (a zero-initialized bias, an all-zero update),
+    and for param groups with ``trust=False`` (norm and bias parameters, as in Apex's FusedLAMB,
+    which skips the trust ratio where weight decay is off). ``cycle_length=None`` is LAMB (xi = 1).
+    ``bias_correction=True`` divides m_t by 1 - beta1^t and v_t by 1 - beta2^t (Apex). ``max_grad_norm``
+    clips by the global gradient norm first: g *= max_norm / max(||g||, max_norm) (Apex).
+
+    Per-group keys: lr, betas, eps, weight_decay, alpha, cycle_length, bias_correction, trust,
+    lr_scale (set by AGVM, applied by :func:`hvdet.optim.schedules.set_lr`), max_grad_norm and
+    backend. Every option lives in the param groups, not on the object, because Horovod's
+    DistributedOptimizer re-creates the optimizer from ``param_groups`` alone.
+
+    State (m, v, step) is created when the optimizer is, not at the first step: Horovod's
+    ``broadcast_optimizer_state`` would otherwise take a zero-gradient step to create it, and with
+    weight decay that step moves every parameter.
+
+    The step is fused (see :mod:`hvdet.optim.fused`): one C++ call for all fp32 CPU tensors (two
+    passes over memory), torch._foreach ops elsewhere; ``backend`` = "auto" | "kernel" | "foreach".
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 5e-4,
+                 alpha: float = 0.012, cycle_length: int | None = 200, bias_correction: bool = False,
+                 max_grad_norm: float | None = None, backend: str = "auto"):
+        _check(lr >= 0, f"lr must be >= 0, got {lr}")
+        _check(all(0.0 <= b < 1.0 for b in betas) and len(betas) == 2, f"betas must be two values in [0, 1), got {betas}")
+        _check(eps >= 0, f"eps must be >= 0, got {eps}")
+        _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        _check(alpha > 0, f"alpha must be > 0, got {alpha}")
+        _check(cycle_length is None or (isinstance(cycle_length, int) and cycle_length >= 1),
+               f"cycle_length must be a positive int or None (LAMB), got {cycle_length!r}")
+        _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        _check(backend in _fused().BACKENDS, f"backend must be one of {_fused().BACKENDS}, got {backend!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
+                        cycle_length=cycle_length, bias_correction=bias_correction, trust=True, lr_scale=1.0,
+                        max_grad_norm=max_grad_norm, backend=backend)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._state_of(p)
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            # Contiguous moments whatever the parameter's memory format: the kernel reads them flat.
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, exp_avgs, exp_avg_sqs, rows = [], [], [], [], []
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
+                continue
+            if any(p.grad.is_sparse for p in with_grad):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            states = [self._state_of(p) for p in with_grad]
+            for state in states:
+                state["step"] += 1
+            params += with_grad
+            grads += [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in with_grad]
+            exp_avgs += [s["exp_avg"] for s in states]
+            exp_avg_sqs += [s["exp_avg_sq"] for s in states]
+            rows += _coef_rows(group, [s["step"] for s in states])
+        if not params:
+            return loss
+        grad_scale = self._clip_scale(grads)
+        backend = self.param_groups[0]["backend"]
+        norms = _fused().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
+                                grad_scale, backend)
+        self.last_norms = norms  # ||x_t||, ||u_t|| per updated tensor, for diagnostics
+        return loss
+
+    def _clip_scale(self, grads: list) -> float:
+        limits = {g["max_grad_norm"] for g in self.param_groups}
+        if len(limits) > 1:
+            raise ValueError(f"max_grad_norm clips by the global gradient norm, so it must be the same in every "
+                             f"param group; got {sorted(limits, key=str)}")
+        max_norm = limits.pop()
+        if max_norm is None:
+            return 1.0
+        total = _fused().global_grad_norm(grads)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{type(self).__name__}: the global gradient norm is {total}")
+        return max_norm / max(total, max_norm)
+
+
+def _coef_rows(group: dict, steps: list[int]) -> list[tuple]:
+    """One row of fused.COEFS per tensor; tensors at the same step share the row."""
+    beta1, beta2 = group["betas"]
+    step_size = group["lr"] * group["alpha"]
+    rows, cache = [], {}
+    for t in steps:
+        if t not in cache:
+            xi = pmd_decay(t, group["cycle_length"])
+            bc1 = 1.0 / (1.0 - beta1 ** t) if group["bias_correction"] else 1.0
+            bc2 = 1.0 / (1.0 - beta2 ** t) if group["bias_correction"] else 1.0
+            cache[t] = (xi * beta1, 1.0 - beta1, xi * beta2, 1.0 - beta2, bc1, bc2, group["eps"],
+                        group["weight_decay"], step_size, 1.0 if group["trust"] else 0.0)
+        rows.append(cache[t])
+    return rows
+
+
+class LAMB(PMDLAMB):
+    """LAMB (You et al. 2020) in the LargeDet form: PMD-LAMB with ``cycle_length=None`` (xi = 1).
+
+    ``alpha`` scales the trust ratio as in LargeDet (default 0.012, the value both of its LAMB and
+    PMD-LAMB runs use); ``alpha=1`` is the LAMB paper's update.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 5e-4,
+                 alpha: float = 0.012, bias_correction: bool = False, max_grad_norm: float | None = None,
+                 backend: str = "auto"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
+                         cycle_length=None, bias_correction=bias_correction, max_grad_norm=max_grad_norm,
+                         backend=backend)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,426 @@
+"""Cross-GPU BatchNorm: each rank's slice through CGBN == BatchNorm2d over the whole group's batch.
+
+Oracle: torch's BatchNorm2d on the concatenation of every rank's elements (flattened per channel,
+so ranks may hold different batch and spatial sizes). Checked on real launches: horovodrun (Gloo)
+at 2 and 4 ranks, mpirun for the mpi backend, and a training step of a converted torchvision model
+under Horovod's DistributedOptimizer.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvdet.nn import CrossGPUBatchNorm2d, bn_group_size, convert_cross_gpu_bn, group_moments
+from tests.harness import run_ranks
+
+C = 3  # channels
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and the single-process oracle (the test process and every rank build the same tensors)
+# ---------------------------------------------------------------------------------------------
+
+def make_inputs(shapes, step, dtype, seed=0):
+    """Every rank's input and output cotangent for one step: shapes = [(n, h, w) per rank]."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    xs, gs = [], []
+    for r, (n, h, w) in enumerate(shapes):
+        # Per-rank offsets and scales: the group mean/variance differ from every rank's own.
+        x = torch.randn(n, C, h, w, generator=gen, dtype=torch.float64) * (1 + r) + 2.0 * r - 1.0
+        xs.append(x.to(dtype))
+        gs.append(torch.randn(n, C, h, w, generator=gen, dtype=torch.float64).to(dtype))
+    return xs, gs
+
+
+def init_affine(bn, seed=0):
+    gen = torch.Generator().manual_seed(seed + 7)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(C, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(C, generator=gen))
+
+
+def flat(x):
+    """[n, C, h, w] -> [C, n*h*w]: per-channel elements, so unequal shapes can be concatenated."""
+    return x.transpose(0, 1).reshape(C, -1)
+
+
+def reference(shapes, ranks, steps, momentum, affine, dtype=torch.float64, seed=0):
+    """BatchNorm2d over the concatenated elements of ``ranks`` in float64 (of the ``dtype`` inputs), per step."""
+    bn = nn.BatchNorm2d(C, momentum=momentum, affine=affine).double()
+    init_affine(bn, seed)
+    results = []
+    for step in range(steps):
+        xs, gs = make_inputs(shapes, step, dtype, seed)
+        xs, gs = [xs[r].double().requires_grad_() for r in ranks], [gs[r].double() for r in ranks]
+        cat = torch.cat([flat(x) for x in xs], 1)[None, :, :, None]
+        y = bn(cat)[0, :, :, 0]
+        parts = torch.split(y, [x.numel() // C for x in xs], 1)
+        ys = [p.reshape(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1) for p, x in zip(parts, xs)]
+        if affine:
+            bn.weight.grad = bn.bias.grad = None
+        sum(((yy * g).sum() for yy, g in zip(ys, gs)), torch.zeros((), dtype=torch.float64)).backward()
+        results.append({"y": [yy.detach() for yy in ys], "dx": [x.grad for x in xs],
+                        "dw": bn.weight.grad.clone() if affine else None,
+                        "db": bn.bias.grad.clone() if affine else None,
+                        "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
+                        "num_batches_tracked": int(bn.num_batches_tracked)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# What each rank runs
+# ---------------------------------------------------------------------------------------------
+
+def count_group_allreduces(fn):
+    """Run fn() and count the group collectives it made."""
+    from hvdet import comm
+
+    calls, original = [], comm.Group.allreduce
+    comm.Group.allreduce = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        out = fn()
+    finally:
+        comm.Group.allreduce = original
+    return out, len(calls)
+
+
+def case_oracle(configs):
+    """Per config: this rank's outputs, input grads, local weight/bias grads and running stats."""
+    from hvdet import comm
+
+    out = []
+    for cfg in configs:
+        dtype = getattr(torch, cfg.get("dtype", "float64"))
+        shapes, steps = cfg["shapes"], cfg.get("steps", 2)
+        bn = CrossGPUBatchNorm2d(C, momentum=cfg.get("momentum", 0.1), affine=cfg.get("affine", True),
+                                 group_size=cfg.get("group_size"), backend=cfg.get("backend", "auto"),
+                                 one_pass=cfg.get("one_pass", False))
+        bn = bn.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        init_affine(bn)
+        res = {"steps": []}
+        for step in range(steps):
+            xs, gs = make_inputs(shapes, step, dtype)
+            x = xs[comm.rank()].requires_grad_()
+            bn.zero_grad()
+            y, n_fwd = count_group_allreduces(lambda: bn(x))
+            _, n_bwd = count_group_allreduces(lambda: (y * gs[comm.rank()]).sum().backward())
+            res["steps"].append({
+                "y": y.detach(), "dx": x.grad, "n_fwd": n_fwd, "n_bwd": n_bwd,
+                "dw": bn.weight.grad.clone() if bn.affine else None,
+                "db": bn.bias.grad.clone() if bn.affine else None,
+                "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
+                "num_batches_tracked": int(bn.num_batches_tracked)})
+        bn.eval()  # eval mode: running statistics, no communication (ranks call it a different number of times)
+        probe = torch.randn(2, C, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        probe = probe.to(next(bn.parameters()).dtype if bn.affine else torch.float64)
+        res["eval"], res["n_eval"] = count_group_allreduces(lambda: [bn(probe) for _ in range(comm.rank() + 1)][0])
+        res["probe"] = probe
+        res["backend"] = comm.consecutive_groups(bn.group_size).resolve_backend(torch.device("cpu"), bn.backend)
+        out.append(res)
+    return out
+
+
+def case_errors():
+    """Errors that every rank raises together (no hang)."""
+    msgs = {}
+    try:
+        CrossGPUBatchNorm2d(C, group_size=3)
+    except ValueError as err:
+        msgs["group_size"] = str(err)
+    bn = CrossGPUBatchNorm2d(C)
+    try:
+        bn(torch.zeros(0, C, 4, 4))  # every rank empty: nothing to normalize over
+    except ValueError as err:
+        msgs["empty_group"] = str(err)
+    return msgs
+
+
+def check_oracle(results, configs, world):
+    """Compare every rank's results with the single-process reference of its group."""
+    for cfg, per_rank in zip(configs, zip(*results)):
+        group_size = cfg.get("group_size") or world
+        dtype = cfg.get("dtype", "float64")
+        tol = {"float64": dict(rtol=1e-9, atol=1e-9), "float32": dict(rtol=1e-4, atol=1e-4),
+               "float16": dict(rtol=1e-2, atol=2e-2)}[dtype]
+        stat_tol = tol if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
+        if cfg.get("one_pass"):
+            stat_tol = tol = dict(rtol=1e-7, atol=1e-7)  # float64 but E[x^2] - mu^2: not bit-exact
+        for first in range(0, world, group_size):
+            ranks = range(first, first + group_size)
+            ref = reference(cfg["shapes"], ranks, cfg.get("steps", 2), cfg.get("momentum", 0.1),
+                            cfg.get("affine", True), getattr(torch, dtype))
+            for r in ranks:
+                res = per_rank[r]
+                for step, (got, want) in enumerate(zip(res["steps"], ref)):
+                    where = f"config {cfg}, rank {r}, step {step}"
+                    assert got["n_fwd"] == (1 if cfg.get("one_pass") else 2), where
+                    assert got["n_bwd"] == 1, where
+                    i = r - first
+                    assert got["y"].dtype == getattr(torch, dtype), where
+                    torch.testing.assert_close(got["y"].double(), want["y"][i], **tol, msg=where)
+                    torch.testing.assert_close(got["dx"].double(), want["dx"][i], **tol, msg=where)
+                    for key in ("running_mean", "running_var"):
+                        torch.testing.assert_close(got[key].double(), want[key], **stat_tol, msg=f"{where} {key}")
+                    assert got["num_batches_tracked"] == want["num_batches_tracked"], where
+                    if cfg.get("affine", True):
+                        # Local grads: the gradient allreduce sums them into the group's.
+                        for key in ("dw", "db"):
+                            total = sum(per_rank[q]["steps"][step][key].double() for q in ranks)
+                            torch.testing.assert_close(total, want[key], **stat_tol, msg=f"{where} {key}")
+                last = ref[-1]
+                want_eval = F.batch_norm(res["probe"].double(), last["running_mean"], last["running_var"],
+                                         _affine(cfg)[0], _affine(cfg)[1], False, 0.0, 1e-5)
+                torch.testing.assert_close(res["eval"].double(), want_eval, **stat_tol)
+                assert res["n_eval"] == 0
+
+
+def _affine(cfg):
+    if not cfg.get("affine", True):
+        return None, None
+    bn = nn.BatchNorm2d(C).double()
+    init_affine(bn)
+    return bn.weight.detach(), bn.bias.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed tests
+# ---------------------------------------------------------------------------------------------
+
+EQUAL2 = [(2, 4, 5), (2, 4, 5)]
+UNEQUAL2 = [(3, 5, 7), (1, 4, 6)]    # different batch and (padded) spatial sizes
+EMPTY2 = [(2, 5, 5), (0, 5, 5)]      # rank 1 holds no image
+
+
+def test_two_ranks_gloo_matches_batchnorm_over_the_group():
+    configs = [
+        {"shapes": EQUAL2, "backend": "torch"},
+        {"shapes": EQUAL2, "backend": "horovod"},
+        {"shapes": UNEQUAL2, "backend": "auto"},
+        {"shapes": EMPTY2, "backend": "torch"},
+        {"shapes": EMPTY2, "backend": "horovod", "one_pass": True},
+        {"shapes": UNEQUAL2, "backend": "torch", "one_pass": True},
+        {"shapes": UNEQUAL2, "momentum": None, "affine": False, "steps": 3},
+        {"shapes": EQUAL2, "dtype": "float16"},
+        {"shapes": UNEQUAL2, "dtype": "bfloat16"},
+    ]
+    # bfloat16 keeps 8 mantissa bits: compare it like float16 with a looser output tolerance.
+    res = run_ranks("tests.test_cgbn:case_oracle", np=2, launcher="horovodrun", configs=configs)
+    assert res[0][2]["backend"] == "torch"  # auto under horovodrun --gloo (no mpirun): torch's Gloo
+    bf16 = configs.pop()
+    bf16_res = [r.pop() for r in res]
+    check_oracle(res, configs, world=2)
+    for r, got in enumerate(bf16_res):
+        want = reference(bf16["shapes"], range(2), 2, 0.1, True, torch.bfloat16)
+        for step, w in enumerate(want):
+            torch.testing.assert_close(got["steps"][step]["y"].double(), w["y"][r], rtol=0.02, atol=0.05)
+            torch.testing.assert_close(got["steps"][step]["running_var"].double(), w["running_var"],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_four_ranks_groups_of_two():
+    shapes = [(2, 4, 4), (1, 6, 5), (0, 4, 4), (3, 3, 3)]   # rank 2 empty, all shapes different
+    configs = [{"shapes": shapes, "group_size": 2, "backend": "torch"},
+               {"shapes": shapes, "group_size": 2, "backend": "horovod"},
+               {"shapes": shapes, "group_size": None, "backend": "torch", "steps": 1}]
+    res = run_ranks("tests.test_cgbn:case_oracle", np=4, launcher="horovodrun", configs=configs)
+    check_oracle(res, configs, world=4)
+    # The two groups really are separate: their running statistics differ.
+    assert not torch.allclose(res[0][0]["steps"][-1]["running_mean"], res[2][0]["steps"][-1]["running_mean"])
+
+
+def test_mpi_backend_under_mpirun():
+    shapes = [(2, 4, 4), (1, 6, 5), (0, 4, 4), (3, 3, 3)]
+    configs = [{"shapes": shapes, "group_size": 2, "backend": "mpi"},
+               {"shapes": shapes, "group_size": None, "backend": "auto"},
+               {"shapes": shapes, "group_size": 2, "backend": "mpi", "one_pass": True}]
+    res = run_ranks("tests.test_cgbn:case_oracle", np=4, launcher="mpirun", configs=configs)
+    check_oracle(res, configs, world=4)
+    assert {r[1]["backend"] for r in res} == {"mpi"}
+
+
+def test_errors_raised_on_every_rank():
+    res = run_ranks("tests.test_cgbn:case_errors", np=2, launcher="horovodrun")
+    for msgs in res:
+        assert "group_size=3" in msgs["group_size"] and "divide the world size 2" in msgs["group_size"]
+        assert "more than 1 value per channel" in msgs["empty_group"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A converted torchvision model, trained one step with Horovod's DistributedOptimizer
+# ---------------------------------------------------------------------------------------------
+
+def tiny_detector():
+    """Faster R-CNN, ResNet-18-FPN with FrozenBatchNorm2d (torchvision's default), no weights, tiny images."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    return FasterRCNN(backbone, num_classes=3, min_size=64, max_size=96, rpn_pre_nms_top_n_train=64,
+                      rpn_post_nms_top_n_train=32, rpn_batch_size_per_image=32, box_batch_size_per_image=16)
+
+
+def detection_batch(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    images = [torch.rand(3, 64, 80 + 16 * rank, generator=gen)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0], [30.0, 10.0, 60.0, 30.0]]),
+                "labels": torch.tensor([1, 2])}]
+    return images, targets
+
+
+def classifier_batch(rank):
+    gen = torch.Generator().manual_seed(200 + rank)
+    return torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 4, (2,), generator=gen)
+
+
+def case_train_step(detector):
+    """A converted detector trains a step; a converted ResNet-18 step equals BatchNorm2d on the whole batch."""
+    import torchvision
+
+    from hvdet import comm
+
+    r, world = comm.rank(), comm.size()
+    out = {}
+    if detector:  # (1) FrozenBatchNorm2d -> CGBN over all ranks, one SGD step through Faster R-CNN.
+        model = convert_cross_gpu_bn(tiny_detector())
+        model.train()
+        comm.broadcast_parameters(model.state_dict())
+        opt = comm.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters())
+        images, targets = detection_batch(r)
+        losses = model(images, targets)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        out["losses"] = {k: v.item() for k, v in losses.items()}
+        out["params"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out["bn_stats"] = torch.cat([m.running_var for m in model.modules() if isinstance(m, CrossGPUBatchNorm2d)])
+        out["n_cgbn"] = sum(isinstance(m, CrossGPUBatchNorm2d) for m in model.modules())
+
+    # (2) Exactness of a whole step: ResNet-18 with CGBN on each rank's 2 images, gradients averaged
+    # by Horovod, equals ResNet-18 with BatchNorm2d on all ranks' images (loss: mean over ranks).
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(num_classes=4).double()  # float64: exactness, not rounding, is tested
+    init = copy.deepcopy(ref)
+    net = convert_cross_gpu_bn(copy.deepcopy(ref))
+    opt = comm.distributed_optimizer(torch.optim.SGD(net.parameters(), lr=0.5), net.named_parameters())
+    x, y = classifier_batch(r)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    batches = [classifier_batch(q) for q in range(world)]
+    logits = ref(torch.cat([b[0] for b in batches]))
+    loss = sum(F.cross_entropy(part, b[1]) for part, b in zip(logits.split(2), batches)) / world
+    loss.backward()
+    ref_opt.step()
+    out["step_max_err"] = max((a - b).abs().max().item() for a, b in zip(net.state_dict().values(),
+                                                                          ref.state_dict().values())
+                              if a.is_floating_point())
+    out["step_max_change"] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), init.parameters()))
+    return out
+
+
+def test_converted_detector_trains_a_step_gloo():
+    res = run_ranks("tests.test_cgbn:case_train_step", np=2, launcher="horovodrun", detector=True)
+    for o in res:
+        assert o["n_cgbn"] == 20  # ResNet-18: stem + 4 stages x 2 blocks x 2 + 3 downsample
+        assert all(torch.isfinite(torch.tensor(v)) for v in o["losses"].values()), o["losses"]
+        # Shared statistics and averaged gradients: every rank holds the same model after the step.
+        torch.testing.assert_close(o["params"], res[0]["params"], rtol=0, atol=0)
+        torch.testing.assert_close(o["bn_stats"], res[0]["bn_stats"], rtol=0, atol=0)
+        assert not torch.allclose(o["bn_stats"], torch.ones_like(o["bn_stats"]))  # statistics were updated
+        assert o["step_max_err"] < 1e-9 < 0.1 < o["step_max_change"], (o["step_max_err"], o["step_max_change"])
+
+
+def test_training_step_is_exact_under_mpirun():
+    # The mpi backend's allreduces run while Horovod's MPI thread averages gradients.
+    for o in run_ranks("tests.test_cgbn:case_train_step", np=2, launcher="mpirun", detector=False):
+        assert o["step_max_err"] < 1e-9 < 0.1 < o["step_max_change"], (o["step_max_err"], o["step_max_change"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Single process
+# ---------------------------------------------------------------------------------------------
+
+def test_single_rank_is_batchnorm2d():
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(C)
+    init_affine(ref)
+    bn = convert_cross_gpu_bn(copy.deepcopy(ref))
+    assert isinstance(bn, CrossGPUBatchNorm2d) and isinstance(bn, nn.BatchNorm2d)
+    x = torch.randn(4, C, 5, 5)
+    torch.testing.assert_close(bn(x), ref(x), rtol=0, atol=0)
+    assert torch.equal(bn.running_var, ref.running_var) and int(bn.num_batches_tracked) == 1
+
+
+def test_convert_copies_statistics_and_parameters():
+    det = tiny_detector()
+    frozen = [m for m in det.modules() if isinstance(m, torchvision_frozen())]
+    gen = torch.Generator().manual_seed(3)
+    for m in frozen:  # non-trivial statistics, so a missed copy shows
+        for name in ("weight", "bias", "running_mean"):
+            getattr(m, name).copy_(torch.randn(m.weight.shape, generator=gen) * 0.1 + (name == "weight"))
+        m.running_var.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+    det.double().eval()  # float64: a copied statistic must give the same features to ~1e-12
+    images = [torch.rand(3, 64, 80, generator=gen, dtype=torch.float64)]
+    with torch.no_grad():
+        want = det.backbone(det.transform(images)[0].tensors)
+        det = convert_cross_gpu_bn(det, group_size=1, backend="torch")
+        got = det.backbone(det.transform(images)[0].tensors)
+    assert not any(isinstance(m, torchvision_frozen()) for m in det.modules())
+    cgbn = [m for m in det.modules() if isinstance(m, CrossGPUBatchNorm2d)]
+    assert len(cgbn) == len(frozen) == 20
+    assert all(m.weight.requires_grad and m.backend == "torch" and m.group_size == 1 for m in cgbn)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10)
+
+    bn = nn.BatchNorm2d(C, momentum=0.3, eps=1e-3).double()
+    bn.weight.requires_grad_(False)
+    bn.running_mean.fill_(0.25)
+    bn.num_batches_tracked.fill_(7)
+    bn.eval()
+    new = convert_cross_gpu_bn(bn, one_pass=True)
+    assert (new.momentum, new.eps, new.one_pass, new.training) == (0.3, 1e-3, True, False)
+    assert new.weight.dtype == torch.float64 and not new.weight.requires_grad
+    assert float(new.running_mean[0]) == 0.25 and int(new.num_batches_tracked) == 7
+    assert convert_cross_gpu_bn(new) is new
+
+
+def torchvision_frozen():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d
+
+
+def test_one_pass_loses_precision_where_two_pass_does_not():
+    from hvdet import comm
+
+    group = comm.consecutive_groups(None)  # one process: a group of one, the same arithmetic
+    x = 1000.0 + 0.01 * torch.randn(4, C, 16, 16, generator=torch.Generator().manual_seed(0))  # |mu| >> sigma
+    want = x.double().var(dim=(0, 2, 3), unbiased=False)
+    _, var2, _ = group_moments(x, group, one_pass=False)
+    _, var1, _ = group_moments(x, group, one_pass=True)
+    err2 = ((var2.double() - want).abs() / want).max().item()
+    err1 = ((var1.double() - want).abs() / want).max().item()
+    assert err2 < 1e-3 < err1, (err2, err1)
+
+
+def test_bn_group_size():
+    assert bn_group_size(32, 2, 16) == 16      # MegDet: BN size 32 at 2 images per GPU
+    assert bn_group_size(4, 2, 8) == 2
+    assert bn_group_size(2, 2, 2) == 1
+    with pytest.raises(ValueError, match="not a multiple of 2 images per GPU"):
+        bn_group_size(5, 2, 8)
+    with pytest.raises(ValueError, match="does not divide the world of 2 ranks"):
+        bn_group_size(32, 2, 2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        bn_group_size(0, 2, 2)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CrossGPUBatchNorm2d(C, backend="nccl")
+    with pytest.raises(ValueError, match="group_size=2.*divide the world size 1"):
+        CrossGPUBatchNorm2d(C, group_size=2).train()(torch.randn(2, C, 3, 3))

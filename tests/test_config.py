@@ -1,0 +1,149 @@
+"""hvdet.config: recipes, validation errors, key=value overrides, the linear scaling rule, run length."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvdet.config import ConfigError, apply_override, from_dict, load_config, lr_at, plan_run
+from tests.harness import ROOT
+
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+COCO_TRAIN = 118287
+
+
+def test_every_recipe_loads():
+    names = {p.stem for p in RECIPES}
+    assert {"megdet_256", "largedet_256", "largedet_512", "largedet_1056", "largedet_fast_320", "agvm_256",
+            "agvm_512", "openimages_640", "synthetic_demo"} <= names
+    assert any(n.startswith("maskrcnn_") for n in names)
+    for path in RECIPES:
+        cfg = load_config(path)
+        assert cfg.data.images_per_gpu >= 1 and cfg.solver.base_lr > 0, path
+
+
+@pytest.mark.parametrize("recipe,ranks,batch,lr,max_iters,steps", [
+    # LargeDet Table 4: batch 320 on 160 GPUs, lr 0.4, steps 2400/3200, stop 3360.
+    ("largedet_fast_320", 160, 320, 0.4, 3360, [2400, 3200]),
+    # ... on half the ranks: lr halves (linear scaling rule), the schedule doubles (same epochs).
+    ("largedet_fast_320", 80, 160, 0.2, 6720, [4800, 6400]),
+    # LargeDet 4.1: the 90k/60k/80k schedule at batch 16, shortened in proportion to the batch.
+    ("largedet_256", 64, 256, 0.32, 5625, [3750, 5000]),
+    ("largedet_512", 64, 512, 0.64, 3938, [2625, 3500]),          # 2813 x 1.4 ("PMD-LAMB (1.4x)")
+    ("largedet_1056", 96, 1056, 1.32, 1910, [1273, 1697]),
+    # MegDet "normal" policy: epochs 8 / 10 / 11 of COCO at batch 256.
+    ("megdet_256", 128, 256, 0.32, 5083, [3697, 4621]),
+    ("openimages_640", 64, 640, 0.8, None, None),
+    ("maskrcnn_fast_320", 160, 320, 0.4, 4120, [3000, 4000]),
+])
+def test_recipe_batch_lr_and_length(recipe, ranks, batch, lr, max_iters, steps):
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
+    plan = plan_run(cfg, ranks, COCO_TRAIN)
+    assert plan.global_batch == batch
+    assert plan.lr == pytest.approx(lr, rel=1e-12)
+    if max_iters is not None:
+        assert (plan.max_iters, plan.steps) == (max_iters, steps)
+
+
+def test_schedule_is_warmup_then_steps():
+    cfg = from_dict({"solver": {"base_lr": 0.02, "max_iters": 100, "steps": [60, 80], "warmup_iters": 10,
+                                "warmup_start_factor": 0.1}, "data": {"images_per_gpu": 2}})
+    plan = plan_run(cfg, 4, 1000)                       # batch 8: lr 0.01
+    assert lr_at(cfg, plan, 0) == pytest.approx(0.001)
+    assert lr_at(cfg, plan, 5) == pytest.approx(0.01 * (0.1 * 0.5 + 0.5))
+    assert [lr_at(cfg, plan, i) for i in (10, 59, 60, 79, 80)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4])
+
+
+def test_backward_passes_count_in_the_global_batch():
+    cfg = from_dict({"solver": {"max_iters": 1, "backward_passes_per_step": 4, "lr_scaling": "linear"},
+                     "data": {"images_per_gpu": 2}})
+    assert plan_run(cfg, 2, 10).global_batch == 16 and plan_run(cfg, 2, 10).lr == pytest.approx(0.02)
+    fixed = from_dict({"solver": {"max_iters": 1, "lr_scaling": "none", "base_lr": 0.5}})
+    assert plan_run(fixed, 64, 10).lr == 0.5
+
+
+def test_overrides_are_parsed_as_yaml():
+    raw = {"solver": {"max_iters": 5}}
+    for item in ("solver.base_lr=0.1", "solver.steps=[2, 4]", "solver.clip_grad_norm=null", "log.progress=false",
+                 "output_dir=runs/x", "target={bbox: 0.5}", "model.overrides.box_batch_size_per_image=64",
+                 "solver.cycle_length=null", "data.min_sizes=[96, 128]"):
+        apply_override(raw, item)
+    cfg = from_dict(raw)
+    assert cfg.solver.base_lr == 0.1 and cfg.solver.steps == [2, 4] and cfg.solver.clip_grad_norm is None
+    assert cfg.log.progress is False and cfg.output_dir == "runs/x" and cfg.target == {"bbox": 0.5}
+    assert cfg.model.overrides == {"box_batch_size_per_image": 64} and cfg.solver.cycle_length is None
+    assert cfg.data.min_sizes == [96, 128]
+    assert isinstance(from_dict({"solver": {"max_iters": 1, "base_lr": 1}}).solver.base_lr, float)
+
+
+def _error(raw=None, overrides=(), path=None, tmp_path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        if path is not None:
+            load_config(path, overrides)
+        else:
+            raw = dict(raw or {})
+            for item in overrides:
+                apply_override(raw, item)
+            from_dict(raw, source="recipe.yaml")
+    return str(info.value)
+
+
+def test_unknown_keys_name_the_key_the_file_and_the_closest_valid_one(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("solver:\n  max_iters: 4\n  base_lrr: 0.1\n")
+    msg = _error(path=path)
+    assert str(path) in msg and "'solver.base_lrr'" in msg and "did you mean 'solver.base_lr'" in msg
+    assert "did you mean 'model'" in _error({"modle": {}})
+    assert "did you mean 'target.bbox'" in _error({"solver": {"max_iters": 1}, "target": {"box": 0.5}})
+    assert "valid keys here" in _error({"solver": {"max_iters": 1, "zzzzzz": 1}})
+
+
+def test_bad_overrides():
+    msg = _error({"solver": {"max_iters": 1}}, ["solver.max_itres=3"])
+    assert "override 'solver.max_itres=3'" in msg and "did you mean 'solver.max_iters'" in msg
+    assert "key=value" in _error({}, ["solver.base_lr"])
+    assert "cannot parse" in _error({}, ["solver.steps=[1,"])
+    assert "has no sub-keys" in _error({}, ["solver.base_lr.x=1"])
+    assert "did you mean 'data'" in _error({}, ["dat.images_per_gpu=1"])
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"solver": {"max_iters": "ten"}}, "solver.max_iters must be int, got 'ten'"),
+    ({"solver": {"max_iters": 2.5}}, "solver.max_iters must be int"),
+    ({"solver": {"max_iters": 1, "base_lr": True}}, "solver.base_lr must be float"),
+    ({"solver": {"max_iters": 1, "steps": [1, "x"]}}, "solver.steps must be list"),
+    ({"solver": {"max_iters": 1}, "log": {"progress": "yes"}}, "log.progress must be bool"),
+    ({"solver": {"max_iters": 1}, "bn": {"size_images": "32"}}, "bn.size_images must be int or null"),
+    ({"solver": {"max_iters": 1}, "model": 3}, "model must be a mapping"),
+    ({"solver": {"max_iters": 1, "optimizer": "pmdlam"}}, "did you mean 'pmdlamb'"),
+    ({"solver": {"max_iters": 1}, "model": {"norm": "sync"}}, "model.norm must be one of frozen, local, cross_gpu"),
+    ({"solver": {}}, "exactly one of solver.max_iters and solver.max_epochs"),
+    ({"solver": {"max_iters": 5, "max_epochs": 2}}, "exactly one of"),
+    ({"solver": {"max_iters": 5, "step_epochs": [1]}}, "in the unit of the run length"),
+    ({"solver": {"max_iters": 5}, "target": {"bbox": 36.6}}, "target.bbox is an AP in (0, 1]"),
+    ({"solver": {"max_iters": 5}, "target": {"segm": 0.3}}, "needs 'segm' in eval.iou_types"),
+    ({"solver": {"max_iters": 5}, "eval": {"iou_types": ["bbox", "segm"]}}, "has no mask head"),
+    ({"solver": {"max_iters": 5}, "data": {"images_per_gpu": 0}}, "data.images_per_gpu must be >= 1"),
+    ({"solver": {"max_iters": 5, "backward_passes_per_step": 2}, "agvm": {"enabled": True}}, "agvm.enabled needs"),
+])
+def test_wrong_values(raw, expected):
+    msg = _error(raw)
+    assert "recipe.yaml" in msg and expected in msg
+
+
+def test_bad_files(tmp_path):
+    assert "does not exist" in _error(path=tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("solver: [1, 2\n")
+    assert "not valid YAML" in _error(path=tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert "top level must be a mapping" in _error(path=tmp_path / "list.yaml")
+
+
+def test_train_py_reports_config_errors_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/synthetic_demo.yaml",
+                          "solver.base_lrr=0.1"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "hvdet: config error: override 'solver.base_lrr=0.1': unknown key 'solver.base_lrr'; "
+        "did you mean 'solver.base_lr'?"]
+    assert Path(ROOT / "configs/synthetic_demo.yaml").is_file()

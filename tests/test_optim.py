@@ -1,0 +1,342 @@
+"""PMD-LAMB / LAMB (fused kernel and foreach path), LARS, param groups, the optimizer factory and
+diagnostics, each checked against a short reference written here from the papers' equations."""
+import io
+import math
+
+import pytest
+import torch
+
+from hvdet.optim import (LAMB, LARS, OPTIMIZERS, PMDLAMB, build_optimizer, fused, module_of, param_groups,
+                         pmd_decay, summarize_by_module, trust_ratios)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the machine's two cores are shared with other test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference PMD-LAMB: LargeDet Algorithm 1, one tensor at a time, in float64.
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_pmdlamb(params, grad_steps, groups, max_grad_norm=None):
+    """params: list of tensors; grad_steps: per step, a list of gradients (None: no grad);
+    groups: per tensor a dict(lr, betas, eps, wd, alpha, T, trust, bias_correction)."""
+    x = [p.double().clone() for p in params]
+    m = [torch.zeros_like(t) for t in x]
+    v = [torch.zeros_like(t) for t in x]
+    t_of = [0] * len(x)
+    for grads in grad_steps:
+        gs = [None if g is None else g.double() for g in grads]
+        if max_grad_norm is not None:
+            total = math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))
+            gs = [None if g is None else g * (max_grad_norm / max(total, max_grad_norm)) for g in gs]
+        for i, g in enumerate(gs):
+            if g is None:
+                continue
+            o = groups[i]
+            b1, b2 = o["betas"]
+            t_of[i] += 1
+            t = t_of[i]
+            xi = 1.0 if o["T"] is None else math.cos(math.pi / 2 * (t % o["T"]) / o["T"])
+            m[i] = xi * b1 * m[i] + (1 - b1) * g
+            v[i] = xi * b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = (m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)) if o["bias_correction"] else (m[i], v[i])
+            r = m_hat / (v_hat.sqrt() + o["eps"])
+            u = r + o["wd"] * x[i]
+            x_norm, u_norm = float(x[i].norm()), float(u.norm())
+            phi = x_norm / u_norm if o["trust"] and x_norm > 0 and u_norm > 0 else 1.0
+            x[i] = x[i] - o["lr"] * o["alpha"] * phi * u
+    return x
+
+
+SHAPES = [(), (7,), (0,), (33, 17), (3, 5, 2, 2), (70001,)]  # scalar, vector, empty, matrix, conv, multi-chunk
+
+
+def make_problem(seed=0, steps=60, grad_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    params.append(torch.zeros(4, 3))  # ||x|| = 0 -> phi = 1
+    params.append(torch.randn(6, generator=gen))  # its gradient is always zero
+    grad_steps = []
+    for step in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(grad_dtype) for p in params]
+        grads[-1] = torch.zeros(6, dtype=grad_dtype)
+        if step % 5 == 3:
+            grads[1] = None  # a tensor without a gradient this step: skipped, its step count does not advance
+        grad_steps.append(grads)
+    return params, grad_steps
+
+
+def run_optimizer(opt_factory, params, grad_steps):
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    if grad_steps[0][0].dtype != ps[0].dtype:
+        for p in ps:
+            p.grad_dtype = None  # torch >= 2.10 otherwise refuses a gradient of another dtype
+    opt = opt_factory(ps)
+    for grads in grad_steps:
+        for p, g in zip(ps, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return ps, opt
+
+
+CONFIGS = {
+    "pmdlamb_T7": dict(cycle_length=7),                          # more than 8 full cycles in 60 steps
+    "lamb": dict(cycle_length=None),
+    "bias_correction_clip": dict(cycle_length=5, bias_correction=True, max_grad_norm=3.0),
+    "defaults": dict(),
+}
+
+
+def split_groups(ps, lr, **kw):
+    """Two groups: trust-ratio weights, and 1-d tensors without trust ratio or weight decay, other lr."""
+    one_d = [p for p in ps if p.ndim <= 1]
+    rest = [p for p in ps if p.ndim > 1]
+    return PMDLAMB([{"params": rest}, {"params": one_d, "weight_decay": 0.0, "trust": False, "lr": lr * 0.5}],
+                   lr=lr, alpha=0.05, **kw)
+
+
+def ref_groups(params, lr, cycle_length=200, bias_correction=False, max_grad_norm=None):
+    base = dict(betas=(0.9, 0.999), eps=1e-6, alpha=0.05, T=cycle_length, bias_correction=bias_correction)
+    return [dict(base, lr=lr * 0.5, wd=0.0, trust=False) if p.ndim <= 1 else dict(base, lr=lr, wd=5e-4, trust=True)
+            for p in params]
+
+
+@pytest.mark.parametrize("backend", ["kernel", "foreach"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fused_matches_reference_loop(backend, config, monkeypatch):
+    kw = CONFIGS[config]
+    monkeypatch.setattr(fused, "BLOCK_ELEMS", 4096)  # many blocks, and tensors larger than a block
+    params, grad_steps = make_problem(seed=list(CONFIGS).index(config))
+    got, opt = run_optimizer(lambda ps: split_groups(ps, 0.5, backend=backend, **kw), params, grad_steps)
+    want = reference_pmdlamb(params, grad_steps, ref_groups(params, 0.5, **kw),
+                             max_grad_norm=kw.get("max_grad_norm"))
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g.detach().double(), w, rtol=2e-5, atol=2e-6, msg=f"tensor {i} {tuple(g.shape)}")
+    assert opt.state[got[1]]["step"] == 60 - 12  # skipped on every 5th step from step 3
+    assert not torch.equal(got[0], params[0])   # the scalar moved
+
+
+def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
+    """auto: contiguous fp32 CPU tensors go to the kernel in one call, the rest (channels_last) to foreach."""
+    assert fused.kernel_available(), "the C++ kernel did not build: run python -m hvdet.optim.fused --build"
+    conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    params, grad_steps = make_problem(steps=12)
+    params = params + [conv]
+    grad_steps = [grads + [torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)] for grads in grad_steps]
+    calls = []
+    real = fused._kernel.lamb_step
+    fake = type("K", (), {"lamb_step": staticmethod(lambda *a: calls.append(len(a[0])) or real(*a))})
+    saved, fused._kernel = fused._kernel, fake
+    try:
+        auto, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4), params, grad_steps)
+    finally:
+        fused._kernel = saved
+    ref, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4, backend="foreach"), params, grad_steps)
+    assert len(calls) == 12 and set(calls) <= {len(params) - 1, len(params) - 2}  # one call per step
+    for a, b in zip(auto, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_gradients_take_the_foreach_path():
+    params, grad_steps = make_problem(steps=20, grad_dtype=torch.bfloat16)
+    got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.2, cycle_length=6), params, grad_steps)
+    groups = [dict(lr=0.2, betas=(0.9, 0.999), eps=1e-6, wd=5e-4, alpha=0.012, T=6, trust=True,
+                   bias_correction=False)] * len(params)
+    want = reference_pmdlamb(params, grad_steps, groups)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.detach().double(), w, rtol=2e-5, atol=2e-6)
+
+
+def test_pmd_decay_over_a_cycle():
+    assert pmd_decay(200, 200) == 1.0 and pmd_decay(400, 200) == 1.0  # t mod T = 0 restarts the cycle
+    assert pmd_decay(100, 200) == pytest.approx(math.sqrt(0.5), abs=1e-15)
+    assert pmd_decay(1, 200) == pytest.approx(math.cos(math.pi / 400), abs=1e-15)
+    assert pmd_decay(199, 200) == pytest.approx(math.cos(math.pi / 2 * 0.995), abs=1e-15)
+    assert pmd_decay(201, 200) == pmd_decay(1, 200)
+    values = [pmd_decay(t, 200) for t in range(200, 400)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # decays from 1 towards 0 within a cycle
+    assert all(pmd_decay(t, None) == 1.0 for t in (1, 200, 12345))
+
+
+def test_state_dict_round_trip_continues_identically():
+    params, grad_steps = make_problem(steps=30)
+    first, second = grad_steps[:15], grad_steps[15:]
+    ps, opt = run_optimizer(lambda p: split_groups(p, 0.4, cycle_length=9, max_grad_norm=5.0), params, first)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in ps], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = [torch.nn.Parameter(p) for p in saved["params"]]
+    opt2 = split_groups(resumed, 0.4, cycle_length=9, max_grad_norm=5.0)
+    opt2.load_state_dict(saved["opt"])
+    for live, again in ((ps, opt), (resumed, opt2)):
+        for grads in second:
+            for p, g in zip(live, grads):
+                p.grad = None if g is None else g.clone()
+            again.step()
+    for a, b in zip(ps, resumed):
+        assert torch.equal(a, b)
+    assert opt2.state[resumed[0]]["step"] == 30
+
+
+def test_state_exists_before_the_first_step():
+    """So Horovod's broadcast_optimizer_state sends it instead of taking a zero-gradient step."""
+    p = torch.nn.Parameter(torch.ones(3))
+    for opt in (PMDLAMB([p], lr=0.1), LAMB([p], lr=0.1), LARS([p], lr=0.1)):
+        assert len(opt.state_dict()["state"]) == 1
+
+
+def test_options_survive_a_rebuild_from_param_groups():
+    """Horovod's DistributedOptimizer re-creates the optimizer as cls(param_groups): nothing may be lost."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = LAMB([p], lr=0.1, max_grad_norm=2.0, bias_correction=True, backend="foreach")
+    again = LAMB(opt.param_groups)
+    g = again.param_groups[0]
+    assert (g["lr"], g["max_grad_norm"], g["bias_correction"], g["backend"], g["cycle_length"]) == (
+        0.1, 2.0, True, "foreach", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# LARS against its equations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lars_matches_reference_loop():
+    params, grad_steps = make_problem(steps=25)
+    grad_steps = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(gs, params)] for gs in grad_steps]
+    lr, mom, wd, eta, eps = 0.5, 0.9, 1e-3, 0.01, 1e-8
+
+    def factory(ps):
+        return LARS([{"params": [p for p in ps if p.ndim > 1]},
+                     {"params": [p for p in ps if p.ndim <= 1], "trust": False, "weight_decay": 0.0}],
+                    lr=lr, momentum=mom, weight_decay=wd, trust_coefficient=eta, eps=eps)
+    got, _ = run_optimizer(factory, params, grad_steps)
+    x = [p.double().clone() for p in params]
+    buf = [torch.zeros_like(t) for t in x]
+    for grads in grad_steps:
+        for i, g in enumerate(grads):
+            g = g.double()
+            trust, beta = x[i].ndim > 1, (wd if x[i].ndim > 1 else 0.0)
+            w_norm, g_norm = float(x[i].norm()), float(g.norm())
+            local = eta * w_norm / (g_norm + beta * w_norm + eps) if trust and w_norm > 0 and g_norm > 0 else 1.0
+            buf[i] = mom * buf[i] + lr * local * (g + beta * x[i])
+            x[i] = x[i] - buf[i]
+    for g, w in zip(got, x):  # fp32 against fp64: the 1-d tensors are plain momentum SGD and grow to |x| ~ 10
+        torch.testing.assert_close(g.detach().double(), w, rtol=1e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Param groups, factory, diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+class TinyDetector(torch.nn.Module):
+    """Parameter names like torchvision's detectors, sized for a test."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.Tanh())
+        self.backbone.fpn = torch.nn.Linear(16, 16)
+        self.rpn = torch.nn.Module()
+        self.rpn.head = torch.nn.Linear(16, 8)
+        self.roi_heads = torch.nn.Module()
+        self.roi_heads.box_head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.backbone.body(x)
+        h = h + torch.tanh(self.backbone.fpn(h))
+        return self.roi_heads.box_head(torch.tanh(self.rpn.head(h)))
+
+
+LRS = {"sgd": 0.05, "adamw": 0.01, "lamb": 1.0, "pmdlamb": 1.0, "lars": 2.0}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_lowers_the_loss(name):
+    torch.manual_seed(0)
+    model = TinyDetector()
+    x = torch.randn(64, 6)
+    y = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh())(x).detach()
+    opt = build_optimizer(model, name, lr=LRS[name], weight_decay=1e-4, per_module=True)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], f"{name}: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def test_build_optimizer_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*pmdlamb"):
+        build_optimizer(TinyDetector(), "adam", lr=0.1, weight_decay=0.0)
+
+
+def test_param_groups_of_a_torchvision_mask_rcnn():
+    import torchvision
+
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    names = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    modules = {module_of(n) for n in names}
+    assert modules == {"backbone", "fpn", "rpn", "roi_box", "roi_mask"}
+    assert module_of("backbone.fpn.inner_blocks.0.0.weight") == "fpn"
+    assert module_of("module.roi_heads.mask_predictor.mask_fcn_logits.bias") == "roi_mask"
+    assert module_of("roi_heads.keypoint_head.0.weight") == "other"
+    groups = param_groups(model, weight_decay=1e-4, norm_weight_decay=0.0, per_module=True)
+    assert [g["name"] for g in groups] == ["backbone", "backbone.no_decay", "fpn", "fpn.no_decay", "rpn",
+                                           "rpn.no_decay", "roi_box", "roi_box.no_decay", "roi_mask",
+                                           "roi_mask.no_decay"]
+    by_id = {id(p): n for n, p in names.items()}
+    seen = [by_id[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names)  # every trainable parameter exactly once
+    for g in groups:
+        assert g["lr_scale"] == 1.0 and all(module_of(by_id[id(p)]) == g["module"] for p in g["params"])
+        no_decay = g["name"].endswith("no_decay")
+        assert g["trust"] is not no_decay and g["weight_decay"] == (0.0 if no_decay else 1e-4)
+        assert all((p.ndim <= 1) == no_decay for p in g["params"])
+    flat = param_groups(model, weight_decay=1e-4)
+    assert [(g["name"], g["module"]) for g in flat] == [("default", "all"), ("no_decay", "all")]
+
+
+def test_trust_ratios_and_module_summary():
+    torch.manual_seed(0)
+    model = TinyDetector()
+    model(torch.randn(4, 6)).sum().backward()
+    model.backbone.fpn.bias.grad.zero_()
+    ratios = trust_ratios(model)
+    for n, p in model.named_parameters():
+        w_norm, g_norm = float(p.detach().norm()), float(p.grad.norm())
+        want = w_norm / g_norm if g_norm > 0 else float("inf")
+        assert ratios[n] == pytest.approx(want, rel=1e-6)
+    summary = summarize_by_module(ratios)
+    assert set(summary) == {"backbone", "fpn", "rpn", "roi_box"}
+    assert summary["fpn"]["max"] == float("inf")
+    assert summary["backbone"]["min"] <= summary["backbone"]["median"] <= summary["backbone"]["max"]
+
+
+def test_bad_arguments_say_what_is_wrong():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="cycle_length"):
+        PMDLAMB([p], lr=0.1, cycle_length=0)
+    with pytest.raises(ValueError, match="betas"):
+        PMDLAMB([p], lr=0.1, betas=(0.9, 1.0))
+    opt = PMDLAMB([{"params": [p], "max_grad_norm": 1.0}, {"params": [torch.nn.Parameter(torch.ones(2))]}], lr=0.1)
+    for q in (p, opt.param_groups[1]["params"][0]):
+        q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match="same in every param group"):
+        opt.step()
+    q = torch.nn.Parameter(torch.ones(4, 4))
+    q.grad = torch.ones(4, 4).t()  # not contiguous: the kernel alone cannot take it... but auto copies it
+    PMDLAMB([q], lr=0.1).step()
+    with pytest.raises(ValueError, match="contiguous float32 CPU"):
+        fused.lamb_step([q.detach().t()], [q.grad], [torch.zeros(4, 4)], [torch.zeros(4, 4)],
+                        torch.zeros(1, len(fused.COEFS), dtype=torch.float64), backend="kernel")

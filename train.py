@@ -1,0 +1,10 @@
+"""Train a detector: ``python train.py --config FILE [key=value ...] [--resume CKPT] [--eval-only CKPT]``.
+
+Runs as one plain process, or one process per GPU under ``horovodrun -np N`` / ``mpirun -np N``.
+"""
+import sys
+
+from hvdet.cli import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))
