@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hvdet.optim import PMDLAMB, fused  # noqa: E402
+from hvdet.optim import PMDLAMB, fused
 
 BYTES_PER_PARAM = {"hvdet_pmdlamb": 40, "hvdet_pmdlamb_foreach": None, "timm_lamb": None, "torch_adamw_fused": 28}
 COPY_BYTES = 256 << 20  # per copy buffer: well beyond the last-level cache
@@ -86,6 +86,7 @@ def measure(opts: dict, device, repeats: int, warmup: int = 2) -> dict[str, list
     dst = torch.empty_like(src)
     fns = {name: opt.step for name, opt in opts.items()}
     fns["copy"] = lambda: dst.copy_(src)
+    fns["read"] = lambda: src.sum()
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -99,11 +100,12 @@ def measure(opts: dict, device, repeats: int, warmup: int = 2) -> dict[str, list
 
 def summarize(samples: dict, num_params: int) -> dict:
     out = {}
-    copy_s = statistics.median(samples["copy"])
-    bandwidth = 2 * COPY_BYTES / copy_s / 1e9  # read + write
+    copy_s, read_s = statistics.median(samples["copy"]), statistics.median(samples["read"])
+    bandwidth = 2 * COPY_BYTES / copy_s / 1e9  # bytes read + bytes written
     out["copy"] = {"median_ms": 1e3 * copy_s, "gb_per_s": bandwidth}
+    out["read"] = {"median_ms": 1e3 * read_s, "gb_per_s": COPY_BYTES / read_s / 1e9}
     for name, times in samples.items():
-        if name == "copy":
+        if name in ("copy", "read"):
             continue
         med = statistics.median(times)
         row = {"median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
@@ -124,10 +126,11 @@ def summarize(samples: dict, num_params: int) -> dict:
 
 
 def print_table(threads: int, res: dict) -> None:
-    print(f"\n{threads} thread(s): memory copy {res['copy']['gb_per_s']:.1f} GB/s")
+    print(f"\n{threads} thread(s): memory copy {res['copy']['gb_per_s']:.1f} GB/s (read + write), "
+          f"read {res['read']['gb_per_s']:.1f} GB/s; load average {res['load_avg_1min']:.1f}")
     print(f"  {'optimizer':24s} {'median ms':>10s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s}")
     for name, row in res.items():
-        if name in ("copy", "ratios", "goals"):
+        if name in ("copy", "read", "ratios", "goals", "load_avg_1min"):
             continue
         extra = (f"{row['bytes_per_param']:8d} {row['gb_per_s']:7.1f} {row['fraction_of_copy_bandwidth']:8.0%}"
                  if "gb_per_s" in row else f"{'-':>8s} {'-':>7s} {'-':>8s}")
@@ -178,13 +181,14 @@ def main() -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         res = summarize(measure(opts, device, args.repeats), num_params)
+        res["load_avg_1min"] = os.getloadavg()[0]  # other jobs on the machine skew the medians
         results[str(threads)] = res
         print_table(threads, res)
     record = {
         "benchmark": "one optimizer step, fasterrcnn_resnet50_fpn parameter shapes",
         "tensors": len(shapes), "parameters": num_params, "device": str(device),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "load_avg_1min_start_end": [load_start, os.getloadavg()[0]]},
+                    "load_avg_1min_at_start": load_start},
         "torch": torch.__version__, "block_elems": fused.BLOCK_ELEMS, "repeats": args.repeats,
         "notes": "timm Lamb with max_grad_norm=None (hvdet clips only when asked); repeats interleaved, medians",
         "threads": results,

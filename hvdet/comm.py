@@ -188,8 +188,10 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------
 
 GROUP_BACKENDS = ("horovod", "torch", "mpi")
-# Fastest first, per tensor device, as measured by benchmarks/bn_overhead.py.
-AUTO_ORDER = {"cpu": ("mpi", "torch", "horovod"), "cuda": ("torch", "horovod")}
+# Fastest first, per tensor device, as measured by benchmarks/bn_overhead.py (docs/cross_gpu_bn.md).
+# CPU: torch's Gloo blocks while it waits, so on shared or oversubscribed cores it beat mpi4py (whose
+# waits spin against Horovod's own MPI thread) by 2-8x and Horovod (a background cycle per op) by 10x.
+AUTO_ORDER = {"cpu": ("torch", "mpi", "horovod"), "cuda": ("torch", "horovod")}
 
 
 @dataclass(eq=False)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import yaml
 
-
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -372,14 +371,8 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
     return cfg.solver.base_lr * global_batch(cfg, world_size) / cfg.solver.reference_batch
 
 
-def with_overrides(cfg: Config, overrides: typing.Sequence[str], source: str = "<overrides>") -> Config:
-    raw = to_dict(cfg)
-    for item in overrides:
-        apply_override(raw, item)
-    return from_dict(raw, source)
-
-
 def dump(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML: a recipe that reproduces the run."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

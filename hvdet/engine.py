@@ -29,8 +29,11 @@ import torch
 from tqdm import tqdm
 
 from hvdet import checkpoint, comm
-from hvdet.config import Config, Plan, data_path, lr_at, plan_run
+from hvdet.config import Config, ConfigError, Plan, data_path, dump, lr_at, plan_run
 from hvdet.metrics import MLLOG, RunLogger, StepTimer
+from hvdet.optim.schedules import (
+    set_lr,  # lr * group["lr_scale"] (AGVM) into every group
+)
 
 
 class DivergenceError(RuntimeError):
@@ -118,6 +121,13 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
 
     comm.init()
     world, rank = comm.size(), comm.rank()
+    # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create.
+    used = comm.broadcast_object((Path(cfg.output_dir) / "metrics.jsonl").exists() if rank == 0 else None)
+    if used and not resume:
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds a run (metrics.jsonl); continue it with "
+                          f"--resume {cfg.output_dir}, or choose another output_dir=...")
+    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())
+    logger.mllog(MLLOG.INIT_START)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
     train_set, val_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
@@ -133,8 +143,9 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     loader = TrainLoader(train_set, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
     scaler = torch.amp.GradScaler("cuda", enabled=s.amp and comm.device().type == "cuda")  # fp32 on CPU
-    run = Run(cfg, plan, model, opt, loader, val_set, RunLogger(cfg.output_dir, enabled=comm.is_main_process()),
-              scaler, agvm)
+    run = Run(cfg, plan, model, opt, loader, val_set, logger, scaler, agvm)
+    if comm.is_main_process():
+        dump(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved recipe, overrides applied
     if state is not None:
         checkpoint.restore_run(run, state, resume, reseed=seed_rank)
     else:
@@ -164,6 +175,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     run = setup(cfg, resume)
     log, plan, clock = run.logger, run.plan, run.clock
     clock.start = time.perf_counter()
+    log.mllog(MLLOG.INIT_STOP)
     log.mllog(MLLOG.RUN_START, metadata={"resumed_at": run.start_step})
     for key, value in ((MLLOG.GLOBAL_BATCH_SIZE, plan.global_batch), (MLLOG.OPT_BASE_LR, plan.lr),
                        (MLLOG.OPT_LR_WARMUP_STEPS, cfg.solver.warmup_iters), (MLLOG.MAX_STEPS, plan.max_iters)):
@@ -233,7 +245,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
         scaler.unscale_(opt)
         if run.agvm is not None:
             run.agvm.after_synchronize(step)  # collective on due iterations; updates group["lr_scale"]
-        set_lr(opt, lr)
+        set_lr(opt, lr)  # after AGVM: its lr_scale multiplies this iteration's lr
         if cfg.solver.clip_grad_norm:
             # The same averaged gradients on every rank -> the same clip factor everywhere.
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.solver.clip_grad_norm)
@@ -242,12 +254,6 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
         scaler.update()
     timer.step()
     return dict(zip(loss_dict, mean.tolist()))
-
-
-def set_lr(optimizer, lr: float) -> None:
-    from hvdet.optim.schedules import set_lr as _set_lr  # lr * group["lr_scale"] into every group
-
-    _set_lr(optimizer, lr)
 
 
 @dataclass
@@ -315,7 +321,11 @@ def finish(run: Run, iterations: int, status: str, failure: str | None = None) -
     if comm.is_main_process() and status != "diverged":
         from hvdet.report import load_run, plot_run
 
-        plot_run(load_run(cfg.output_dir))
+        try:
+            plot_run(load_run(cfg.output_dir))
+        except Exception as err:  # noqa: BLE001 - the run and its summary are done; plots can be redone
+            print(f"warning: plots for {cfg.output_dir} failed ({type(err).__name__}: {err}); "
+                  f"retry with: python -m hvdet.report {cfg.output_dir}", flush=True)
     return summary
 
 

@@ -1,13 +1,25 @@
 """PMD-LAMB / LAMB (fused kernel and foreach path), LARS, param groups, the optimizer factory and
 diagnostics, each checked against a short reference written here from the papers' equations."""
 import io
+import itertools
 import math
 
 import pytest
 import torch
 
-from hvdet.optim import (LAMB, LARS, OPTIMIZERS, PMDLAMB, build_optimizer, fused, module_of, param_groups,
-                         pmd_decay, summarize_by_module, trust_ratios)
+from hvdet.optim import (
+    LAMB,
+    LARS,
+    OPTIMIZERS,
+    PMDLAMB,
+    build_optimizer,
+    fused,
+    module_of,
+    param_groups,
+    pmd_decay,
+    summarize_by_module,
+    trust_ratios,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,10 +99,10 @@ def run_optimizer(opt_factory, params, grad_steps):
 
 
 CONFIGS = {
-    "pmdlamb_T7": dict(cycle_length=7),                          # more than 8 full cycles in 60 steps
-    "lamb": dict(cycle_length=None),
-    "bias_correction_clip": dict(cycle_length=5, bias_correction=True, max_grad_norm=3.0),
-    "defaults": dict(),
+    "pmdlamb_T7": {"cycle_length": 7},  # more than 8 full cycles in 60 steps
+    "lamb": {"cycle_length": None},
+    "bias_correction_clip": {"cycle_length": 5, "bias_correction": True, "max_grad_norm": 3.0},
+    "defaults": {},
 }
 
 
@@ -103,9 +115,9 @@ def split_groups(ps, lr, **kw):
 
 
 def ref_groups(params, lr, cycle_length=200, bias_correction=False, max_grad_norm=None):
-    base = dict(betas=(0.9, 0.999), eps=1e-6, alpha=0.05, T=cycle_length, bias_correction=bias_correction)
-    return [dict(base, lr=lr * 0.5, wd=0.0, trust=False) if p.ndim <= 1 else dict(base, lr=lr, wd=5e-4, trust=True)
-            for p in params]
+    base = {"betas": (0.9, 0.999), "eps": 1e-6, "alpha": 0.05, "T": cycle_length, "bias_correction": bias_correction}
+    return [{**base, "lr": lr * 0.5, "wd": 0.0, "trust": False} if p.ndim <= 1
+            else {**base, "lr": lr, "wd": 5e-4, "trust": True} for p in params]
 
 
 @pytest.mark.parametrize("backend", ["kernel", "foreach"])
@@ -147,8 +159,8 @@ def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
 def test_half_precision_gradients_take_the_foreach_path():
     params, grad_steps = make_problem(steps=20, grad_dtype=torch.bfloat16)
     got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.2, cycle_length=6), params, grad_steps)
-    groups = [dict(lr=0.2, betas=(0.9, 0.999), eps=1e-6, wd=5e-4, alpha=0.012, T=6, trust=True,
-                   bias_correction=False)] * len(params)
+    groups = [{"lr": 0.2, "betas": (0.9, 0.999), "eps": 1e-6, "wd": 5e-4, "alpha": 0.012, "T": 6, "trust": True,
+               "bias_correction": False}] * len(params)
     want = reference_pmdlamb(params, grad_steps, groups)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.detach().double(), w, rtol=2e-5, atol=2e-6)
@@ -161,7 +173,7 @@ def test_pmd_decay_over_a_cycle():
     assert pmd_decay(199, 200) == pytest.approx(math.cos(math.pi / 2 * 0.995), abs=1e-15)
     assert pmd_decay(201, 200) == pmd_decay(1, 200)
     values = [pmd_decay(t, 200) for t in range(200, 400)]
-    assert all(a > b for a, b in zip(values, values[1:]))  # decays from 1 towards 0 within a cycle
+    assert all(a > b for a, b in itertools.pairwise(values))  # decays from 1 towards 0 within a cycle
     assert all(pmd_decay(t, None) == 1.0 for t in (1, 200, 12345))
 
 

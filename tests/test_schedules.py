@@ -4,8 +4,15 @@ import math
 import pytest
 import torch
 
-from hvdet.optim import (cosine_lr, epochs_to_iters, linear_scaled_lr, scale_iterations, set_lr, step_lr,
-                         warmup_factor)
+from hvdet.optim import (
+    cosine_lr,
+    epochs_to_iters,
+    linear_scaled_lr,
+    scale_iterations,
+    set_lr,
+    step_lr,
+    warmup_factor,
+)
 
 
 def test_linear_scaling_rule():

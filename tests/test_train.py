@@ -133,9 +133,37 @@ def test_divergence_stops_every_rank_with_the_iteration(data, tmp_path):
     assert f"diverged at iteration {summary['iterations'] + 1} " in summary["failure"]
 
 
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from hvdet import checkpoint
+
+    path = checkpoint.path_for(tmp_path, 7)
+    checkpoint.save({"iteration": 7}, path)
+    assert checkpoint.load(path)["iteration"] == 7 and checkpoint.load(tmp_path)["iteration"] == 7
+
+    def torn_write(obj, f):  # a crash half-way through writing the new version
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save({"iteration": 8}, path)
+    assert checkpoint.load(path)["iteration"] == 7  # the old checkpoint, intact
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # and no temp file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path} cannot be read"):
+        checkpoint.load(path)
+
+
+def test_used_output_dir_and_missing_checkpoint_are_clear_errors(run_a, data, tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--config", RECIPE, *tiny_overrides(data, run_a[0])],
+                         cwd=ROOT, env=rank_env(), capture_output=True, text=True, check=False)
+    assert out.returncode == 1
+    assert f"output_dir {run_a[0]} already holds a run (metrics.jsonl); continue it with --resume" in out.stderr
+
+
 def test_missing_checkpoint_is_a_clear_error(data, tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", RECIPE, *tiny_overrides(data, tmp_path),
                           "--resume", str(tmp_path / "nope.pt")], cwd=ROOT, env=rank_env(), capture_output=True,
-                         text=True)
+                         text=True, check=False)
     assert out.returncode == 1
     assert f"checkpoint {tmp_path / 'nope.pt'} does not exist" in out.stderr

@@ -55,7 +55,8 @@ def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> 
 
 
 def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", one_pass: bool = False):
-    """Mean, biased variance (accumulation dtype) and element count per channel over ``group``.
+    """Mean and biased variance per channel (accumulation dtype), and the element count (a float64
+    scalar tensor: reading it on the host would stall a GPU), over ``group``.
 
     Steps (1)-(4) of Algorithm 1. Collective: every rank of the group must call it.
     """
@@ -68,13 +69,13 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", one
         ss = xa.square().sum(_DIMS).double()                             # sum x^2
         # One collective: half the latency of the exact path.
         total = group.allreduce(torch.cat([s, ss, count]), "sum", backend)
-        n = _check_count(total[-1].item())
+        n = _check_count(total[-1])
         mean = total[: s.numel()] / n
         var = (total[s.numel():-1] / n - mean.square()).clamp_(min=0.0)  # E[x^2] - mu^2
         return mean.to(acc), var.to(acc), n
     # Sync point 1: the group mean; every rank needs it before its squared deviations.
     total = group.allreduce(torch.cat([s, count]), "sum", backend)
-    n = _check_count(total[-1].item())
+    n = _check_count(total[-1])
     mean = (total[:-1] / n).to(acc)                                      # mu
     v = (xa - mean[None, :, None, None]).square_().sum(_DIMS).double()   # v_i
     # Sync point 2: the group variance (exact two-pass: no cancellation).
@@ -86,11 +87,14 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_count(n: float) -> float:
+def _check_count(n: torch.Tensor) -> torch.Tensor:
     # The count is the group's, the same on every rank: all raise together, none hangs.
-    if n < 2:
-        raise ValueError(f"CrossGPUBatchNorm2d: expected more than 1 value per channel in the BN group, "
-                         f"got {int(n)} (every rank of the group holds an empty batch?)")
+    msg = "CrossGPUBatchNorm2d: expected more than 1 value per channel in the BN group, got {} " \
+          "(does every rank of the group hold an empty batch?)"
+    if n.device.type != "cpu":
+        torch._assert_async(n > 1, msg.format("fewer"))  # checked on the device: no host sync
+    elif n.item() < 2:
+        raise ValueError(msg.format(int(n.item())))
     return n
 
 

@@ -6,12 +6,25 @@
 See docs/optimizers.md for the algorithms, the fused kernel and its measured speed.
 """
 from hvdet.optim.agvm import AGVM
-from hvdet.optim.build import MODULES, OPTIMIZERS, build_optimizer, module_of, param_groups
+from hvdet.optim.build import (
+    MODULES,
+    OPTIMIZERS,
+    build_optimizer,
+    module_of,
+    param_groups,
+)
 from hvdet.optim.diagnostics import summarize_by_module, trust_ratios
 from hvdet.optim.lamb import LAMB, PMDLAMB, pmd_decay
 from hvdet.optim.lars import LARS
-from hvdet.optim.schedules import (cosine_lr, epochs_to_iters, linear_scaled_lr, scale_iterations, set_lr, step_lr,
-                                   warmup_factor)
+from hvdet.optim.schedules import (
+    cosine_lr,
+    epochs_to_iters,
+    linear_scaled_lr,
+    scale_iterations,
+    set_lr,
+    step_lr,
+    warmup_factor,
+)
 
 __all__ = ["AGVM", "LAMB", "LARS", "MODULES", "OPTIMIZERS", "PMDLAMB", "build_optimizer", "cosine_lr",
            "epochs_to_iters", "linear_scaled_lr", "module_of", "param_groups", "pmd_decay", "scale_iterations",

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import logging
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -92,7 +93,7 @@ def kernel_available() -> bool:
         try:
             load_kernel()
             return True
-        except Exception as err:  # no compiler, no ninja, read-only cache: fall back, say so once
+        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:  # no compiler, no ninja, read-only cache: fall back, say so once
             _kernel_error = f"{type(err).__name__}: {err}"
             warnings.warn(f"hvdet: the fused LAMB kernel could not be built ({_kernel_error.splitlines()[0]}); "
                           "using the slower torch._foreach path. Run `python -m hvdet.optim.fused --build` to see why.",
@@ -100,8 +101,9 @@ def kernel_available() -> bool:
     return False
 
 
-def _kernel_ok(tensors: tuple) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+def _kernel_ok(tensors: tuple, f32=torch.float32) -> bool:
+    # is_cpu and `is` instead of device.type and ==: this runs for every tensor at every step.
+    return all(t.is_cpu and t.dtype is f32 and t.is_contiguous() for t in tensors)
 
 
 def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coefs: torch.Tensor,
@@ -117,9 +119,8 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or tuple(coefs.shape) != (n, len(COEFS)):
         raise ValueError(f"lamb_step: {n} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs, "
                          f"{len(exp_avg_sqs)} exp_avg_sqs and coefs of shape {tuple(coefs.shape)} do not match")
-    norms = torch.zeros(n, 2, dtype=torch.float64)
     if n == 0:
-        return norms
+        return torch.zeros(0, 2, dtype=torch.float64)
     quads = list(zip(params, grads, exp_avgs, exp_avg_sqs))
     to_kernel = [i for i, q in enumerate(quads) if _kernel_ok(q)] if backend != "foreach" else []
     if backend == "kernel" and len(to_kernel) < n:
@@ -128,26 +129,35 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
         if backend == "kernel":
             raise RuntimeError(f"the fused LAMB kernel is unavailable: {_kernel_error}")
         to_kernel = []
-    if to_kernel:
-        idx = torch.tensor(to_kernel)
-        norms[idx] = _kernel.lamb_step([params[i] for i in to_kernel], [grads[i] for i in to_kernel],
-                                       [exp_avgs[i] for i in to_kernel], [exp_avg_sqs[i] for i in to_kernel],
-                                       coefs[idx].contiguous(), float(grad_scale), BLOCK_ELEMS)
-    rest = sorted(set(range(n)) - set(to_kernel))
+    parts = [(to_kernel, "kernel")] if to_kernel else []
+    kernel_set = set(to_kernel)
     by_kind: dict[tuple, list[int]] = {}
-    for i in rest:  # foreach ops need one device and dtype per call
-        by_kind.setdefault((params[i].device, params[i].dtype), []).append(i)
-    for ids in by_kind.values():
-        idx = torch.tensor(ids)
-        norms[idx] = _lamb_foreach([params[i] for i in ids], [grads[i] for i in ids], [exp_avgs[i] for i in ids],
-                                   [exp_avg_sqs[i] for i in ids], coefs[idx], grad_scale)
+    for i in range(n):  # foreach ops need one device and dtype per call
+        if i not in kernel_set:
+            by_kind.setdefault((params[i].device, params[i].dtype), []).append(i)
+    parts += [(ids, "foreach") for ids in by_kind.values()]
+    results = []
+    for ids, how in parts:
+        sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        rows = coefs if len(ids) == n else coefs[torch.tensor(ids)].contiguous()
+        if how == "kernel":
+            results.append(_kernel.lamb_step(*sub, rows, float(grad_scale), BLOCK_ELEMS))
+        else:
+            results.append(_lamb_foreach(*sub, rows, grad_scale))
+    if len(parts) == 1:
+        return results[0]  # stays on its device: no host sync on CUDA
+    norms = torch.zeros(n, 2, dtype=torch.float64)
+    for (ids, _), result in zip(parts, results):
+        norms[torch.tensor(ids)] = result.cpu()
     return norms
 
 
 def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, coefs, grad_scale) -> torch.Tensor:
     """The same update with torch._foreach ops (one device and dtype); the math is the kernel's."""
     device = params[0].device
-    b1, omb1, b2, omb2, bc1, bc2, eps, wd, step_size, trust = coefs.t().tolist()
+    b1, omb1, b2, omb2, bc1, bc2, eps, wd, _, _ = coefs.t().tolist()  # host floats: no device traffic
+    on_device = coefs.to(device, non_blocking=True)
+    step_size, use_trust = on_device[:, COEFS.index("step_size")], on_device[:, COEFS.index("trust")] != 0
     g = [gr.to(p.dtype) for gr, p in zip(grads, params)] if grads[0].dtype != params[0].dtype else list(grads)
     if grad_scale != 1.0:
         g = torch._foreach_mul(g, grad_scale)
@@ -162,13 +172,12 @@ def _lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, coefs, grad_scale) -> to
     torch._foreach_add_(update, torch._foreach_mul(params, wd))    # u_t = r_t + lambda x_t
     x_norm = torch.stack(torch._foreach_norm(params)).double()
     u_norm = torch.stack(torch._foreach_norm(update)).double()
-    use_trust = torch.tensor(trust, device=device) != 0
     phi = torch.where(use_trust & (x_norm > 0) & (u_norm > 0), x_norm / u_norm, torch.ones_like(x_norm))
     # Per-tensor step sizes stay on the device (0-d tensors): no host sync on CUDA.
-    steps = (-torch.tensor(step_size, dtype=torch.float64, device=device) * phi).to(params[0].dtype)
+    steps = (-step_size * phi).to(params[0].dtype)
     torch._foreach_mul_(update, list(steps.unbind()))
     torch._foreach_add_(params, update)                            # x_{t+1} = x_t - lr alpha phi u_t
-    return torch.stack([x_norm, u_norm], dim=1).cpu()
+    return torch.stack([x_norm, u_norm], dim=1)
 
 
 def global_grad_norm(grads: list) -> float:
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     start_s = time.perf_counter()
     try:
         module = load_kernel(verbose=args.verbose)
-    except Exception as err:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
         print(f"hvdet: building the fused LAMB kernel failed ({type(err).__name__}: {err}); "
               "hvdet falls back to the torch._foreach path, which is correct but slower on CPU. "
               "It needs a C++ compiler (g++) and ninja.", file=sys.stderr)

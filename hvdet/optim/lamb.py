@@ -61,9 +61,9 @@ class PMDLAMB(torch.optim.Optimizer):
                f"cycle_length must be a positive int or None (LAMB), got {cycle_length!r}")
         _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         _check(backend in _fused().BACKENDS, f"backend must be one of {_fused().BACKENDS}, got {backend!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
-                        cycle_length=cycle_length, bias_correction=bias_correction, trust=True, lr_scale=1.0,
-                        max_grad_norm=max_grad_norm, backend=backend)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "alpha": alpha,
+                    "cycle_length": cycle_length, "bias_correction": bias_correction, "trust": True, "lr_scale": 1.0,
+                    "max_grad_norm": max_grad_norm, "backend": backend}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

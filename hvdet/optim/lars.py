@@ -24,8 +24,8 @@ class LARS(torch.optim.Optimizer):
                             ("trust_coefficient", trust_coefficient), ("eps", eps)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, trust=True, lr_scale=1.0)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                    "trust_coefficient": trust_coefficient, "eps": eps, "trust": True, "lr_scale": 1.0}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

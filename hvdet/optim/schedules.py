@@ -61,7 +61,7 @@ def scale_iterations(iterations: int, factor: float) -> int:
     if factor <= 0:
         raise ValueError(f"factor must be positive, got {factor}")
     # The 1e-9 absorbs binary error (2400 * 1.4 = 3360.0000000000005) before rounding.
-    return int(math.floor(iterations * factor + 0.5 + 1e-9))
+    return math.floor(iterations * factor + 0.5 + 1e-9)
 
 
 def epochs_to_iters(epochs: float, dataset_size: int, global_batch: int) -> int:

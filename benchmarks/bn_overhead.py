@@ -1,0 +1,184 @@
+"""What Cross-GPU BN costs over local BN: forward+backward of a ResNet-50-FPN backbone at 2 ranks.
+
+    .venv/bin/python benchmarks/bn_overhead.py [--image-size 192] [--images-per-gpu 2] [--repeats 5]
+
+Launches its own jobs (mpirun, then horovodrun --gloo) through tests.harness, one thread per rank.
+In each job one model is built, its 53 BatchNorm2d layers converted to CrossGPUBatchNorm2d, and the
+variants are switched in place: ``local`` (a group of one rank: torch's own BN kernel) and CGBN over
+both ranks on every group backend the launch offers, exact two-pass and one-pass. Variants run
+interleaved (the order rotates every repeat), a step's time is the slower rank's, and the ratio of
+a variant is the median over repeats of (variant step / local step in the same repeat). A
+micro-benchmark times one group allreduce of 257 doubles per backend (the latency that 159
+collectives per step pay). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
+Writes benchmarks/results/bn_overhead.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: tests.harness and hvdet from the checkout
+
+from tests.harness import run_ranks
+
+LAUNCHERS = ("mpirun", "horovodrun")
+N_BN_LAYERS = 53  # ResNet-50
+
+
+def variants(mpi: bool) -> list[dict]:
+    """Local BN and CGBN over both ranks. Under mpirun (mpi=True) the mpi backend is measured; under
+    horovodrun the horovod one (its 159 waits for Horovod's cycle make a step several times slower,
+    so only its two-pass form: the latency table gives the rest)."""
+    def v(name, backend, one_pass=False, group_size=None):
+        return {"name": name, "group_size": group_size, "backend": backend, "one_pass": one_pass}
+    out = [v("local", "auto", group_size=1), v("cgbn-torch", "torch"), v("cgbn-torch-1pass", "torch", True)]
+    if mpi:
+        return out + [v("cgbn-mpi", "mpi"), v("cgbn-mpi-1pass", "mpi", True)]
+    return out + [v("cgbn-horovod", "horovod")]
+
+
+def set_mode(model, group_size, backend, one_pass) -> None:
+    from hvdet.nn import CrossGPUBatchNorm2d
+
+    for m in model.modules():
+        if isinstance(m, CrossGPUBatchNorm2d):
+            m.group_size, m.backend, m.one_pass = group_size, backend, one_pass
+
+
+def allreduce_latency_s(backend: str, calls: int = 200, batch: int = 20) -> float:
+    """Median seconds per group allreduce of 257 float64 (a 256-channel layer plus the count)."""
+    from hvdet import comm
+
+    group, t = comm.consecutive_groups(None), torch.zeros(257, dtype=torch.float64)
+    for _ in range(batch):  # warm-up: handles made, connections open
+        group.allreduce(t, "sum", backend)
+    per_call = []
+    for _ in range(calls // batch):
+        comm.barrier()
+        start = time.perf_counter()
+        for _ in range(batch):
+            group.allreduce(t, "sum", backend)
+        per_call.append((time.perf_counter() - start) / batch)
+    return statistics.median(per_call)
+
+
+def try_horovod_sync_bn() -> str:
+    """Horovod's SyncBatchNorm on a CPU tensor: the error it raises (it checks before communicating)."""
+    from hvdet import comm
+
+    try:
+        comm.hvd.SyncBatchNorm(8).train()(torch.randn(2, 8, 4, 4))
+    except Exception as err:  # noqa: BLE001 - recorded verbatim
+        return f"{type(err).__name__}: {err}"
+    return "ran"
+
+
+def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> dict:
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from hvdet import comm
+    from hvdet.nn import convert_cross_gpu_bn
+
+    backends = ["torch", "horovod"] + (["mpi"] if comm.mpi_available() else [])
+    torch.manual_seed(0)
+    model = convert_cross_gpu_bn(resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                                     norm_layer=nn.BatchNorm2d, trainable_layers=5))
+    model.train()
+    x = torch.rand(images_per_gpu, 3, image_size, image_size, generator=torch.Generator().manual_seed(comm.rank()))
+
+    def step() -> float:
+        comm.barrier()  # every rank starts the step together: the time is the step's, not the wait's
+        start = time.perf_counter()
+        features = model(x)
+        loss = sum(f.mean() for f in features.values())
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return time.perf_counter() - start
+
+    todo = variants(comm.mpi_available())
+    times = {v["name"]: [] for v in todo}
+    for v in todo:  # warm-up, and every backend's handles made by all ranks in the same order
+        set_mode(model, v["group_size"], v["backend"], v["one_pass"])
+        for _ in range(warmup):
+            step()
+    for rep in range(repeats):
+        for v in todo[rep % len(todo):] + todo[:rep % len(todo)]:
+            set_mode(model, v["group_size"], v["backend"], v["one_pass"])
+            times[v["name"]].append(step())
+    latency = {b: allreduce_latency_s(b) for b in backends}
+    return {"times_s": times, "latency_s": latency, "controller": comm.controller(),
+            "hvd_sync_bn": try_horovod_sync_bn()}
+
+
+def summarize(per_rank: list[dict]) -> dict:
+    """Per variant: median step (slower rank) and median paired ratio to local BN."""
+    names = list(per_rank[0]["times_s"])
+    steps = {n: [max(r["times_s"][n][i] for r in per_rank) for i in range(len(per_rank[0]["times_s"][n]))]
+             for n in names}
+    out = {}
+    for n in names:
+        ratios = [a / b for a, b in zip(steps[n], steps["local"])]
+        out[n] = {"median_step_s": statistics.median(steps[n]), "median_ratio_to_local": statistics.median(ratios),
+                  "steps_s": steps[n]}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--np", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--images-per-gpu", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--launchers", default=",".join(LAUNCHERS))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bn_overhead.json"))
+    args = parser.parse_args()
+
+    report = {"machine": f"{os.cpu_count()}-core CPU VM, no GPU ({platform.processor() or platform.machine()}), "
+                         "shared with other jobs",
+              "torch": torch.__version__, "np": args.np, "threads_per_rank": 1,
+              "model": "torchvision resnet_fpn_backbone('resnet50'), BatchNorm2d -> CrossGPUBatchNorm2d (53 layers)",
+              "image_size": args.image_size, "images_per_gpu": args.images_per_gpu,
+              "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(), "launches": {}}
+    started = time.perf_counter()
+    for launcher in args.launchers.split(","):
+        per_rank = run_ranks("benchmarks.bn_overhead:case_bench", np=args.np, launcher=launcher,
+                             image_size=args.image_size, images_per_gpu=args.images_per_gpu,
+                             warmup=args.warmup, repeats=args.repeats)
+        report["launches"][launcher] = {
+            "controller": per_rank[0]["controller"], "variants": summarize(per_rank),
+            "allreduce_latency_us": {b: 1e6 * max(r["latency_s"][b] for r in per_rank) for b in per_rank[0]["latency_s"]},
+            "hvd_sync_bn": per_rank[0]["hvd_sync_bn"]}
+    report["load_avg_end"] = os.getloadavg()
+    report["wall_s"] = time.perf_counter() - started
+    print_table(report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['machine']}; {report['np']} ranks x 1 thread; ResNet-50-FPN backbone, "
+          f"{report['images_per_gpu']} x {report['image_size']}^2 images per rank; forward+backward")
+    print(f"{'launch':<11} {'variant':<20} {'median step s':>13} {'x local BN':>10} {'allreduce us':>12}")
+    for launcher, res in report["launches"].items():
+        for name, v in res["variants"].items():
+            backend = name.split("-")[1] if name != "local" else None  # cgbn-<backend>[-1pass]
+            lat = res["allreduce_latency_us"].get(backend)
+            print(f"{launcher:<11} {name:<20} {v['median_step_s']:>13.3f} {v['median_ratio_to_local']:>10.3f} "
+                  f"{'' if lat is None else f'{lat:.0f}':>12}")
+        print(f"{launcher:<11} {'hvd.SyncBatchNorm':<20} could not run: {res['hvd_sync_bn']}")
+
+if __name__ == "__main__":
+    sys.exit(main())
