@@ -7,9 +7,9 @@ NP    ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup system venv horovod test demo bench lint clean
+.PHONY: setup system venv horovod kernels test demo bench lint clean
 
-setup: system venv horovod
+setup: system venv horovod kernels
 
 # OpenMPI (mpirun, headers for Horovod's MPI ops and mpi4py); skipped when already there.
 system:
@@ -28,6 +28,11 @@ venv: .venv/.deps-stamp
 
 horovod: venv system
 	@PYTHON=$(PY) launch/build_horovod.sh
+
+# The fused PMD-LAMB CPU kernel (C++, built once into ~/.cache/torch_extensions), so the first
+# optimizer step of a test or a run does not pay the compile.
+kernels: venv
+	$(PY) -m hvdet.optim.fused --build
 
 test: setup
 	bash launch/run_tests.sh

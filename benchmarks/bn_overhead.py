@@ -1,20 +1,22 @@
 """What Cross-GPU BN costs over local BN: forward+backward of a ResNet-50-FPN backbone at 2 ranks.
 
-    .venv/bin/python benchmarks/bn_overhead.py [--image-size 192] [--images-per-gpu 2] [--repeats 5]
+    .venv/bin/python benchmarks/bn_overhead.py [--image-size 160] [--images-per-gpu 2] [--repeats 6]
 
-Launches its own jobs (mpirun, then horovodrun --gloo) through tests.harness, one thread per rank.
+Launches its own jobs (horovodrun --gloo, then mpirun) through tests.harness, one thread per rank.
 In each job one model is built, its 53 BatchNorm2d layers converted to CrossGPUBatchNorm2d, and the
-variants are switched in place: ``local`` (a group of one rank: torch's own BN kernel) and CGBN over
-both ranks on every group backend the launch offers, exact two-pass and one-pass. Variants run
-interleaved (the order rotates every repeat), a step's time is the slower rank's, and the ratio of
-a variant is the median over repeats of (variant step / local step in the same repeat). A
-micro-benchmark times one group allreduce of 257 doubles per backend (the latency that 159
-collectives per step pay). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
+variants are switched in place: ``local`` (a group of one rank: torch's own BN kernel), CGBN over
+both ranks on the group backends the launch offers (exact two-pass, and one-pass), and
+``cgbn-no-comm`` (CGBN's arithmetic with every collective replaced by a copy: its compute cost
+alone). Variants run interleaved (the order rotates every repeat), a step's time is the slower
+rank's, and a variant's ratio is the median over repeats of (its step / the local step of the same
+repeat). A micro-benchmark times one group allreduce of 257 doubles per backend (the latency that
+159 collectives per step pay). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
 Writes benchmarks/results/bn_overhead.json and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,20 +32,21 @@ sys.path.insert(0, str(ROOT))  # run as a script: tests.harness and hvdet from t
 
 from tests.harness import run_ranks
 
-LAUNCHERS = ("mpirun", "horovodrun")
-N_BN_LAYERS = 53  # ResNet-50
+LAUNCHERS = ("horovodrun", "mpirun")
+N_BN_LAYERS = 53  # ResNet-50: per step 3 x 53 collectives (two-pass) or 2 x 53 (one-pass)
 
 
 def variants(mpi: bool) -> list[dict]:
-    """Local BN and CGBN over both ranks. Under mpirun (mpi=True) the mpi backend is measured; under
-    horovodrun the horovod one (its 159 waits for Horovod's cycle make a step several times slower,
-    so only its two-pass form: the latency table gives the rest)."""
+    """The variants of a launch. Under horovodrun: local, CGBN's arithmetic alone, and CGBN on the
+    torch (Gloo) and horovod backends. Under mpirun (mpi=True), where Horovod's MPI thread slows
+    every step: local, torch and the mpi backend."""
     def v(name, backend, one_pass=False, group_size=None):
         return {"name": name, "group_size": group_size, "backend": backend, "one_pass": one_pass}
-    out = [v("local", "auto", group_size=1), v("cgbn-torch", "torch"), v("cgbn-torch-1pass", "torch", True)]
     if mpi:
-        return out + [v("cgbn-mpi", "mpi"), v("cgbn-mpi-1pass", "mpi", True)]
-    return out + [v("cgbn-horovod", "horovod")]
+        return [v("local", "auto", group_size=1), v("cgbn-torch", "torch"), v("cgbn-mpi", "mpi"),
+                v("cgbn-mpi-1pass", "mpi", True)]
+    return [v("local", "auto", group_size=1), v("cgbn-no-comm", "torch"), v("cgbn-torch", "torch"),
+            v("cgbn-torch-1pass", "torch", True), v("cgbn-horovod", "horovod")]
 
 
 def set_mode(model, group_size, backend, one_pass) -> None:
@@ -52,6 +55,20 @@ def set_mode(model, group_size, backend, one_pass) -> None:
     for m in model.modules():
         if isinstance(m, CrossGPUBatchNorm2d):
             m.group_size, m.backend, m.one_pass = group_size, backend, one_pass
+
+
+@contextlib.contextmanager
+def no_comm(enabled: bool):
+    """Group allreduces become copies: CGBN's arithmetic without its collectives (local statistics)."""
+    from hvdet import comm
+
+    original = comm.Group.allreduce
+    if enabled:
+        comm.Group.allreduce = lambda self, tensor, op="sum", backend="auto": tensor.clone()
+    try:
+        yield
+    finally:
+        comm.Group.allreduce = original
 
 
 def allreduce_latency_s(backend: str, calls: int = 200, batch: int = 20) -> float:
@@ -109,12 +126,14 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
     times = {v["name"]: [] for v in todo}
     for v in todo:  # warm-up, and every backend's handles made by all ranks in the same order
         set_mode(model, v["group_size"], v["backend"], v["one_pass"])
-        for _ in range(warmup):
-            step()
+        with no_comm(v["name"] == "cgbn-no-comm"):
+            for _ in range(warmup):
+                step()
     for rep in range(repeats):
         for v in todo[rep % len(todo):] + todo[:rep % len(todo)]:
             set_mode(model, v["group_size"], v["backend"], v["one_pass"])
-            times[v["name"]].append(step())
+            with no_comm(v["name"] == "cgbn-no-comm"):
+                times[v["name"]].append(step())
     latency = {b: allreduce_latency_s(b) for b in backends}
     return {"times_s": times, "latency_s": latency, "controller": comm.controller(),
             "hvd_sync_bn": try_horovod_sync_bn()}
@@ -139,7 +158,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--images-per-gpu", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--launchers", default=",".join(LAUNCHERS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bn_overhead.json"))
     args = parser.parse_args()
@@ -149,7 +168,8 @@ def main() -> int:
               "torch": torch.__version__, "np": args.np, "threads_per_rank": 1,
               "model": "torchvision resnet_fpn_backbone('resnet50'), BatchNorm2d -> CrossGPUBatchNorm2d (53 layers)",
               "image_size": args.image_size, "images_per_gpu": args.images_per_gpu,
-              "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(), "launches": {}}
+              "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(),
+              "collectives_per_step": {"two_pass": 3 * N_BN_LAYERS, "one_pass": 2 * N_BN_LAYERS}, "launches": {}}
     started = time.perf_counter()
     for launcher in args.launchers.split(","):
         per_rank = run_ranks("benchmarks.bn_overhead:case_bench", np=args.np, launcher=launcher,
@@ -174,11 +194,12 @@ def print_table(report: dict) -> None:
     print(f"{'launch':<11} {'variant':<20} {'median step s':>13} {'x local BN':>10} {'allreduce us':>12}")
     for launcher, res in report["launches"].items():
         for name, v in res["variants"].items():
-            backend = name.split("-")[1] if name != "local" else None  # cgbn-<backend>[-1pass]
+            backend = name.split("-")[1] if name.startswith("cgbn-") else None  # cgbn-<backend>[-1pass]
             lat = res["allreduce_latency_us"].get(backend)
             print(f"{launcher:<11} {name:<20} {v['median_step_s']:>13.3f} {v['median_ratio_to_local']:>10.3f} "
                   f"{'' if lat is None else f'{lat:.0f}':>12}")
         print(f"{launcher:<11} {'hvd.SyncBatchNorm':<20} could not run: {res['hvd_sync_bn']}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -207,10 +207,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 break
     except DivergenceError as err:
         bar.close()
-        finish(run, iteration - 1, status="diverged", failure=str(err))
+        finish(run, iteration - 1, stop="diverged", failure=str(err))
         raise
     bar.close()
-    return finish(run, iteration, status="reached" if clock.reached else "finished")
+    return finish(run, iteration, stop="target" if clock.reached else "max_iters")
 
 
 def train_step(run: Run, step: int, timer: StepTimer) -> dict:
@@ -302,23 +302,23 @@ def evaluate_and_log(run: Run, iteration: int) -> dict:
     return metrics
 
 
-def finish(run: Run, iterations: int, status: str, failure: str | None = None) -> dict:
+def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> dict:
     """summary.json, MLPerf's run_stop and, on rank 0, the report's table and plots."""
     clock, plan, cfg = run.clock, run.plan, run.cfg
     summary = {"target": cfg.target, "reached": clock.reached, "time_to_target_s": clock.time_to_target_s,
                "best": clock.best, "world_size": plan.world_size, "global_batch_size": plan.global_batch,
                "images_per_s": clock.images / clock.train_s if clock.train_s else 0.0,
                "train_s": clock.train_s, "eval_s": clock.eval_s, "elapsed_s": clock.elapsed_s(),
-               "iterations": iterations, "max_iters": plan.max_iters, "lr": plan.lr, "status": status,
+               "iterations": iterations, "max_iters": plan.max_iters, "lr": plan.lr, "stop": stop,
                "evaluations": clock.evaluations, "arch": cfg.model.arch, "norm": cfg.model.norm,
                "optimizer": cfg.solver.optimizer, "images_per_gpu": cfg.data.images_per_gpu}
     if failure:
         summary["failure"] = failure
-    ok = clock.reached or (status == "finished" and not cfg.target)
+    ok = clock.reached or (stop == "max_iters" and not cfg.target)
     run.logger.mllog(MLLOG.RUN_STOP, metadata={"status": "success" if ok else "aborted", "iteration": iterations})
     run.logger.write_summary(summary)
     run.logger.close()
-    if comm.is_main_process() and status != "diverged":
+    if comm.is_main_process() and stop != "diverged":
         from hvdet.report import load_run, plot_run
 
         try:

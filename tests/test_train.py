@@ -129,7 +129,7 @@ def test_divergence_stops_every_rank_with_the_iteration(data, tmp_path):
     assert "rank 0: diverged at iteration" in message and "rank 1: diverged at iteration" in message
     assert "(lr 250000)" in message  # 1e6 * 4 / 16
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "diverged" and summary["reached"] is False
+    assert summary["stop"] == "diverged" and summary["reached"] is False
     assert f"diverged at iteration {summary['iterations'] + 1} " in summary["failure"]
 
 

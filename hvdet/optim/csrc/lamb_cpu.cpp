@@ -9,10 +9,8 @@
 //
 // Memory traffic is what costs (the step is memory-bound): pass 1 reads g, m, v, x and writes m, v;
 // pass 2 needs the finished norms, re-reads m, v, x, recomputes u (cheaper than storing it) and
-// writes x: 40 bytes per parameter. Two tricks keep pass 2 in cache where possible:
-//   * small tensors are processed in blocks of about `block_elems` elements, pass 1 then pass 2
-//     per block, so pass 2 reads what pass 1 just left in L2/L3;
-//   * pass 2 walks each thread's chunks in reverse, starting from the data pass 1 touched last.
+// writes x: 40 bytes per parameter. Small tensors are processed in blocks of about `block_elems`
+// elements, pass 1 then pass 2 per block, so that pass 2 reads what pass 1 just left in L2/L3.
 // Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads() applies.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -37,7 +35,9 @@ enum Coef {
   kNumCoefs
 };
 
-constexpr int64_t kChunkElems = 16384;  // one work item; small enough to balance two threads
+// One work item. Measured on a Faster R-CNN R50-FPN step: 4K elements 44 ms, 16K 37 ms, 64K 34 ms,
+// 256K-1M no better (prefetchers restart at every chunk; fewer chunks balance threads worse).
+constexpr int64_t kChunkElems = 65536;
 
 struct Chunk {
   int64_t tensor;
@@ -157,7 +157,7 @@ at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at
       norm_out[2 * i + 1] = u_norm;
     }
     at::parallel_for(c0, c1, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = end - 1; k >= begin; --k) {  // reverse: start where pass 1 ended (still cached)
+      for (int64_t k = begin; k < end; ++k) {
         const Chunk& ch = chunks[k];
         const int64_t i = ch.tensor, off = ch.begin, len = ch.end - ch.begin;
         apply_update(exp_avgs[i].data_ptr<float>() + off, exp_avg_sqs[i].data_ptr<float>() + off,
