@@ -139,6 +139,55 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
             "hvd_sync_bn": try_horovod_sync_bn()}
 
 
+class _LocalGroup:
+    """A stand-in group of 2 whose allreduce is a copy: CGBN's arithmetic, in one process."""
+    size = 2
+
+    def allreduce(self, tensor, op="sum", backend="auto"):
+        return tensor.clone()
+
+
+def arithmetic_ms(image_size: int, images_per_gpu: int, repeats: int = 7) -> dict:
+    """Forward+backward of the 53 BN layers alone (their real input shapes), one process, one thread:
+    torch's BN kernel vs CGBN's arithmetic (collectives excluded). Less noisy than whole steps."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from hvdet.nn.cross_gpu_bn import _CrossGPUBatchNormFn
+
+    torch.set_num_threads(1)
+    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    shapes = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        model(torch.rand(images_per_gpu, 3, image_size, image_size))
+
+    def native(x, w, b, rm, rv):
+        return F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    def cgbn(one_pass):
+        return lambda x, w, b, rm, rv: _CrossGPUBatchNormFn.apply(x, w, b, rm, rv, 0.1, 1e-5, _LocalGroup(),
+                                                                  "auto", one_pass)
+    fns = {"native_ms": native, "cgbn_ms": cgbn(False), "cgbn_1pass_ms": cgbn(True)}
+    totals = dict.fromkeys(fns, 0.0)
+    for shape in shapes:
+        x, dy = torch.randn(shape, requires_grad=True), torch.randn(shape)
+        w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
+        rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+        times = {k: [] for k in fns}
+        for _ in range(repeats):  # interleaved, so load from other jobs hits all three alike
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                fn(x, w, b, rm, rv).backward(dy)
+                times[k].append(time.perf_counter() - start)
+        for k in fns:
+            totals[k] += 1e3 * statistics.median(times[k])
+    return {"layers": len(shapes), **totals}
+
+
 def summarize(per_rank: list[dict]) -> dict:
     """Per variant: median step (slower rank) and median paired ratio to local BN."""
     names = list(per_rank[0]["times_s"])
@@ -148,7 +197,7 @@ def summarize(per_rank: list[dict]) -> dict:
     for n in names:
         ratios = [a / b for a, b in zip(steps[n], steps["local"])]
         out[n] = {"median_step_s": statistics.median(steps[n]), "median_ratio_to_local": statistics.median(ratios),
-                  "steps_s": steps[n]}
+                  "min_ratio_to_local": min(ratios), "max_ratio_to_local": max(ratios), "steps_s": steps[n]}
     return out
 
 
@@ -171,6 +220,7 @@ def main() -> int:
               "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(),
               "collectives_per_step": {"two_pass": 3 * N_BN_LAYERS, "one_pass": 2 * N_BN_LAYERS}, "launches": {}}
     started = time.perf_counter()
+    report["bn_arithmetic_per_step"] = arithmetic_ms(args.image_size, args.images_per_gpu)
     for launcher in args.launchers.split(","):
         per_rank = run_ranks("benchmarks.bn_overhead:case_bench", np=args.np, launcher=launcher,
                              image_size=args.image_size, images_per_gpu=args.images_per_gpu,
@@ -191,14 +241,19 @@ def main() -> int:
 def print_table(report: dict) -> None:
     print(f"\n{report['machine']}; {report['np']} ranks x 1 thread; ResNet-50-FPN backbone, "
           f"{report['images_per_gpu']} x {report['image_size']}^2 images per rank; forward+backward")
-    print(f"{'launch':<11} {'variant':<20} {'median step s':>13} {'x local BN':>10} {'allreduce us':>12}")
+    print(f"{'launch':<11} {'variant':<18} {'median step s':>13} {'x local BN':>10} {'(min - max)':>13} "
+          f"{'allreduce us':>12}")
     for launcher, res in report["launches"].items():
         for name, v in res["variants"].items():
             backend = name.split("-")[1] if name.startswith("cgbn-") else None  # cgbn-<backend>[-1pass]
             lat = res["allreduce_latency_us"].get(backend)
-            print(f"{launcher:<11} {name:<20} {v['median_step_s']:>13.3f} {v['median_ratio_to_local']:>10.3f} "
-                  f"{'' if lat is None else f'{lat:.0f}':>12}")
-        print(f"{launcher:<11} {'hvd.SyncBatchNorm':<20} could not run: {res['hvd_sync_bn']}")
+            spread = f"({v['min_ratio_to_local']:.2f} - {v['max_ratio_to_local']:.2f})"
+            print(f"{launcher:<11} {name:<18} {v['median_step_s']:>13.3f} {v['median_ratio_to_local']:>10.3f} "
+                  f"{spread:>13} {'' if lat is None else f'{lat:.0f}':>12}")
+        print(f"{launcher:<11} {'hvd.SyncBatchNorm':<18} could not run: {res['hvd_sync_bn']}")
+    a = report["bn_arithmetic_per_step"]
+    print(f"BN arithmetic per step (1 process, collectives excluded, {a['layers']} layers): torch BN "
+          f"{a['native_ms']:.0f} ms, CGBN {a['cgbn_ms']:.0f} ms, CGBN one-pass {a['cgbn_1pass_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ NUM_CLASSES = 4  # 3 shape classes + background, as the synthetic dataset
 def torchvision_r18(**kwargs):
     """torchvision's Faster R-CNN recipe on a ResNet-18-FPN (frozen BN), inputs kept at 128 px."""
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
-    return FasterRCNN(backbone, num_classes=NUM_CLASSES, min_size=128, max_size=128, **kwargs)
+    kwargs.setdefault("num_classes", None if "box_predictor" in kwargs else NUM_CLASSES)
+    return FasterRCNN(backbone, min_size=128, max_size=128, **kwargs)
 
 
 def issue_tuned():

@@ -121,13 +121,10 @@ def summarize(samples: dict, num_params: int) -> dict:
             row["gb_per_s"] = nbytes * num_params / med / 1e9
             row["fraction_of_copy_bandwidth"] = row["gb_per_s"] / bandwidth
         out[name] = row
-    ms = {k: v["median_ms"] for k, v in out.items() if "median_ms" in v}
-    hv, adamw = ms["hvdet_pmdlamb"], ms["torch_adamw_fused"]
-    out["ratios"] = {"timm_lamb / hvdet_pmdlamb": ms["timm_lamb"] / hv,
-                     "timm_lamb_clip / hvdet_pmdlamb_clip": ms["timm_lamb_clip"] / ms["hvdet_pmdlamb_clip"],
-                     "hvdet_pmdlamb / torch_adamw_fused": hv / adamw}
-    if "hvdet_pmdlamb_foreach" in out:
-        out["ratios"]["hvdet_pmdlamb_foreach / hvdet_pmdlamb"] = out["hvdet_pmdlamb_foreach"]["median_ms"] / hv
+    out["ratios"] = _ratios({k: v["median_ms"] for k, v in out.items() if "median_ms" in v})
+    # On a shared machine the fastest repeat is the least disturbed one: ratios of minima too.
+    out["ratios_of_min"] = _ratios({k: v["min_ms"] for k, v in out.items() if "min_ms" in v})
+    hv, adamw = out["hvdet_pmdlamb"]["median_ms"], out["torch_adamw_fused"]["median_ms"]
     out["goals"] = {"3x_faster_than_timm_no_clipping": out["ratios"]["timm_lamb / hvdet_pmdlamb"] >= 3.0,
                     "3x_faster_than_timm_default_clipping":
                         out["ratios"]["timm_lamb_clip / hvdet_pmdlamb_clip"] >= 3.0,
@@ -135,18 +132,27 @@ def summarize(samples: dict, num_params: int) -> dict:
     return out
 
 
+def _ratios(ms: dict) -> dict:
+    ratios = {"timm_lamb / hvdet_pmdlamb": ms["timm_lamb"] / ms["hvdet_pmdlamb"],
+              "timm_lamb_clip / hvdet_pmdlamb_clip": ms["timm_lamb_clip"] / ms["hvdet_pmdlamb_clip"],
+              "hvdet_pmdlamb / torch_adamw_fused": ms["hvdet_pmdlamb"] / ms["torch_adamw_fused"]}
+    if "hvdet_pmdlamb_foreach" in ms:
+        ratios["hvdet_pmdlamb_foreach / hvdet_pmdlamb"] = ms["hvdet_pmdlamb_foreach"] / ms["hvdet_pmdlamb"]
+    return ratios
+
+
 def print_table(threads: int, res: dict) -> None:
     print(f"\n{threads} thread(s): memory copy {res['copy']['gb_per_s']:.1f} GB/s (read + write), "
           f"read {res['read']['gb_per_s']:.1f} GB/s; load average {res['load_avg_1min']:.1f}")
-    print(f"  {'optimizer':24s} {'median ms':>10s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s}")
+    print(f"  {'optimizer':24s} {'median ms':>10s} {'min ms':>8s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s}")
     for name, row in res.items():
-        if name in ("copy", "read", "ratios", "goals", "load_avg_1min"):
+        if not isinstance(row, dict) or "samples_ms" not in row:
             continue
         extra = (f"{row['bytes_per_param']:8d} {row['gb_per_s']:7.1f} {row['fraction_of_copy_bandwidth']:8.0%}"
                  if "gb_per_s" in row else f"{'-':>8s} {'-':>7s} {'-':>8s}")
-        print(f"  {name:24s} {row['median_ms']:10.1f} {extra}")
+        print(f"  {name:24s} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {extra}")
     for k, v in res["ratios"].items():
-        print(f"  {k}: {v:.2f}x")
+        print(f"  {k}: {v:.2f}x (medians), {res['ratios_of_min'][k]:.2f}x (minima)")
     print("  goals:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in res["goals"].items()))
 
 

@@ -37,8 +37,6 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     norm: str = "frozen"                      # frozen | local | cross_gpu
-    min_size: int | None = None               # None: the arch's own (800/1333; 128/213 for the _fast ones)
-    max_size: int | None = None
     pretrained_backbone: str | None = None    # a local .pth file; nothing is ever downloaded
     trainable_backbone_layers: int = 3
     overrides: dict = field(default_factory=dict)  # torchvision detector kwargs, e.g. rpn_pre_nms_top_n_train
@@ -53,8 +51,8 @@ class DataConfig:
     val_ann: str = "annotations/instances_val2017.json"
     images_per_gpu: int = 2
     num_workers: int = 2
-    min_sizes: list[int] = field(default_factory=lambda: [800])   # several: multi-scale training
-    max_size: int = 1333
+    min_sizes: list[int] = field(default_factory=lambda: [800])   # shorter side; several: multi-scale
+    max_size: int = 1333                      # longer side at most; evaluation at max(min_sizes)
     flip_prob: float = 0.5
     aspect_grouping: bool = True
 

@@ -48,8 +48,10 @@ def build_dataset(cfg: Config, train: bool):
     from hvdet.data import CocoDetection, build_transforms
 
     d = cfg.data
-    transforms = build_transforms(train, min_sizes=tuple(d.min_sizes) if train else (max(d.min_sizes),),
-                                  max_size=d.max_size, flip_prob=d.flip_prob if train else 0.0)
+    # Evaluation images are not resized here: the model resizes them and maps boxes back to the
+    # original size that COCO's ground truth is in.
+    transforms = build_transforms(train, min_sizes=tuple(d.min_sizes), max_size=d.max_size,
+                                  flip_prob=d.flip_prob if train else 0.0)
     split = "train" if train else "val"
     images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_ann")
     return CocoDetection(images, ann, transforms=transforms, with_masks=cfg.model.arch.startswith("maskrcnn"))
@@ -58,12 +60,16 @@ def build_dataset(cfg: Config, train: bool):
 def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
     from hvdet.models import build_detector
 
-    m, norm = cfg.model, norm or cfg.model.norm
+    m, d, norm = cfg.model, cfg.data, norm or cfg.model.norm
+    # Sizes: the train loader already resized each image to its random scale from data.min_sizes,
+    # so the model must not resize again in training (_skip_resize, a GeneralizedRCNNTransform
+    # option for training mode only); at evaluation the model resizes to the test scale.
+    sizes = {"min_size": max(d.min_sizes), "max_size": d.max_size, "_skip_resize": True}
     # Cross-GPU BN is converted here rather than by build_detector so that the BN group's backend
     # and one-pass setting apply: plain BatchNorm2d layers first, then MegDet's CGBN in their place.
     model = build_detector(m.arch, num_classes, norm="local" if norm == "cross_gpu" else norm,
-                           min_size=m.min_size, max_size=m.max_size, pretrained_backbone=m.pretrained_backbone,
-                           trainable_backbone_layers=m.trainable_backbone_layers, **m.overrides)
+                           pretrained_backbone=m.pretrained_backbone,
+                           trainable_backbone_layers=m.trainable_backbone_layers, **{**sizes, **m.overrides})
     if norm == "cross_gpu":
         from hvdet.nn import bn_group_size, convert_cross_gpu_bn
 

@@ -88,6 +88,13 @@ class FastDesign:
         ("rpn_batch_size_per_image", 128), ("box_batch_size_per_image", 32),
     )
 
+    def __post_init__(self):
+        levels = len(self.returned_layers) + self.pool_level
+        if len(self.anchor_sizes) != levels or len({len(s) for s in self.anchor_sizes}) != 1:
+            # torchvision's RPN head shares one conv over all levels: same anchor count everywhere.
+            raise ValueError(f"FastDesign needs one tuple of anchor sizes per FPN level ({levels}), all of the "
+                             f"same length; got {self.anchor_sizes}")
+
 
 FAST = FastDesign()
 
@@ -111,6 +118,8 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background class too and must be >= 2, got {num_classes}")
+    if bn_group_size is not None and norm != "cross_gpu":
+        raise ValueError(f"bn_group_size={bn_group_size} only applies to norm='cross_gpu', not {norm!r}")
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
     spec = ARCHS[arch]

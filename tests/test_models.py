@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
-from hvdet.models import ARCHS, build_detector, load_backbone
+from hvdet.models import ARCHS, FastDesign, build_detector, load_backbone
 from tests.harness import run_ranks
 
 FAST_ARCHS = [a for a, spec in ARCHS.items() if spec.fast]
@@ -129,6 +129,10 @@ def test_bad_arguments():
         build_detector("fasterrcnn_resnet18_fpn_fast", 1)
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         build_detector("fasterrcnn_resnet18_fpn_fast", 3, trainable_backbone_layers=6)
+    with pytest.raises(ValueError, match="bn_group_size=2 only applies to norm='cross_gpu'"):
+        build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm="local", bn_group_size=2)
+    with pytest.raises(ValueError, match="one tuple of anchor sizes per FPN level"):
+        FastDesign(anchor_sizes=((16,), (32,), (64,)))
 
 
 # -- pretrained backbone from a local file --------------------------------------------------------

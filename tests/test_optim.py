@@ -346,6 +346,12 @@ def test_bad_arguments_say_what_is_wrong():
         q.grad = torch.ones_like(q)
     with pytest.raises(ValueError, match="same in every param group"):
         opt.step()
+    r = torch.nn.Parameter(torch.ones(2))
+    opt = PMDLAMB([r], lr=0.1, max_grad_norm=1.0)
+    r.grad = torch.tensor([1.0, float("nan")])
+    with pytest.raises(FloatingPointError, match="step 1: .* NaN or inf gradient"):
+        opt.step()
+    assert opt.state[r]["step"] == 0 and torch.equal(r.detach(), torch.ones(2))  # nothing changed
     q = torch.nn.Parameter(torch.ones(4, 4))
     q.grad = torch.ones(4, 4).t()  # not contiguous: the kernel alone cannot take it... but auto copies it
     PMDLAMB([q], lr=0.1).step()

@@ -22,7 +22,7 @@ def tiny_overrides(data: dict, output_dir, iterations: int = 4) -> list[str]:
     root = Path(data["train_ann"]).parent.parent  # the synthetic layout is the recipe's, under another root
     return [f"data.root={root}",
             "data.images_per_gpu=2", "data.num_workers=0", "data.min_sizes=[64]", "data.max_size=64",
-            "model.min_size=64", "model.max_size=64", f"solver.max_iters={iterations}", "solver.steps=[]",
+            f"solver.max_iters={iterations}", "solver.steps=[]",
             "solver.warmup_iters=1", "eval.interval=0", "eval.images_per_gpu=2", "log.interval=2",
             "log.progress=false", "checkpoint.interval=2", f"output_dir={output_dir}"]
 

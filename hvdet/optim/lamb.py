@@ -86,27 +86,26 @@ class PMDLAMB(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, exp_avgs, exp_avg_sqs, rows = [], [], [], [], []
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if not with_grad:
-                continue
-            if any(p.grad.is_sparse for p in with_grad):
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = [(g, ps) for g, ps in groups if ps]
+        if not groups:
+            return loss
+        if any(p.grad.is_sparse for _, ps in groups for p in ps):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for _, ps in groups for p in ps]
+        grad_scale = self._clip_scale(grads)  # before any state changes: it may raise
+        params, exp_avgs, exp_avg_sqs, rows = [], [], [], []
+        for group, with_grad in groups:
             states = [self._state_of(p) for p in with_grad]
             for state in states:
-                state["step"] += 1
+                state["step"] += 1  # t counts from 1
             params += with_grad
-            grads += [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in with_grad]
             exp_avgs += [s["exp_avg"] for s in states]
             exp_avg_sqs += [s["exp_avg_sq"] for s in states]
             rows += _coef_rows(group, [s["step"] for s in states])
-        if not params:
-            return loss
-        grad_scale = self._clip_scale(grads)
         backend = self.param_groups[0]["backend"]
         norms = _fused().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
-                                grad_scale, backend)
+                                   grad_scale, backend)
         self.last_norms = norms  # ||x_t||, ||u_t|| per updated tensor, for diagnostics
         return loss
 
@@ -120,7 +119,9 @@ class PMDLAMB(torch.optim.Optimizer):
             return 1.0
         total = _fused().global_grad_norm(grads)
         if not math.isfinite(total):
-            raise FloatingPointError(f"{type(self).__name__}: the global gradient norm is {total}")
+            step = next(iter(self.state.values()), {}).get("step", 0) + 1
+            raise FloatingPointError(f"{type(self).__name__} step {step}: the global gradient norm is {total} "
+                                     "(a NaN or inf gradient); the step was not taken")
         return max_norm / max(total, max_norm)
 
 

@@ -1,0 +1,149 @@
+"""COCO evaluation: distributed inference, detections gathered to rank 0, pycocotools COCOeval there.
+
+    metrics = evaluate(model, val_dataset, images_per_gpu=2, iou_types=("bbox", "segm"))
+    metrics["bbox"]["AP"]   # AP@[.5:.95]; also AP50 (the Open Images-style metric), AP75, APs, APm, APl
+
+Each rank infers its own shard of the val set (``build_eval_loader``: every image on exactly one
+rank), so the merged detections are the single-process detections and the metrics are equal.
+Values are floats in [0, 1], or -1 where COCOeval leaves one undefined (e.g. APl when the set has no
+large objects).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from hvdet import comm
+from hvdet.data.loader import build_eval_loader
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], in this order
+IOU_TYPES = {"bbox": "bbox", "segm": "segmentation"}  # iou type -> the detection key it scores
+MASK_THRESHOLD = 0.5
+
+
+def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, iou_types=("bbox",),
+             progress: bool = True) -> dict:
+    """COCO metrics of ``model`` on ``dataset`` (a :class:`hvdet.data.CocoDetection`), on every rank.
+
+    Collective: every rank must call it. The model is put in eval mode and restored afterwards.
+    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` for each of ``iou_types``.
+    """
+    iou_types = tuple(iou_types)
+    unknown = set(iou_types) - set(IOU_TYPES)
+    if unknown:
+        raise ValueError(f"iou_types must be among {sorted(IOU_TYPES)}, got {sorted(unknown)}")
+    loader = build_eval_loader(dataset, images_per_gpu, comm.rank(), comm.size(), num_workers)
+    was_training = model.training
+    model.eval()
+    try:
+        image_ids, detections = _infer(model, loader, dataset, "segm" in iou_types, progress)
+    finally:
+        model.train(was_training)
+    # Synchronization point: rank 0 needs every rank's detections. Horovod has no gather, so all
+    # ranks receive them; only rank 0 scores them (COCOeval is single-process and slow).
+    gathered = comm.allgather_object((image_ids, detections))
+    metrics = None
+    if comm.is_main_process():
+        _check_coverage([i for ids, _ in gathered for i in ids], dataset)
+        merged = [d for _, dets in gathered for d in dets]
+        metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+    # ...and every rank returns them, so any rank can decide "target reached, stop".
+    return comm.broadcast_object(metrics, root_rank=0)
+
+
+def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> dict:
+    """pycocotools COCOeval of ``detections`` (COCO result dicts) against ``coco_gt``; one process.
+
+    Each detection has ``image_id``, ``category_id``, ``score`` and ``bbox`` (xywh) and/or
+    ``segmentation`` (RLE); only the key of ``iou_type`` is passed on, so segm results are filtered
+    by mask area as COCO defines it, not by box area.
+    """
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {sorted(IOU_TYPES)}, got {iou_type!r}")
+    key = IOU_TYPES[iou_type]
+    if iou_type == "segm" and any("segmentation" not in a for a in coco_gt.anns.values()):
+        raise ValueError("segm evaluation needs a segmentation in every ground-truth annotation; "
+                         "this annotation file has boxes only")
+    results = [{"image_id": d["image_id"], "category_id": d["category_id"], key: d[key], "score": d["score"]}
+               for d in detections]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(METRICS, evaluator.stats)}
+
+
+def to_coco_detections(output: dict, image_id: int, contiguous_to_cat_id: dict, with_masks: bool = False) -> list[dict]:
+    """One image's torchvision detector output (boxes xyxy, labels, scores[, masks]) as COCO results."""
+    boxes = output["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels, scores = output["labels"].tolist(), output["scores"].tolist()
+    detections = [{"image_id": image_id, "category_id": contiguous_to_cat_id[label], "bbox": box, "score": score}
+                  for box, label, score in zip(xywh, labels, scores)]
+    if with_masks:
+        if "masks" not in output:
+            raise ValueError("the model's output has no 'masks': segm evaluation needs a Mask R-CNN")
+        for det, rle in zip(detections, _encode_masks(output["masks"])):
+            det["segmentation"] = rle
+    return detections
+
+
+def _infer(model, loader, dataset, with_masks: bool, progress: bool) -> tuple[list[int], list[dict]]:
+    """This rank's image ids and detections."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    image_ids, detections = [], []
+    bar = tqdm(loader, desc="eval", unit="batch", disable=not (progress and comm.is_main_process()))
+    with torch.inference_mode():
+        for images, targets in bar:
+            batch_ids = [int(t["image_id"]) for t in targets]
+            for image, image_id in zip(images, batch_ids):
+                _check_original_size(image, dataset.coco.imgs[image_id])
+            outputs = model([image.to(device) for image in images])
+            for image_id, output in zip(batch_ids, outputs):
+                detections += to_coco_detections(output, image_id, dataset.contiguous_to_cat_id, with_masks)
+            image_ids += batch_ids
+    return image_ids, detections
+
+
+def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    """Mask R-CNN's [N,1,H,W] probabilities -> RLEs of the masks thresholded at 0.5 (str counts: picklable, JSON-able)."""
+    if len(masks) == 0:
+        return []
+    binary = (masks[:, 0] > MASK_THRESHOLD).to(torch.uint8).cpu().numpy()
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _check_original_size(image: torch.Tensor, info: dict) -> None:
+    # The model maps its boxes back to the size of the image it was given; COCO's ground truth is
+    # in the original size, so the eval transform must not resize (build_transforms(train=False)).
+    if tuple(image.shape[-2:]) != (info["height"], info["width"]):
+        raise ValueError(f"image {info['file_name']} reached the model at {tuple(image.shape[-2:])} (HxW), not its "
+                         f"original {info['height']}x{info['width']}: evaluate with build_transforms(train=False), "
+                         "which leaves resizing to the model")
+
+
+def _check_coverage(image_ids: list[int], dataset) -> None:
+    if sorted(image_ids) != sorted(dataset.ids):
+        raise RuntimeError(f"evaluation covered {len(image_ids)} images ({len(set(image_ids))} distinct) of "
+                           f"{len(dataset.ids)}: the shards must hold every image exactly once")
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """No detections at all (an untrained model): an empty result set, which COCOeval scores as 0."""
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                       "categories": list(coco_gt.dataset["categories"])}
+    coco_dt.createIndex()
+    return coco_dt
