@@ -1,13 +1,25 @@
 """COCO reading, bad-input errors, transforms, samplers and the resumable train loader."""
 import json
 import shutil
+from itertools import chain
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hvdet.data import (CocoDetection, DataError, TrainLoader, build_eval_loader, build_transforms, epoch_permutation,
-                        eval_shard, group_batches, make_synthetic_coco, shard_indices)
+from hvdet.data import (
+    CocoDetection,
+    DataError,
+    TrainLoader,
+    build_eval_loader,
+    build_transforms,
+    epoch_permutation,
+    eval_shard,
+    group_batches,
+    make_synthetic_coco,
+    shard_indices,
+)
 from hvdet.data.synthetic import draw_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
@@ -40,7 +52,7 @@ def _broken_copy(synth, tmp_path, edit_json=None):
     """A copy of the synthetic train split; ``edit_json(data)`` changes its annotation file."""
     image_dir = tmp_path / "images"
     shutil.copytree(synth["train_images"], image_dir)
-    data = json.loads(open(synth["train_ann"]).read())
+    data = json.loads(Path(synth["train_ann"]).read_text())
     if edit_json:
         edit_json(data)
     ann_file = tmp_path / "instances.json"
@@ -151,11 +163,11 @@ def test_shards_are_disjoint_cover_the_set_and_follow_seed_and_epoch():
     assert epoch_permutation(50, seed=1, epoch=2) == epoch_permutation(50, seed=1, epoch=2)
     assert epoch_permutation(50, seed=1, epoch=2) != epoch_permutation(50, seed=1, epoch=3)
     shards = [shard_indices(48, r, 4, seed=1, epoch=2) for r in range(4)]
-    assert sorted(sum(shards, [])) == list(range(48))
+    assert sorted(chain(*shards)) == list(range(48))
     shards = [shard_indices(50, r, 4, seed=1, epoch=2) for r in range(4)]  # padded to 52: equal shards
-    assert [len(s) for s in shards] == [13] * 4 and set(sum(shards, [])) == set(range(50))
+    assert [len(s) for s in shards] == [13] * 4 and set(chain(*shards)) == set(range(50))
     evals = [eval_shard(50, r, 4) for r in range(4)]
-    assert sorted(sum(evals, [])) == list(range(50))  # evaluation: no padding, no duplicates
+    assert sorted(chain(*evals)) == list(range(50))  # evaluation: no padding, no duplicates
 
 
 def test_aspect_grouping_keeps_batches_on_one_side_of_one():
@@ -207,4 +219,4 @@ def test_eval_loader_gives_each_rank_its_shard_once(synth):
     ds = CocoDetection(synth["train_images"], synth["train_ann"])
     ids = [[t["image_id"] for _, targets in build_eval_loader(ds, 2, r, 3, num_workers=0) for t in targets]
            for r in range(3)]
-    assert sorted(sum(ids, [])) == sorted(ds.ids) and [len(i) for i in ids] == [4, 3, 3]
+    assert sorted(chain(*ids)) == sorted(ds.ids) and [len(i) for i in ids] == [4, 3, 3]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     # 7 val images: over 2 ranks the shards are unequal (4 + 3) and the last batch is partial.
-    return make_synthetic_coco(tmp_path_factory.mktemp("synth"), num_train=0, num_val=7, image_size=64, seed=2)
+    return make_synthetic_coco(tmp_path_factory.mktemp("synth"), num_train=0, num_val=7, image_size=96, seed=2)
 
 
 def _key(image: torch.Tensor) -> str:
@@ -43,10 +43,13 @@ class JitteredTruth(torch.nn.Module):
         n = len(target["boxes"])
         boxes = torch.cat([target["boxes"] + torch.empty(n, 4).uniform_(-2.5, 2.5, generator=g),
                            torch.tensor([[0.0, 0.0, 20.0, 20.0]])])
-        masks = torch.cat([target["masks"].float() * 0.9, torch.zeros(1, *target["masks"].shape[1:])])
+        shift = int(target["image_id"]) % 3 - 1  # masks off by -1, 0 or +1 px
+        masks = torch.cat([target["masks"].float().roll(shift, dims=-1) * 0.9,
+                           torch.zeros(1, *target["masks"].shape[1:])])
         masks[-1, :20, :20] = 0.8
-        return {"boxes": boxes, "labels": torch.cat([target["labels"], torch.tensor([1])]),
-                "scores": torch.cat([torch.rand(n, generator=g) * 0.5 + 0.5, torch.tensor([0.6])]),
+        false_label = int(target["image_id"]) % 3 + 1
+        return {"boxes": boxes, "labels": torch.cat([target["labels"], torch.tensor([false_label])]),
+                "scores": torch.cat([torch.rand(n, generator=g) * 0.5 + 0.5, torch.tensor([0.8])]),
                 "masks": masks[:, None]}
 
 
@@ -75,6 +78,7 @@ def _single_process_reference(synth):
 def test_sharded_evaluation_equals_single_process(synth):
     expected = _single_process_reference(synth)
     assert 0.3 < expected["bbox"]["AP"] < 0.95 and expected["bbox"]["AP50"] > expected["bbox"]["AP"]
+    assert 0.3 < expected["segm"]["AP"] < 0.95
     results = run_ranks("tests.test_evaluation:case_sharded_evaluate", np=2, launcher="horovodrun", synth=synth)
     for rank_result in results:
         assert rank_result["metrics"] == expected  # exactly, on every rank

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_cli_writes_boxes_only_without_masks(tmp_path):
                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, check=True)
     assert "Warning" not in out.stderr
     paths = json.loads(out.stdout)
-    train = json.loads(open(paths["train_ann"]).read())
+    train = json.loads(Path(paths["train_ann"]).read_text())
     assert len(train["images"]) == 3 and train["annotations"]
     assert all("segmentation" not in a and a["iscrowd"] == 0 for a in train["annotations"])
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["000000.png", "000001.png"]

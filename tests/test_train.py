@@ -38,7 +38,7 @@ def train_py(args: list[str], np: int = 0, launcher: str = "horovodrun") -> str:
 def data(tmp_path_factory):
     from hvdet.data.synthetic import make_synthetic_coco
 
-    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), num_train=8, num_val=4, image_size=64)
+    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic"), num_train=16, num_val=4, image_size=64)
 
 
 @pytest.fixture(scope="module")
