@@ -198,7 +198,9 @@ def apply_override(raw: dict, item: str) -> None:
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot parse the value {text!r}: {err}") from None
     parts = key.split(".")
-    _check_path(parts, f"override {item!r}")
+    hint = _check_path(parts, f"override {item!r}")
+    if hint is not typing.Any:
+        value = _check_type(value, hint, key, f"override {item!r}")  # name the override, not the file
     node = raw
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
@@ -207,8 +209,9 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _check_path(parts: list[str], where: str) -> None:
-    """Every component of a dotted key must name a field (free-form dicts accept any sub-key)."""
+def _check_path(parts: list[str], where: str):
+    """The type a dotted key's value must have; every component must name a field (a free-form
+    dict accepts any sub-key, whose value has the dict's value type)."""
     cls = Config
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -217,10 +220,14 @@ def _check_path(parts: list[str], where: str) -> None:
         hint = typing.get_type_hints(cls)[part]
         if dataclasses.is_dataclass(hint):
             cls = hint
-        elif i < len(parts) - 1 and not _is_dict(hint):
+        elif i == len(parts) - 1:
+            return hint
+        elif not _is_dict(hint):
             raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is a {_type_name(hint)}, it has no sub-keys")
-        elif _is_dict(hint):
-            return
+        else:
+            args = typing.get_args(hint)
+            return args[1] if args and i == len(parts) - 2 else typing.Any
+    return dict  # a whole section, e.g. solver={...}
 
 
 def _unknown_key(full_key: str, key: str, names: typing.Iterable[str], where: str) -> str:
@@ -251,7 +258,10 @@ def _check_type(value, hint, key: str, source: str):
     """``value`` as ``hint`` (int is accepted for float); anything else is a ConfigError."""
     ok, converted = _convert(value, hint)
     if not ok:
-        raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        tip = ""
+        if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
+            tip = " (YAML needs a space after the colon: {bbox: 0.5})"
+        raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__}){tip}")
     return converted
 
 

@@ -42,17 +42,26 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     loader = build_eval_loader(dataset, images_per_gpu, comm.rank(), comm.size(), num_workers)
     was_training = model.training
     model.eval()
+    failure = None
     try:
         image_ids, detections = _infer(model, loader, dataset, "segm" in iou_types, progress)
+    except Exception as err:  # noqa: BLE001 -- any failure still joins the gather below, so the
+        # other ranks fail too instead of waiting in it forever; it is re-raised right after.
+        image_ids, detections, failure = [], [], err
     finally:
         model.train(was_training)
     # Synchronization point: rank 0 needs every rank's detections. Horovod has no gather, so all
     # ranks receive them; only rank 0 scores them (COCOeval is single-process and slow).
-    gathered = comm.allgather_object((image_ids, detections))
+    gathered = comm.allgather_object((image_ids, detections, failure and f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
+    if errors:
+        raise RuntimeError("evaluation failed on another rank; " + "; ".join(errors))
     metrics = None
     if comm.is_main_process():
-        _check_coverage([i for ids, _ in gathered for i in ids], dataset)
-        merged = [d for _, dets in gathered for d in dets]
+        _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
+        merged = [d for _, dets, _ in gathered for d in dets]
         metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
     # ...and every rank returns them, so any rank can decide "target reached, stop".
     return comm.broadcast_object(metrics, root_rank=0)

@@ -111,6 +111,10 @@ def test_bad_overrides():
     assert "cannot parse" in _error({}, ["solver.steps=[1,"])
     assert "has no sub-keys" in _error({}, ["solver.base_lr.x=1"])
     assert "did you mean 'data'" in _error({}, ["dat.images_per_gpu=1"])
+    assert "override 'solver.max_iters=ten': solver.max_iters must be int, got 'ten'" in _error(
+        {}, ["solver.max_iters=ten"])
+    assert "YAML needs a space after the colon" in _error({}, ["target={bbox:0.5}"])
+    assert "override 'target.bbox=high': target.bbox must be float" in _error({}, ["target.bbox=high"])
 
 
 @pytest.mark.parametrize("raw,expected", [

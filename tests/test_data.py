@@ -67,14 +67,20 @@ def _set(key, value, index=0):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (_set("bbox", [10, 10, 0, 5]), r"annotation 1 \(image 000000.png\): degenerate box \[10, 10, 0, 5\].*zero-area"),
-    (_set("bbox", [10, 10, 5, -2], index=2), r"annotation 3 \(image 00000\d.png\): degenerate box"),
-    (_set("bbox", [70, 10, 5, 5]), r"annotation 1 \(image 000000.png\): box \[70, 10, 5, 5\] lies outside"),
-    (_set("category_id", 9), r"annotation 1 \(image 000000.png\): category_id 9 is not in the file's categories"),
-    (_set("image_id", 999), r"annotation 1: unknown image_id 999"),
-    (_set("segmentation", [[1, 2, 3, 4]]), r"annotation 1 \(image 000000.png\): a segmentation polygon has fewer"),
-    (lambda d: d.pop("categories"), r"missing top-level key\(s\) \['categories'\]"),
-    (lambda d: d["images"].append(dict(d["images"][0])), r"duplicate image id 1 \(000000.png\)"),
+    pytest.param(_set("bbox", [10, 10, 0, 5]),
+                 r"annotation 1 \(image 000000.png\): degenerate box \[10, 10, 0, 5\].*zero-area", id="zero-area"),
+    pytest.param(_set("bbox", [10, 10, 5, -2], index=2), r"annotation 3 \(image 00000\d.png\): degenerate box",
+                 id="negative-height"),
+    pytest.param(_set("bbox", [70, 10, 5, 5]), r"annotation 1 \(image 000000.png\): box \[70, 10, 5, 5\] lies outside",
+                 id="outside-image"),
+    pytest.param(_set("category_id", 9),
+                 r"annotation 1 \(image 000000.png\): category_id 9 is not in the file's categories", id="category"),
+    pytest.param(_set("image_id", 999), r"annotation 1: unknown image_id 999", id="unknown-image"),
+    pytest.param(_set("segmentation", [[1, 2, 3, 4]]),
+                 r"annotation 1 \(image 000000.png\): a segmentation polygon has fewer", id="short-polygon"),
+    pytest.param(lambda d: d.pop("categories"), r"missing top-level key\(s\) \['categories'\]", id="no-categories"),
+    pytest.param(lambda d: d["images"].append(dict(d["images"][0])), r"duplicate image id 1 \(000000.png\)",
+                 id="duplicate-image"),
 ])
 def test_bad_annotations_name_the_file_and_annotation(synth, tmp_path, edit, message):
     image_dir, ann_file = _broken_copy(synth, tmp_path, edit)

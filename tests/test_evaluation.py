@@ -32,8 +32,11 @@ class JitteredTruth(torch.nn.Module):
         self.truth = {_key(image): target for image, target in (dataset[i] for i in range(len(dataset)))}
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives evaluate() a device to move images to
         self.modes = []
+        self.fail = False
 
     def forward(self, images):
+        if self.fail:
+            raise FloatingPointError("stand-in model failure")
         self.modes.append(self.training)
         return [self._detect(self.truth[_key(image)]) for image in images]
 
@@ -59,10 +62,26 @@ def _val(synth):
 
 
 def case_sharded_evaluate(synth):
+    from hvdet import comm
+    from hvdet.data import TrainLoader
+
     dataset = _val(synth)
     model = JitteredTruth(dataset).train()
-    metrics = evaluate(model, dataset, images_per_gpu=2, iou_types=("bbox", "segm"), progress=False)
-    return {"metrics": metrics, "modes": model.modes, "training_after": model.training}
+    # A DataLoader worker process, forked after Horovod started, as in training.
+    metrics = evaluate(model, dataset, images_per_gpu=2, num_workers=1, iou_types=("bbox", "segm"), progress=False)
+    modes, training_after = list(model.modes), model.training
+    # The train loader under the launcher: one epoch of this rank's shard, loaded by a worker.
+    loader = TrainLoader(dataset, images_per_gpu=2, rank=comm.rank(), world_size=comm.size(), num_workers=1)
+    train_ids = [t["image_id"] for _ in range(loader.batches_per_epoch) for t in next(loader)[1]]
+    # A failure on one rank (here: rank 1's model) must reach every rank, not leave rank 0 waiting.
+    model.fail = comm.rank() == 1
+    try:
+        evaluate(model, dataset, progress=False)
+        failure = None
+    except (RuntimeError, FloatingPointError) as err:
+        failure = f"{type(err).__name__}: {err}"
+    return {"metrics": metrics, "modes": modes, "training_after": training_after, "train_ids": train_ids,
+            "failure": failure}
 
 
 def _single_process_reference(synth):
@@ -84,6 +103,11 @@ def test_sharded_evaluation_equals_single_process(synth):
         assert rank_result["metrics"] == expected  # exactly, on every rank
         assert rank_result["training_after"] is True and set(rank_result["modes"]) == {False}
     assert [len(r["modes"]) for r in results] == [2, 2]  # 4 + 3 images in batches of 2
+    assert results[0]["failure"] == "RuntimeError: evaluation failed on another rank; rank 1: FloatingPointError: " \
+        "stand-in model failure"
+    assert results[1]["failure"] == "FloatingPointError: stand-in model failure"
+    train_ids = [r["train_ids"] for r in results]  # 7 images padded to 8: one shows up twice
+    assert [len(ids) for ids in train_ids] == [4, 4] and set(train_ids[0] + train_ids[1]) == set(range(1, 8))
     assert evaluate(JitteredTruth(_val(synth)), _val(synth), iou_types=("bbox", "segm"), progress=False) == expected
 
 
