@@ -22,8 +22,6 @@ from hvdet.data import (
 )
 from hvdet.data.synthetic import draw_image
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
-
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):

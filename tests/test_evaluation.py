@@ -9,8 +9,6 @@ from hvdet.data import CocoDetection, build_transforms, make_synthetic_coco
 from hvdet.evaluation import coco_eval, evaluate, to_coco_detections
 from tests.harness import run_ranks
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
-
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):

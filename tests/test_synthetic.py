@@ -12,8 +12,6 @@ from hvdet.data import synthetic
 from hvdet.data.synthetic import draw_image, make_synthetic_coco
 from tests.harness import ROOT, rank_env
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
-
 
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
