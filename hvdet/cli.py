@@ -32,7 +32,7 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
-    args = _train_parser(prog).parse_args(argv)
+    args = _train_parser(prog).parse_intermixed_args(argv)  # overrides may come before and after --config
     return _run(args.config, args.overrides, resume=args.resume, eval_only=args.eval_only)
 
 

@@ -156,6 +156,24 @@ def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_kernel_result_does_not_depend_on_the_thread_count(monkeypatch):
+    """Per-chunk partial norms summed in a fixed order: 1 and 2 threads agree bitwise."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMS", 100_000)
+    params, grad_steps = make_problem(steps=5)
+    params.append(torch.randn(300_000))  # several 64K chunks: both threads get work
+    grad_steps = [grads + [torch.randn(300_000)] for grads in grad_steps]
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=3, backend="kernel"), params, grad_steps)
+        finally:
+            torch.set_num_threads(1)
+        results.append(got)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_half_precision_gradients_take_the_foreach_path():
     params, grad_steps = make_problem(steps=20, grad_dtype=torch.bfloat16)
     got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.2, cycle_length=6), params, grad_steps)

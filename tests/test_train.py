@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hvdet.config import load_config
 from tests.harness import ROOT, LaunchError, launch_command, rank_env, run_command
 
 RECIPE = "configs/synthetic_demo.yaml"
+BASE_LR = load_config(ROOT / RECIPE).solver.base_lr  # at the recipe's reference batch of 16
 LAUNCH_TIMEOUT_S = 300  # only to kill a hung launch (the harness reports it); no test asserts on time
 
 
@@ -69,7 +71,7 @@ def test_two_ranks_write_metrics_summary_mllog_checkpoints_and_plots(run_a):
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 4 and summary["iterations"] == 4
     assert summary["reached"] is False and summary["time_to_target_s"] is None
     assert summary["target"] == {"bbox": 0.5} and summary["best"]["bbox"] == evals[0]["bbox"]["AP"]
-    assert summary["lr"] == pytest.approx(0.02 * 4 / 16)  # linear scaling rule at batch 4
+    assert summary["lr"] == pytest.approx(BASE_LR * 4 / 16)  # the linear scaling rule at global batch 4
     mllog = (out / "mllog.txt").read_text()
     assert mllog.startswith(":::MLLOG") and '"key": "run_start"' in mllog and '"key": "run_stop"' in mllog
     assert '"key": "eval_accuracy"' in mllog and '"key": "global_batch_size", "value": 4' in mllog
@@ -103,7 +105,7 @@ def test_resume_on_one_plain_process_rescales_or_refuses(run_a, data, tmp_path):
     log = train_py([*tiny_overrides(data, tmp_path / "rescaled", iterations=3), "eval.at_end=false", "--resume", ckpt])
     assert "2 -> 1 ranks, global batch 4 -> 2, lr x0.5 by the linear scaling rule" in log
     summary = json.loads((tmp_path / "rescaled" / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["iterations"] == 3 and summary["lr"] == pytest.approx(0.0025)
+    assert summary["world_size"] == 1 and summary["iterations"] == 3 and summary["lr"] == pytest.approx(BASE_LR * 2 / 16)
     with pytest.raises(LaunchError) as info:
         train_py([*tiny_overrides(data, tmp_path / "refused"), "checkpoint.on_world_size_change=refuse",
                   "--resume", ckpt])

@@ -34,7 +34,8 @@ class AGVM:
     iterations tensor hooks copy each rank's *local* gradient into a flat buffer first. The world
     mean that Horovod computed is then reused: with two equal halves it is (a + b) / 2, so each rank
     gets the other half's mean as 2 * world_mean - own_half_mean, and a due iteration costs one
-    half-world allreduce of the gradients (upstream: two) plus one tiny allreduce of statistics.
+    half-world allreduce of the gradients plus one tiny allreduce of statistics (upstream also
+    all-gathers both half means, the whole gradient, onto rank 0).
     Call :meth:`after_synchronize` before clipping or unscaling the gradients: it checks that
     ``p.grad`` really is the world mean of the captured gradients and says so if not.
 

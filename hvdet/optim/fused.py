@@ -40,7 +40,10 @@ BACKENDS = ("auto", "kernel", "foreach")
 # finds the block's moments and weights still in cache: 1M fp32 elements x (x, g, m, v) = 16 MB,
 # half the 32 MB L3 this was tuned on (benchmarks/optimizer_step.py --block-sweep).
 BLOCK_ELEMS = 1 << 20
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is header-only OpenMP (ATen/ParallelOpenMP.h), serial without it. The
+# OpenMP runtime is then libgomp.so.1, the very one torch has already loaded (same soname).
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 _kernel = None
 _kernel_error: str | None = None
@@ -59,7 +62,7 @@ def _cpu_tag() -> str:
 def extension_name() -> str:
     """Build name: changes with the source, the flags, the torch version and the CPU."""
     digest = hashlib.sha1()
-    for part in (SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(), _cpu_tag().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(), _cpu_tag().encode()):
         digest.update(part)
     return f"hvdet_lamb_cpu_{digest.hexdigest()[:12]}"
 
@@ -76,7 +79,7 @@ def load_kernel(verbose: bool = False):
             from torch.utils import cpp_extension
 
             _kernel = cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=_CFLAGS,
-                                         with_cuda=False, verbose=verbose)
+                                         extra_ldflags=_LDFLAGS, with_cuda=False, verbose=verbose)
         finally:
             logger.setLevel(level)
     return _kernel
@@ -93,7 +96,8 @@ def kernel_available() -> bool:
         try:
             load_kernel()
             return True
-        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:  # no compiler, no ninja, read-only cache: fall back, say so once
+        # No compiler, no ninja, a read-only cache: fall back to foreach, and say so once.
+        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
             _kernel_error = f"{type(err).__name__}: {err}"
             warnings.warn(f"hvdet: the fused LAMB kernel could not be built ({_kernel_error.splitlines()[0]}); "
                           "using the slower torch._foreach path. Run `python -m hvdet.optim.fused --build` to see why.",
