@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--config", required=True)
         parser.add_argument("checkpoint")
         parser.add_argument("overrides", nargs="*", metavar="key=value")
-        args = parser.parse_args(rest)
+        args = parser.parse_intermixed_args(rest)
         return _run(args.config, args.overrides, eval_only=args.checkpoint)
     if command == "report":
         from hvdet.report import main as report_main
