@@ -366,6 +366,7 @@ def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     # fit the number of ranks evaluating. Plain BatchNorm2d has the same state_dict keys.
     norm = "local" if cfg.model.norm == "cross_gpu" else cfg.model.norm
     model = build_model(cfg, val_set.num_classes, comm.size(), norm=norm)
+    path = checkpoint.resolve(path)  # a run directory means its newest checkpoint
     model.load_state_dict(checkpoint.model_state(path))
     metrics, eval_s = run_evaluation(model, val_set, cfg)
     record = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s, **metrics}
