@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hvdet import comm
+from hvdet.atomic import atomic_write
 
 FORMAT = "hvdet-checkpoint-1"
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
@@ -61,19 +61,7 @@ def save(state: dict, path: str | os.PathLike) -> Path | None:
     mid-write) sees the old file or the complete new one, never a truncated one."""
     if not comm.is_main_process():
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX within one file system
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), binary=True)
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -87,16 +75,20 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Read a checkpoint (on the CPU). Every rank reads the same file, so all start identical."""
-    path = resolve(path)
+def _read(path: Path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         # Our own files, holding numpy RNG states and plain Python objects besides tensors.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read a checkpoint (on the CPU). Every rank reads the same file, so all start identical."""
+    path = resolve(path)
+    state = _read(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an hvdet checkpoint (no format {FORMAT!r} marker); "
                               "for --eval-only a plain model state_dict is accepted too")
@@ -106,12 +98,7 @@ def load(path: str | os.PathLike) -> dict:
 def model_state(path: str | os.PathLike) -> dict:
     """The model weights of an hvdet checkpoint, or of a file holding a plain state_dict."""
     path = resolve(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    state = _read(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         return state["model"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

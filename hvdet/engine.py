@@ -18,7 +18,6 @@ run_start) to the end of the first evaluation that meets ``target``, evaluations
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from hvdet import checkpoint, comm
+from hvdet.atomic import atomic_write
 from hvdet.config import Config, ConfigError, Plan, data_path, dump, lr_at, plan_run
 from hvdet.metrics import MLLOG, RunLogger, StepTimer
 from hvdet.optim.schedules import (
@@ -371,9 +371,5 @@ def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     metrics, eval_s = run_evaluation(model, val_set, cfg)
     record = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s, **metrics}
     if comm.is_main_process():
-        path_out = Path(cfg.output_dir) / "eval.json"
-        path_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path_out.with_name(".eval.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path_out)  # atomic, like every file a run writes
+        atomic_write(Path(cfg.output_dir) / "eval.json", lambda f: f.write(json.dumps(record, indent=2) + "\n"))
     return record

@@ -24,13 +24,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlperf_logging.mllog import constants as MLLOG  # re-exported: MLLOG.RUN_START, ...
 from mlperf_logging.mllog.mllog import MLLogger
+
+from hvdet.atomic import atomic_write
 
 __all__ = ["MLLOG", "RunLogger", "StepTimer", "read_jsonl"]
 
@@ -118,20 +119,12 @@ class RunLogger:
         """``summary.json``, written to a temp file in the same folder and renamed over the old one."""
         if not self.enabled:
             return None
-        path = self.output_dir / SUMMARY_FILE
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=".summary.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_jsonable(summary), f, indent=2, allow_nan=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+
+        def write(f):
+            json.dump(_jsonable(summary), f, indent=2, allow_nan=False)
+            f.write("\n")
+
+        return atomic_write(self.output_dir / SUMMARY_FILE, write)
 
     def close(self) -> None:
         if self._metrics is not None:
