@@ -31,9 +31,7 @@ from hvdet import checkpoint, comm
 from hvdet.atomic import atomic_write
 from hvdet.config import Config, ConfigError, Plan, data_path, dump, lr_at, plan_run
 from hvdet.metrics import MLLOG, RunLogger, StepTimer
-from hvdet.optim.schedules import (
-    set_lr,  # lr * group["lr_scale"] (AGVM) into every group
-)
+from hvdet.optim.schedules import set_lr  # lr * group["lr_scale"] (AGVM) into every group
 
 
 class DivergenceError(RuntimeError):
