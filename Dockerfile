@@ -24,10 +24,11 @@ WORKDIR /opt/hvdet
 COPY setup.py Makefile ./
 COPY launch/ launch/
 COPY hvdet/__init__.py hvdet/__init__.py
-RUN make setup && rm -rf /root/.cache/pip
+RUN make system venv horovod && rm -rf /root/.cache/pip
 
+# The rest of `make setup` (the fused optimizer kernel) needs the full source.
 COPY . .
-RUN .venv/bin/pip install --no-deps -e . && .venv/bin/horovodrun --check-build
+RUN make setup && .venv/bin/horovodrun --check-build
 
 ENV PATH=/opt/hvdet/.venv/bin:$PATH
 ENTRYPOINT ["horovodrun"]

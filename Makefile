@@ -48,5 +48,5 @@ lint: venv
 	$(PY) -m ruff check hvdet tests benchmarks train.py
 	.venv/bin/hadolint Dockerfile
 
-clean:
-	rm -rf .venv runs build *.egg-info
+clean:  # keeps runs/ (training runs and their checkpoints) and data/
+	rm -rf .venv build *.egg-info

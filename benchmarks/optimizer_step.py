@@ -66,8 +66,11 @@ def make_optimizers(shapes, device) -> dict:
         "hvdet_pmdlamb": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, backend=kernel),
         "hvdet_pmdlamb_clip": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, backend=kernel,
                                       max_grad_norm=1.0),
-        "timm_lamb": Lamb(make_params(shapes, device), lr=lr, weight_decay=wd, max_grad_norm=None),
-        "timm_lamb_clip": Lamb(make_params(shapes, device), lr=lr, weight_decay=wd),  # timm's default: clip at 1.0
+        # bias_correction=False as hvdet's default; timm has no PMD decay (one scalar per step, no memory traffic).
+        "timm_lamb": Lamb(make_params(shapes, device), lr=lr, weight_decay=wd, max_grad_norm=None,
+                          bias_correction=False),
+        "timm_lamb_clip": Lamb(make_params(shapes, device), lr=lr, weight_decay=wd,  # timm's default: clip at 1.0
+                               bias_correction=False),
         "torch_adamw_fused": torch.optim.AdamW(make_params(shapes, device), lr=lr, weight_decay=wd, fused=True),
     }
     if device.type == "cpu":
@@ -206,8 +209,9 @@ def main() -> int:
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1min_at_start": load_start},
         "torch": torch.__version__, "block_elems": fused.BLOCK_ELEMS, "repeats": args.repeats,
-        "notes": "timm_lamb: max_grad_norm=None (same math as hvdet_pmdlamb); timm_lamb_clip: timm's default "
-                 "max_grad_norm=1.0 (same math as hvdet_pmdlamb_clip); repeats interleaved, medians",
+        "notes": "timm_lamb: max_grad_norm=None, bias_correction=False (hvdet_pmdlamb's LAMB update; timm has "
+                 "no PMD decay, a per-step scalar); timm_lamb_clip: the same with timm's default max_grad_norm=1.0 "
+                 "(as hvdet_pmdlamb_clip); repeats interleaved, medians",
         "threads": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -304,10 +304,17 @@ def _init_torch_distributed() -> None:
     if rank() == 0:
         host = os.environ.get("HVDET_MASTER_ADDR") or (
             "127.0.0.1" if local_size() == size() else socket.gethostbyname(socket.gethostname()))
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            addr = f"tcp://{host}:{sock.getsockname()[1]}"
-    addr = broadcast_object(addr, root_rank=0)
+        if host.startswith("127.") and local_size() != size():
+            # Debian maps the hostname to 127.0.1.1: other nodes would dial themselves and hang.
+            addr = RuntimeError(f"rank 0's hostname resolves to {host}, which other nodes cannot reach; "
+                                "set HVDET_MASTER_ADDR to rank 0's address on the cluster network")
+        if addr is None:
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                addr = f"tcp://{host}:{sock.getsockname()[1]}"
+    addr = broadcast_object(addr, root_rank=0)  # the error too, so every rank raises instead of hanging
+    if isinstance(addr, Exception):
+        raise addr
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend, init_method=addr, rank=rank(), world_size=size(),
                                          timeout=datetime.timedelta(seconds=300))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from hvdet.optim.schedules import linear_scaled_lr
+
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -376,7 +378,7 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
     """The global lr for this world size: base_lr * global_batch / reference_batch."""
     if cfg.solver.lr_scaling == "none":
         return cfg.solver.base_lr
-    return cfg.solver.base_lr * global_batch(cfg, world_size) / cfg.solver.reference_batch
+    return linear_scaled_lr(cfg.solver.base_lr, global_batch(cfg, world_size), cfg.solver.reference_batch)
 
 
 def dump(cfg: Config, path: str | Path) -> None:

@@ -52,7 +52,8 @@ def build_dataset(cfg: Config, train: bool):
                                   flip_prob=d.flip_prob if train else 0.0)
     split = "train" if train else "val"
     images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_ann")
-    return CocoDetection(images, ann, transforms=transforms, with_masks=cfg.model.arch.startswith("maskrcnn"))
+    return CocoDetection(images, ann, transforms=transforms, with_masks=train and cfg.model.arch.startswith("maskrcnn"))
+    # (segm scoring reads the masks from the JSON: decoding them for every val image would be wasted)
 
 
 def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
@@ -222,6 +223,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
     cfg, opt, scaler, device = run.cfg, run.optimizer, run.scaler, comm.device()
     passes, lr = cfg.solver.backward_passes_per_step, lr_at(cfg, run.plan, step)
     opt.zero_grad()
+    loss_sum = None  # the logged losses cover all passes, not only the last
     for _ in range(passes):
         with timer.phase("data_s"):
             images, targets = next(run.loader)
@@ -239,6 +241,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
             if not torch.isfinite(mean).all():
                 raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
                                       f"{dict(zip(loss_dict, mean.tolist()))}")
+            loss_sum = mean if loss_sum is None else loss_sum + mean
             if run.agvm is not None:
                 run.agvm.before_backward(step)  # local gradients, before Horovod replaces them by means
             # Horovod sums the passes' gradients locally and averages over ranks: divide by passes.
@@ -257,7 +260,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
             scaler.step(opt)
         scaler.update()
     timer.step()
-    return dict(zip(loss_dict, mean.tolist()))
+    return dict(zip(loss_dict, (loss_sum / passes).tolist()))
 
 
 @dataclass
@@ -342,12 +345,8 @@ def run_evaluation(model, dataset, cfg: Config) -> tuple[dict, float]:
     from hvdet.evaluation import evaluate
 
     start = time.perf_counter()
-    model.eval()
-    try:
-        metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
-                           iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress)
-    finally:
-        model.train()
+    metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
+                       iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress)  # eval mode, then restored
     return metrics, time.perf_counter() - start
 
 

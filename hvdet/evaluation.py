@@ -39,6 +39,7 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     unknown = set(iou_types) - set(IOU_TYPES)
     if unknown:
         raise ValueError(f"iou_types must be among {sorted(IOU_TYPES)}, got {sorted(unknown)}")
+    _check_segm_ground_truth(dataset.coco, iou_types)  # on every rank, before any collective
     loader = build_eval_loader(dataset, images_per_gpu, comm.rank(), comm.size(), num_workers)
     was_training = model.training
     model.eval()
@@ -58,13 +59,25 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
     if errors:
         raise RuntimeError("evaluation failed on another rank; " + "; ".join(errors))
-    metrics = None
+    metrics, error = None, None
     if comm.is_main_process():
-        _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
-        merged = [d for _, dets, _ in gathered for d in dets]
-        metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+        try:
+            _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
+            merged = [d for _, dets, _ in gathered for d in dets]
+            metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+        except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
+            error = f"{type(err).__name__}: {err}"
     # ...and every rank returns them, so any rank can decide "target reached, stop".
-    return comm.broadcast_object(metrics, root_rank=0)
+    metrics, error = comm.broadcast_object((metrics, error), root_rank=0)
+    if error:
+        raise RuntimeError(f"scoring the detections on rank 0 failed: {error}")
+    return metrics
+
+
+def _check_segm_ground_truth(coco_gt: COCO, iou_types) -> None:
+    if "segm" in iou_types and any("segmentation" not in a for a in coco_gt.anns.values()):
+        raise ValueError("segm evaluation needs a segmentation in every ground-truth annotation; "
+                         "this annotation file has boxes only")
 
 
 def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> dict:
@@ -77,9 +90,7 @@ def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> 
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {sorted(IOU_TYPES)}, got {iou_type!r}")
     key = IOU_TYPES[iou_type]
-    if iou_type == "segm" and any("segmentation" not in a for a in coco_gt.anns.values()):
-        raise ValueError("segm evaluation needs a segmentation in every ground-truth annotation; "
-                         "this annotation file has boxes only")
+    _check_segm_ground_truth(coco_gt, (iou_type,))
     results = [{"image_id": d["image_id"], "category_id": d["category_id"], key: d[key], "score": d["score"]}
                for d in detections]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table

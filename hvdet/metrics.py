@@ -58,6 +58,15 @@ def _jsonable(value):
     return value
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A crash mid-write leaves an unterminated last line; appending to it would corrupt the next record."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 class RunLogger:
     """Rank 0's record of a run. ``enabled=False`` (every other rank) turns each method into a no-op."""
 
@@ -70,7 +79,9 @@ class RunLogger:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # Line-buffered append: a crashed or resumed run keeps every line already logged.
-        self._metrics = open(self.output_dir / METRICS_FILE, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        path = self.output_dir / METRICS_FILE
+        _drop_partial_last_line(path)
+        self._metrics = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         # A logger of our own rather than mllog.config(): that one is process-global and adds a file
         # handler per call, so two runs in one process (tests) would write into each other's files.
         handler = logging.FileHandler(self.output_dir / MLLOG_FILE, encoding="utf-8")

@@ -246,7 +246,3 @@ def _strip(key: str) -> str:
                 key, stripped = key[len(prefix):], True
     return key
 
-
-def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-

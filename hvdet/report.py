@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvdet.metrics import METRICS_FILE, SUMMARY_FILE, read_jsonl
+from hvdet.metrics import METRICS_FILE, SUMMARY_FILE, SUMMARY_KEYS, read_jsonl
 
 IOU_TYPES = ("bbox", "segm")
 PHASES = ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")
@@ -116,8 +116,7 @@ def summary_table(run: Run) -> str:
         ["eval time", _duration(s.get("eval_s"))],
         ["iterations", _fmt(s.get("iterations", last.get("iteration")))],
     ]
-    rows += [[k, _fmt(v)[:100]] for k, v in s.items() if k not in {"target", "reached", "time_to_target_s", "best",
-             "world_size", "global_batch_size", "images_per_s", "train_s", "eval_s", "iterations"}]
+    rows += [[k, _fmt(v)[:100]] for k, v in s.items() if k not in SUMMARY_KEYS]
     out = [_table(rows, ["", "value"])]
     if run.evals:
         kinds = [k for k in IOU_TYPES if any(k in e for e in run.evals)]

@@ -75,6 +75,6 @@ def test_dockerfile_lints_clean_and_uses_the_local_setup():
     docker = (ROOT / "Dockerfile").read_text()
     makefile = (ROOT / "Makefile").read_text()
     # Same install steps as a local checkout: the image runs `make setup`, which runs the build script.
-    assert "RUN make setup" in docker
+    assert "RUN make system venv horovod" in docker and "RUN make setup" in docker
     assert "launch/build_horovod.sh" in makefile
     assert 'ENTRYPOINT ["horovodrun"]' in docker

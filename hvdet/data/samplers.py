@@ -34,7 +34,8 @@ def shard_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch
     _check_rank(rank, world_size)
     order = epoch_permutation(num_samples, seed, epoch)
     padded_len = -(-num_samples // world_size) * world_size
-    order += order[: padded_len - num_samples]  # equal shards: the first few images twice
+    # Equal shards: repeat the order (more than twice when there are fewer images than ranks).
+    order = (order * -(-padded_len // num_samples))[:padded_len]
     return order[rank::world_size]
 
 

@@ -131,7 +131,8 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
         raise ValueError("backend='kernel' takes contiguous float32 CPU tensors only; use 'auto'")
     if to_kernel and not kernel_available():
         if backend == "kernel":
-            raise RuntimeError(f"the fused LAMB kernel is unavailable: {_kernel_error}")
+            raise RuntimeError(f"the fused LAMB kernel is unavailable: "
+                               f"{_kernel_error or 'disabled by HVDET_LAMB_BACKEND=foreach'}")
         to_kernel = []
     parts = [(to_kernel, "kernel")] if to_kernel else []
     kernel_set = set(to_kernel)

@@ -94,18 +94,22 @@ class PMDLAMB(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for _, ps in groups for p in ps]
         grad_scale = self._clip_scale(grads)  # before any state changes: it may raise
-        params, exp_avgs, exp_avg_sqs, rows = [], [], [], []
+        backends = {g["backend"] for g in self.param_groups}
+        if len(backends) > 1:
+            raise ValueError(f"one fused step serves every param group, so backend must be the same in all; "
+                             f"got {sorted(backends)}")
+        params, exp_avgs, exp_avg_sqs, rows, all_states = [], [], [], [], []
         for group, with_grad in groups:
             states = [self._state_of(p) for p in with_grad]
-            for state in states:
-                state["step"] += 1  # t counts from 1
             params += with_grad
             exp_avgs += [s["exp_avg"] for s in states]
             exp_avg_sqs += [s["exp_avg_sq"] for s in states]
-            rows += _coef_rows(group, [s["step"] for s in states])
-        backend = self.param_groups[0]["backend"]
+            rows += _coef_rows(group, [s["step"] + 1 for s in states])  # t counts from 1
+            all_states += states
         norms = _fused().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
-                                   grad_scale, backend)
+                                   grad_scale, backends.pop())
+        for state in all_states:  # only once the step was taken: a kernel error leaves t unchanged
+            state["step"] += 1
         self.last_norms = norms  # ||x_t||, ||u_t|| per updated tensor, for diagnostics
         return loss
 
