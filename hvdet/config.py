@@ -340,6 +340,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if s.max_iters and s.step_epochs or s.max_epochs and s.steps:
         raise ConfigError(f"{source}: give the lr steps in the unit of the run length "
                           "(steps with max_iters, step_epochs with max_epochs)")
+    if s.iters_at_batch and s.max_epochs:
+        # Epochs already follow the batch; scaling them by iters_at_batch too would count twice.
+        raise ConfigError(f"{source}: solver.iters_at_batch rescales solver.max_iters; with solver.max_epochs "
+                          "the run length already follows the batch, so leave iters_at_batch unset")
     for key in ("data.images_per_gpu", "solver.reference_batch", "solver.backward_passes_per_step",
                 "eval.images_per_gpu", "log.interval"):
         if _get(cfg, key) < 1:

@@ -130,6 +130,7 @@ def test_bad_overrides():
     ({"solver": {}}, "exactly one of solver.max_iters and solver.max_epochs"),
     ({"solver": {"max_iters": 5, "max_epochs": 2}}, "exactly one of"),
     ({"solver": {"max_iters": 5, "step_epochs": [1]}}, "in the unit of the run length"),
+    ({"solver": {"max_epochs": 2, "iters_at_batch": 256}}, "leave iters_at_batch unset"),
     ({"solver": {"max_iters": 5}, "target": {"bbox": 36.6}}, "target.bbox is an AP in (0, 1]"),
     ({"solver": {"max_iters": 5}, "target": {"segm": 0.3}}, "needs 'segm' in eval.iou_types"),
     ({"solver": {"max_iters": 5}, "eval": {"iou_types": ["bbox", "segm"]}}, "has no mask head"),
