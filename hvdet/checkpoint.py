@@ -7,8 +7,9 @@ batch it was written with, and the time-to-accuracy bookkeeping (elapsed time, e
 
 Resuming on another number of ranks changes the global batch. ``on_world_size_change="rescale"``
 continues with the lr given by the linear scaling rule for the new batch (the run's lr is always
-``base_lr * global_batch / reference_batch``), the iteration counter unchanged, the sampler restarted
-at the same fraction of its epoch and fresh per-rank RNG streams; ``"refuse"`` stops with a message.
+``base_lr * global_batch / reference_batch``), at the same images consumed (the iteration converted
+when the recipe's length follows the batch, the sampler at the same point of its epoch) and with
+fresh per-rank RNG streams; ``"refuse"`` stops with a message.
 """
 from __future__ import annotations
 
@@ -125,14 +126,22 @@ def resume_policy(state: dict, path, world_size: int, global_batch: int, policy:
     return global_batch / old_batch
 
 
-def loader_state_for(state: dict, world_size: int) -> dict:
-    """The train loader's state for this world size: the same one, or the same fraction of the epoch."""
+def loader_state_for(state: dict, pass_batch: int) -> dict:
+    """The train loader's state for this run: the same one, or the same images consumed in the epoch."""
     loader = dict(state["loader"])
-    if state["world_size"] != world_size and "position" in loader:
-        # position counts this rank's batches in the epoch; the epoch's images are spread over the
-        # ranks, so the same images consumed means position * old_world / new_world batches.
-        loader["position"] = loader["position"] * state["world_size"] // world_size
+    old = state["global_batch"] // state["config"]["solver"].get("backward_passes_per_step", 1)
+    if old != pass_batch and "position" in loader:
+        # position counts this rank's batches in the epoch, each a pass over all ranks.
+        loader["position"] = loader["position"] * old // pass_batch
     return loader
+
+
+def resumed_iteration(state: dict, cfg, global_batch: int) -> int:
+    """Where a resumed run continues. When the plan's length follows the batch (max_epochs or
+    iters_at_batch), the same images consumed; otherwise the recipe counts iterations as they are."""
+    if state["global_batch"] == global_batch or not (cfg.solver.max_epochs or cfg.solver.iters_at_batch):
+        return state["iteration"]
+    return round(state["iteration"] * state["global_batch"] / global_batch)
 
 
 def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
@@ -193,13 +202,14 @@ def restore_run(run, state: dict, path: str | os.PathLike, reseed) -> None:
     run.scaler.load_state_dict(state["scaler"])
     if run.agvm is not None and state.get("agvm"):
         run.agvm.load_state_dict(state["agvm"])
-    run.loader.load_state_dict(loader_state_for(state, world))
-    if state["world_size"] == world:
+    passes = run.cfg.solver.backward_passes_per_step
+    run.loader.load_state_dict(loader_state_for(state, plan.global_batch // passes))
+    if state["world_size"] == world and state["global_batch"] == plan.global_batch:
         set_rng_state(state["rng"][comm.rank()])
-    else:  # other ranks, other sampling streams: exact continuation is impossible anyway
+    else:  # other ranks or batches, other sampling streams: exact continuation is impossible anyway
         reseed(run.cfg.seed + state["iteration"], comm.rank())
     run.clock = type(run.clock)(**{k: v for k, v in state["clock"].items() if k != "start"})
-    run.start_step = state["iteration"]
+    run.start_step = resumed_iteration(state, run.cfg, plan.global_batch)
     if comm.is_main_process() and factor != 1.0:
         print(f"resuming {path}: {state['world_size']} -> {world} ranks, global batch {state['global_batch']} -> "
               f"{plan.global_batch}, lr x{factor:g} by the linear scaling rule", flush=True)

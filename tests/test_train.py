@@ -169,3 +169,17 @@ def test_missing_checkpoint_is_a_clear_error(data, tmp_path):
                          text=True, check=False)
     assert out.returncode == 1
     assert f"checkpoint {tmp_path / 'nope.pt'} does not exist" in out.stderr
+
+
+def test_resume_on_another_batch_continues_at_the_same_images_consumed():
+    from hvdet.checkpoint import loader_state_for, resumed_iteration
+
+    state = {"iteration": 2000, "global_batch": 256, "loader": {"epoch": 3, "position": 40},
+             "config": {"solver": {"backward_passes_per_step": 1}}}
+    largedet = load_config(ROOT / "configs/largedet_256.yaml")  # length in iterations at batch 16: follows the batch
+    assert resumed_iteration(state, largedet, 128) == 4000
+    assert resumed_iteration(state, largedet, 256) == 2000
+    demo = load_config(ROOT / "configs/synthetic_demo.yaml")  # plain max_iters: iterations as they are
+    assert resumed_iteration(state, demo, 128) == 2000
+    assert loader_state_for(state, 128) == {"epoch": 3, "position": 80}
+    assert loader_state_for(state, 256) == {"epoch": 3, "position": 40}
