@@ -57,6 +57,11 @@ def set_mode(model, group_size, backend, one_pass) -> None:
             m.group_size, m.backend, m.one_pass = group_size, backend, one_pass
 
 
+def _copy_allreduce(self, tensor, op="sum", backend="auto"):
+    """The no-communication control: an allreduce that is a copy (local statistics only)."""
+    return tensor.clone()
+
+
 @contextlib.contextmanager
 def no_comm(enabled: bool):
     """Group allreduces become copies: CGBN's arithmetic without its collectives (local statistics)."""
@@ -64,7 +69,7 @@ def no_comm(enabled: bool):
 
     original = comm.Group.allreduce
     if enabled:
-        comm.Group.allreduce = lambda self, tensor, op="sum", backend="auto": tensor.clone()
+        comm.Group.allreduce = _copy_allreduce
     try:
         yield
     finally:
@@ -142,9 +147,7 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
 class _LocalGroup:
     """A stand-in group of 2 whose allreduce is a copy: CGBN's arithmetic, in one process."""
     size = 2
-
-    def allreduce(self, tensor, op="sum", backend="auto"):
-        return tensor.clone()
+    allreduce = _copy_allreduce
 
 
 def arithmetic_ms(image_size: int, images_per_gpu: int, repeats: int = 7) -> dict:
