@@ -16,15 +16,20 @@ World collectives (gradient averaging, metric reduction, broadcasts) use Horovod
 * ``"torch"``: a torch.distributed group set up from Horovod's rank and size; NCCL for CUDA tensors,
   Gloo for CPU tensors. Talks to the library directly, no background cycle.
 * ``"mpi"``: an mpi4py communicator split from COMM_WORLD; only when launched by ``mpirun``.
+* ``"shm"``: a shared-memory segment per group (:mod:`hvdet.shm`), when every group's ranks share
+  one x86-64 host; CPU tensors of up to 8192 elements. Microseconds, under any launcher.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from hvdet import shm
 
 _FIX = ("run `make venv` in the hvdet checkout (or `PYTHON=<your python> launch/build_horovod.sh`), "
         "which builds Horovod 0.28.1 with PyTorch, Gloo and MPI support")
@@ -70,6 +75,12 @@ def init() -> None:
         # A plain process: OpenMPI's singleton init refuses to run as root without these.
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if not torch.cuda.is_available():
+        # Horovod's background thread negotiates every cycle (1 ms by default) even with nothing to
+        # send. On a CPU host that thread shares the cores with the math: at 1 ms it made a 2-rank
+        # ResNet-50 step 40% slower than one process, at 20 ms 10% (docs/cross_gpu_bn.md). An op
+        # waits at most one cycle longer; the user's own setting wins.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
     hvd.init(process_sets="dynamic")
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
@@ -135,7 +146,9 @@ def allgather_object(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (pickled)."""
     if size() == 1:
         return [obj]
-    return hvd.allgather_object(obj)
+    # An explicit name, as in broadcast_object: ranks passing objects of different types (None and a
+    # str, say) would otherwise submit differently named collectives that never match.
+    return hvd.allgather_object(obj, name="hvdet.allgather_object")
 
 
 def broadcast_object(obj, root_rank: int = 0):
@@ -187,11 +200,11 @@ def shutdown() -> None:
 # Groups of consecutive ranks
 # ---------------------------------------------------------------------------------------------
 
-GROUP_BACKENDS = ("horovod", "torch", "mpi")
+GROUP_BACKENDS = ("horovod", "torch", "mpi", "shm")
 # Fastest first, per tensor device, as measured by benchmarks/bn_overhead.py (docs/cross_gpu_bn.md).
-# CPU: torch's Gloo blocks while it waits, so on shared or oversubscribed cores it beat mpi4py (whose
-# waits spin against Horovod's own MPI thread) by 2-8x and Horovod (a background cycle per op) by 10x.
-AUTO_ORDER = {"cpu": ("torch", "mpi", "horovod"), "cuda": ("torch", "horovod")}
+# CPU, one allreduce of 257 doubles between 2 ranks: shm ~10 us, mpi4py 7 us (only under mpirun,
+# and its waits spin against Horovod's own MPI thread), Gloo 0.6-1.7 ms, Horovod one cycle or more.
+AUTO_ORDER = {"cpu": ("shm", "mpi", "torch", "horovod"), "cuda": ("torch", "horovod")}
 
 
 @dataclass(eq=False)
@@ -220,8 +233,13 @@ class Group:
         """Allreduce ``tensor`` over the group's ranks; returns a new tensor (not differentiable)."""
         if self.size == 1:
             return tensor.clone()
+        auto = backend == "auto"
         backend = self.resolve_backend(tensor.device, backend)
+        if auto and backend == "shm" and tensor.numel() > shm.CAPACITY:
+            backend = "torch"  # the same size on every rank: they all take this turn together
         handle = self._handle(backend)
+        if backend == "shm":
+            return handle.allreduce(tensor, op)
         if backend == "horovod":
             return hvd.allreduce(tensor, op=OPS[op], process_set=handle)
         if backend == "torch":
@@ -238,11 +256,19 @@ class Group:
                 raise ValueError(f"backend must be 'auto' or one of {GROUP_BACKENDS}, got {backend!r}")
             if backend == "mpi" and not mpi_available():
                 raise RuntimeError("backend 'mpi' needs the job launched by mpirun and mpi4py installed")
+            if backend == "shm" and not self._shm_available():
+                raise RuntimeError("backend 'shm' needs every group's ranks on one x86-64 host with a shared "
+                                   f"{shm.segment_dir()}")
             return backend
         for name in AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
-            if name != "mpi" or mpi_available():
-                return name
+            if name == "mpi" and not mpi_available() or name == "shm" and not self._shm_available():
+                continue
+            return name
         raise AssertionError("unreachable")
+
+    def _shm_available(self) -> bool:
+        # Collective the first time (every rank asks at its first auto allreduce); cached after.
+        return self._handle("shm") is not None
 
     def _handle(self, backend: str):
         if backend not in self._handles:
@@ -282,12 +308,39 @@ def _make_handles(backend: str, group_size: int) -> list:
         elif backend == "torch":
             _init_torch_distributed()
             handles = [None if group_size == world else torch.distributed.new_group(r) for r in all_ranks]
+        elif backend == "shm":
+            handles = _make_shm_handles(group_size)
         else:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD.Split(color=rank() // group_size, key=rank())
             handles = [comm if r[0] == rank() // group_size * group_size else None for r in all_ranks]
         _HANDLES[key] = handles
     return _HANDLES[key]
+
+
+def _make_shm_handles(group_size: int) -> list:
+    """Each group's first rank creates its segment, the others attach; all or no groups get one."""
+    first = rank() // group_size * group_size
+    mine, error = None, None
+    if rank() == first and shm.supported():
+        try:
+            mine = shm.ShmAllreduce(shm.new_path(), 0, group_size, create=True)
+        except OSError as err:
+            error = err
+    paths = allgather_object(mine.path if mine else None)
+    if rank() != first and paths[first] is not None:
+        try:
+            mine = shm.ShmAllreduce(paths[first], rank() - first, group_size)
+        except OSError as err:  # the creator is on another host (or in another container)
+            error = err
+    attached = allgather_object(mine is not None)
+    if rank() == first and mine is not None:
+        mine.unlink()  # every member has it mapped: the name can go, the memory stays until exit
+    if not all(attached):
+        if error is not None:
+            warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend")
+        mine = None
+    return [mine if start == first else None for start in range(0, size(), group_size)]
 
 
 _TORCH_OPS = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,

@@ -1,4 +1,6 @@
 """hvdet.comm under real launchers (horovodrun --gloo, horovodrun --mpi, mpirun) and in one process."""
+import glob
+import os
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ def case_collectives():
         "mean": comm.allreduce(x, op="mean").tolist(),
         "max": comm.allreduce(x, op="max").tolist(),
         "objects": comm.allgather_object({"rank": r}),
+        "mixed": comm.allgather_object(None if r == 0 else f"r{r}"),  # different types must not hang
         "bcast": comm.broadcast_object(f"from {r}", root_rank=n - 1),
     }
     comm.barrier()
@@ -31,7 +34,7 @@ def case_collectives():
 
 
 def case_groups(backends):
-    from hvdet import comm
+    from hvdet import comm, shm
 
     r, n = comm.rank(), comm.size()
     out = {}
@@ -42,6 +45,13 @@ def case_groups(backends):
             out[(group_size, backend)] = (group.ranks, group.rank, group.allreduce(t, "sum", backend).tolist(),
                                           group.allreduce(t, "mean", backend).tolist())
     out["auto"] = comm.consecutive_groups(2).resolve_backend(torch.device("cpu"))
+    # Past the shared-memory slot: "auto" takes the next backend on every rank, "shm" refuses.
+    big = torch.full((shm.CAPACITY + 1,), float(r), dtype=torch.float64)
+    out["big_auto"] = comm.consecutive_groups(2).allreduce(big, "sum")[[0, -1]].tolist()
+    x32 = torch.tensor([float(r), -float(r)], dtype=torch.float32)
+    g = comm.consecutive_groups(n)
+    out["shm_ops"] = {op: g.allreduce(x32, op, "shm") for op in ("max", "min")}
+    out["leftover_segments"] = sorted(glob.glob(os.path.join(shm.segment_dir(), "hvdet-*")))
     return out
 
 
@@ -68,14 +78,15 @@ def test_world_collectives(launcher):
         assert o["mean"] == [1.5, 5.0]
         assert o["max"] == [2.0, 10.0]
         assert o["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert o["mixed"] == [None, "r1"]
         assert o["bcast"] == "from 1"
         assert o["weight_after_broadcast"] == 0.0
         assert o["controller"] == ("gloo" if launcher == "horovodrun" else "mpi")
     assert [o["main"] for o in res] == [True, False]
 
 
-@pytest.mark.parametrize("launcher,backends", [("horovodrun", ["horovod", "torch"]),
-                                               ("mpirun", ["horovod", "torch", "mpi"])])
+@pytest.mark.parametrize("launcher,backends", [("horovodrun", ["horovod", "torch", "shm"]),
+                                               ("mpirun", ["horovod", "torch", "mpi", "shm"])])
 def test_groups_of_consecutive_ranks(launcher, backends):
     res = run_ranks("tests.test_comm:case_groups", np=4, launcher=launcher, backends=backends)
     for r, o in enumerate(res):
@@ -88,7 +99,12 @@ def test_groups_of_consecutive_ranks(launcher, backends):
             assert total == [2.0 * first + 1, 2.0] and mean == [first + 0.5, 1.0]
             ranks, idx, total, mean = o[(4, backend)]
             assert ranks == (0, 1, 2, 3) and total == [6.0, 4.0] and mean == [1.5, 1.0]
-        assert o["auto"] in backends
+        assert o["auto"] == "shm"
+        first = r // 2 * 2
+        assert o["big_auto"] == [2.0 * first + 1] * 2
+        assert o["shm_ops"]["max"].dtype == torch.float32
+        assert o["shm_ops"]["max"].tolist() == [3.0, 0.0] and o["shm_ops"]["min"].tolist() == [0.0, -3.0]
+        assert o["leftover_segments"] == []  # unlinked once every member had mapped it
 
 
 def test_distributed_optimizer_averages_gradients():
@@ -129,3 +145,16 @@ def test_broken_horovod_says_what_to_run(tmp_path, fake, message):
                          text=True, env=env)
     assert out.returncode != 0
     assert message in out.stderr and "make venv" in out.stderr
+
+
+def test_shm_names_the_rank_that_never_arrives(tmp_path):
+    from hvdet import shm
+
+    seg = shm.ShmAllreduce(str(tmp_path / "seg"), 0, 3, create=True, timeout_s=0.2)
+    with pytest.raises(TimeoutError, match=r"group ranks \[1, 2\] did not arrive"):
+        seg.allreduce(torch.ones(4))
+    with pytest.raises(ValueError, match="at most 8192 elements"):
+        seg.allreduce(torch.ones(shm.CAPACITY + 1))
+    with pytest.raises(OSError, match="expected"):  # a file that is not this group's segment
+        (tmp_path / "other").write_bytes(b"x")
+        shm.ShmAllreduce(str(tmp_path / "other"), 1, 3)

@@ -152,7 +152,9 @@ def _input_grad(dy, x, weight, mean, var, eps, mean_dy, mean_dy_xhat):
     c = -a * mean_dy - b * mean
     acc = mean.dtype
     shape = (1, -1, 1, 1)
-    dx = torch.addcmul(c.view(shape), x.to(acc), b.view(shape))
+    # In place on x * b: an out-of-place addcmul onto the broadcast (1, C, 1, 1) term took torch's slow
+    # path on CPU (2-3x slower at ResNet-50's shapes, benchmarks/bn_overhead.py's arithmetic table).
+    dx = (x.to(acc) * b.view(shape)).add_(c.view(shape))
     return dx.addcmul_(dy.to(acc), a.view(shape)).to(x.dtype)
 
 
