@@ -1,16 +1,19 @@
 """What Cross-GPU BN costs over local BN: forward+backward of a ResNet-50-FPN backbone at 2 ranks.
 
-    .venv/bin/python benchmarks/bn_overhead.py [--image-size 160] [--images-per-gpu 2] [--repeats 6]
+    .venv/bin/python benchmarks/bn_overhead.py [--image-size 160] [--images-per-gpu 2] [--repeats 10]
 
 Launches its own jobs (horovodrun --gloo, then mpirun) through tests.harness, one thread per rank.
 In each job one model is built, its 53 BatchNorm2d layers converted to CrossGPUBatchNorm2d, and the
 variants are switched in place: ``local`` (a group of one rank: torch's own BN kernel), CGBN over
-both ranks on the group backends the launch offers (exact two-pass, and one-pass), and
+both ranks on the group backends the launch offers (shm, the CPU default; Gloo through torch;
+Horovod; mpi4py under mpirun; exact two-pass, and one-pass), and
 ``cgbn-no-comm`` (CGBN's arithmetic with every collective replaced by a copy: its compute cost
 alone). Variants run interleaved (the order rotates every repeat), a step's time is the slower
 rank's, and a variant's ratio is the median over repeats of (its step / the local step of the same
 repeat). A micro-benchmark times one group allreduce of 257 doubles per backend (the latency that
-159 collectives per step pay). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
+159 collectives per step pay). A third measurement times the local-BN step in one process and on 2
+ranks at Horovod's default 1 ms background cycle and at hvdet's 20 ms CPU default (the thread that
+shares the cores with the math). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
 Writes benchmarks/results/bn_overhead.json and prints a table.
 """
 from __future__ import annotations
@@ -38,15 +41,14 @@ N_BN_LAYERS = 53  # ResNet-50: per step 3 x 53 collectives (two-pass) or 2 x 53 
 
 def variants(mpi: bool) -> list[dict]:
     """The variants of a launch. Under horovodrun: local, CGBN's arithmetic alone, and CGBN on the
-    torch (Gloo) and horovod backends. Under mpirun (mpi=True), where Horovod's MPI thread slows
-    every step: local, torch and the mpi backend."""
+    shm (default), torch (Gloo) and horovod backends. Under mpirun (mpi=True): local, shm, torch and
+    the mpi backend."""
     def v(name, backend, one_pass=False, group_size=None):
         return {"name": name, "group_size": group_size, "backend": backend, "one_pass": one_pass}
+    cgbn = [v("cgbn-shm", "shm"), v("cgbn-shm-1pass", "shm", True), v("cgbn-torch", "torch")]
     if mpi:
-        return [v("local", "auto", group_size=1), v("cgbn-torch", "torch"), v("cgbn-mpi", "mpi"),
-                v("cgbn-mpi-1pass", "mpi", True)]
-    return [v("local", "auto", group_size=1), v("cgbn-no-comm", "torch"), v("cgbn-torch", "torch"),
-            v("cgbn-torch-1pass", "torch", True), v("cgbn-horovod", "horovod")]
+        return [v("local", "auto", group_size=1), *cgbn, v("cgbn-mpi", "mpi"), v("cgbn-mpi-1pass", "mpi", True)]
+    return [v("local", "auto", group_size=1), v("cgbn-no-comm", "shm"), *cgbn, v("cgbn-horovod", "horovod")]
 
 
 def set_mode(model, group_size, backend, one_pass) -> None:
@@ -111,7 +113,7 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
     from hvdet import comm
     from hvdet.nn import convert_cross_gpu_bn
 
-    backends = ["torch", "horovod"] + (["mpi"] if comm.mpi_available() else [])
+    backends = ["shm", "torch", "horovod"] + (["mpi"] if comm.mpi_available() else [])
     torch.manual_seed(0)
     model = convert_cross_gpu_bn(resnet_fpn_backbone(backbone_name="resnet50", weights=None,
                                                      norm_layer=nn.BatchNorm2d, trainable_layers=5))
@@ -141,7 +143,48 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
                 times[v["name"]].append(step())
     latency = {b: allreduce_latency_s(b) for b in backends}
     return {"times_s": times, "latency_s": latency, "controller": comm.controller(),
-            "hvd_sync_bn": try_horovod_sync_bn()}
+            "hvd_sync_bn": try_horovod_sync_bn(), "horovod_cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
+
+
+def local_steps(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> list[float]:
+    """Forward+backward seconds with torch's own BN, no group collective: what Horovod's background
+    thread costs a step (run on 2 ranks at two cycle times, and in one process)."""
+    from torch import nn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from hvdet import comm
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
+                                trainable_layers=5).train()
+    x = torch.rand(images_per_gpu, 3, image_size, image_size)
+    times = []
+    for i in range(warmup + repeats):
+        if comm.is_initialized():
+            comm.barrier()
+        start = time.perf_counter()
+        features = model(x)
+        model.zero_grad(set_to_none=True)
+        sum(f.mean() for f in features.values()).backward()
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def horovod_cycle(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> dict:
+    """Median local-BN step: one process without Horovod, and 2 ranks under horovodrun at Horovod's default 1 ms cycle
+    and at hvdet's CPU default (comm.init sets 20 ms when HOROVOD_CYCLE_TIME is unset)."""
+    out = {"one_process_s": statistics.median(local_steps(image_size, images_per_gpu, warmup, repeats))}
+    for cycle_ms in ("1", "20"):
+        os.environ["HOROVOD_CYCLE_TIME"] = cycle_ms  # rank_env() hands os.environ to the launcher
+        try:
+            per_rank = run_ranks("benchmarks.bn_overhead:local_steps", np=2, launcher="horovodrun",
+                                 image_size=image_size, images_per_gpu=images_per_gpu, warmup=warmup,
+                                 repeats=repeats)
+        finally:
+            del os.environ["HOROVOD_CYCLE_TIME"]
+        out[f"two_ranks_cycle_{cycle_ms}ms_s"] = statistics.median(max(ts) for ts in zip(*per_rank))
+    return out
 
 
 class _LocalGroup:
@@ -210,7 +253,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--images-per-gpu", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--launchers", default=",".join(LAUNCHERS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bn_overhead.json"))
     args = parser.parse_args()
@@ -224,6 +267,7 @@ def main() -> int:
               "collectives_per_step": {"two_pass": 3 * N_BN_LAYERS, "one_pass": 2 * N_BN_LAYERS}, "launches": {}}
     started = time.perf_counter()
     report["bn_arithmetic_per_step"] = arithmetic_ms(args.image_size, args.images_per_gpu)
+    report["horovod_cycle"] = horovod_cycle(args.image_size, args.images_per_gpu, args.warmup, args.repeats)
     for launcher in args.launchers.split(","):
         per_rank = run_ranks("benchmarks.bn_overhead:case_bench", np=args.np, launcher=launcher,
                              image_size=args.image_size, images_per_gpu=args.images_per_gpu,
@@ -257,6 +301,9 @@ def print_table(report: dict) -> None:
     a = report["bn_arithmetic_per_step"]
     print(f"BN arithmetic per step (1 process, collectives excluded, {a['layers']} layers): torch BN "
           f"{a['native_ms']:.0f} ms, CGBN {a['cgbn_ms']:.0f} ms, CGBN one-pass {a['cgbn_1pass_ms']:.0f} ms")
+    c = report["horovod_cycle"]
+    print(f"Local-BN step, Horovod's background cycle: one process {c['one_process_s']:.3f} s; 2 ranks at "
+          f"1 ms {c['two_ranks_cycle_1ms_s']:.3f} s, at 20 ms {c['two_ranks_cycle_20ms_s']:.3f} s")
 
 
 if __name__ == "__main__":
