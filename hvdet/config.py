@@ -95,7 +95,7 @@ class SolverConfig:
 @dataclass
 class BNConfig:
     size_images: int | None = None            # MegDet's "BN size": images per statistic; None: all ranks
-    backend: str = "auto"                     # auto | horovod | torch | mpi
+    backend: str = "auto"                     # auto | shm | mpi | torch | horovod (hvdet.comm)
     one_pass: bool = False
 
 
@@ -152,7 +152,7 @@ CHOICES = {
     "solver.optimizer": ("sgd", "adamw", "lamb", "pmdlamb", "lars"),
     "solver.lr_scaling": ("linear", "none"),
     "solver.schedule": ("step", "cosine"),
-    "bn.backend": ("auto", "horovod", "torch", "mpi"),
+    "bn.backend": ("auto", "horovod", "torch", "mpi", "shm"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
     "target_metric": ("AP", "AP50", "AP75"),
 }

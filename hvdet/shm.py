@@ -89,7 +89,7 @@ class ShmAllreduce:
                              f"{tensor.device}")
         self._count += 1
         parity = self._count & 1
-        self._slots[parity, self.index, :n] = tensor.detach().reshape(-1).numpy()   # 1. (float64 slot)
+        self._slots[parity, self.index, :n] = tensor.detach().reshape(-1).double().numpy()  # 1.
         self._seq[self.index] = self._count                                         # 2. publish
         self._wait(self._count)                                                     # 3.
         out = OPS[op](self._slots[parity, :, :n], axis=0)                           # 4. rank order
