@@ -236,8 +236,8 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
             # Collective divergence check before backward: the mean over ranks is non-finite on every
             # rank when any rank's loss is, so all ranks stop here together; a rank that stopped
             # alone would leave the others waiting forever in the gradient allreduce.
-            mean = comm.allreduce(torch.stack([v.detach().float() for v in loss_dict.values()]), op="mean",
-                                  name="hvdet.losses")
+            mean = comm.allreduce_small(torch.stack([v.detach().float() for v in loss_dict.values()]),
+                                        op="mean", name="hvdet.losses")
             if not torch.isfinite(mean).all():
                 raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
                                       f"{dict(zip(loss_dict, mean.tolist()))}")

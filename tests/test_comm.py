@@ -21,6 +21,7 @@ def case_collectives():
         "sum": comm.allreduce(x, op="sum").tolist(),
         "mean": comm.allreduce(x, op="mean").tolist(),
         "max": comm.allreduce(x, op="max").tolist(),
+        "small_mean": comm.allreduce_small(x, op="mean").tolist(),  # the group path on CPU
         "objects": comm.allgather_object({"rank": r}),
         "mixed": comm.allgather_object(None if r == 0 else f"r{r}"),  # different types must not hang
         "bcast": comm.broadcast_object(f"from {r}", root_rank=n - 1),
@@ -77,6 +78,7 @@ def test_world_collectives(launcher):
         assert o["sum"] == [3.0, 10.0]
         assert o["mean"] == [1.5, 5.0]
         assert o["max"] == [2.0, 10.0]
+        assert o["small_mean"] == [1.5, 5.0]
         assert o["objects"] == [{"rank": 0}, {"rank": 1}]
         assert o["mixed"] == [None, "r1"]
         assert o["bcast"] == "from 1"
