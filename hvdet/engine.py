@@ -6,7 +6,7 @@ One iteration on every rank (``images_per_gpu`` images each, ``global_batch`` ov
 
 1. next batch from the distributed, per-epoch seeded loader                              data_s
 2. forward: the detector's loss dict                                                     forward_s
-3. collective loss check, then backward; Horovod allreduces (averages) every gradient
+3. collective loss check (comm.allreduce_small), then backward; Horovod averages every gradient
    as soon as it is ready and ``synchronize()`` waits for all of them                   backward_allreduce_s
 4. AGVM (if on) rescales each module's lr; ``set_lr`` writes lr(t) * lr_scale; clipping
    on the averaged gradients; ``step()`` inside ``skip_synchronize()``                  optimizer_s
