@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -321,38 +320,15 @@ def _make_handles(backend: str, group_size: int) -> list:
             _init_torch_distributed()
             handles = [None if group_size == world else torch.distributed.new_group(r) for r in all_ranks]
         elif backend == "shm":
-            handles = _make_shm_handles(group_size)
+            mine = shm.open_group_segment(rank(), group_size, allgather_object)
+            handles = [mine if start == rank() // group_size * group_size else None
+                       for start in range(0, world, group_size)]
         else:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD.Split(color=rank() // group_size, key=rank())
             handles = [comm if r[0] == rank() // group_size * group_size else None for r in all_ranks]
         _HANDLES[key] = handles
     return _HANDLES[key]
-
-
-def _make_shm_handles(group_size: int) -> list:
-    """Each group's first rank creates its segment, the others attach; all or no groups get one."""
-    first = rank() // group_size * group_size
-    mine, error = None, None
-    if rank() == first and shm.supported():
-        try:
-            mine = shm.ShmAllreduce(shm.new_path(), 0, group_size, create=True)
-        except OSError as err:
-            error = err
-    paths = allgather_object(mine.path if mine else None)
-    if rank() != first and paths[first] is not None:
-        try:
-            mine = shm.ShmAllreduce(paths[first], rank() - first, group_size)
-        except OSError as err:  # the creator is on another host (or in another container)
-            error = err
-    attached = allgather_object(mine is not None)
-    if rank() == first and mine is not None:
-        mine.unlink()  # every member has it mapped: the name can go, the memory stays until exit
-    if not all(attached):
-        if error is not None:
-            warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend")
-        mine = None
-    return [mine if start == first else None for start in range(0, size(), group_size)]
 
 
 _TORCH_OPS = {"sum": torch.distributed.ReduceOp.SUM, "mean": torch.distributed.ReduceOp.SUM,

@@ -30,6 +30,7 @@ import platform
 import tempfile
 import time
 import uuid
+import warnings
 
 import numpy as np
 import torch
@@ -50,6 +51,36 @@ def segment_dir() -> str:
 
 def new_path() -> str:
     return os.path.join(segment_dir(), f"hvdet-{uuid.uuid4().hex}")
+
+
+def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | None:
+    """This rank's group segment, or None on every rank unless every group got one.
+
+    Collective over the whole world (``allgather``: every rank's object, in rank order, on every
+    rank). Each group's first rank creates the file, the others attach, and once all have mapped
+    it the creator unlinks it: the memory stays until the processes exit, the name does not.
+    """
+    first = rank // group_size * group_size
+    mine, error = None, None
+    if rank == first and supported():
+        try:
+            mine = ShmAllreduce(new_path(), 0, group_size, create=True)
+        except OSError as err:
+            error = err
+    paths = allgather(mine.path if mine else None)
+    if rank != first and paths[first] is not None:
+        try:
+            mine = ShmAllreduce(paths[first], rank - first, group_size)
+        except OSError as err:  # the creator is on another host (or in another container)
+            error = err
+    attached = allgather(mine is not None)
+    if rank == first and mine is not None:
+        mine.unlink()
+    if all(attached):
+        return mine
+    if error is not None:
+        warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend")
+    return None
 
 
 class ShmAllreduce:

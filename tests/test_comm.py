@@ -160,3 +160,13 @@ def test_shm_names_the_rank_that_never_arrives(tmp_path):
     with pytest.raises(OSError, match="expected"):  # a file that is not this group's segment
         (tmp_path / "other").write_bytes(b"x")
         shm.ShmAllreduce(str(tmp_path / "other"), 1, 3)
+
+
+def test_shm_is_all_groups_or_none():
+    """A member that cannot map its creator's file (another host, another container): no rank uses shm."""
+    from hvdet import shm
+
+    # What rank 1 of a group of 2 sees: rank 0's path (not on this host), then the attach flags.
+    answers = iter([["/nonexistent/hvdet-elsewhere", None], [True, False]])
+    with pytest.warns(UserWarning, match="no shared-memory group collective"):
+        assert shm.open_group_segment(1, 2, lambda obj: next(answers)) is None
