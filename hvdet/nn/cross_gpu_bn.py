@@ -163,7 +163,8 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
 
     ``group_size``: ranks sharing statistics (None: all ranks); it must divide the world size.
     ``backend``: the group collective, ``auto`` (the fastest measured, see ``comm.AUTO_ORDER``),
-    ``torch`` (NCCL on GPU, Gloo on CPU), ``mpi`` (mpi4py, under mpirun) or ``horovod``.
+    ``shm`` (shared memory between the ranks of one host, CPU), ``torch`` (NCCL on GPU, Gloo on
+    CPU), ``mpi`` (mpi4py, under mpirun) or ``horovod``.
     ``one_pass``: one allreduce of (sum, sum of squares, count) instead of the exact two-pass.
     A group of one rank is plain BatchNorm2d. Subclassing BatchNorm2d keeps the state_dict keys
     and ``isinstance`` checks (weight-decay rules, freezing) of the layer it replaces.
