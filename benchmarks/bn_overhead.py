@@ -6,11 +6,12 @@ Launches its own jobs (horovodrun --gloo, then mpirun) through tests.harness, on
 In each job one model is built, its 53 BatchNorm2d layers converted to CrossGPUBatchNorm2d, and the
 variants are switched in place: ``local`` (a group of one rank: torch's own BN kernel), CGBN over
 both ranks on the group backends the launch offers (shm, the CPU default; Gloo through torch;
-Horovod; mpi4py under mpirun; exact two-pass, and one-pass), and
-``cgbn-no-comm`` (CGBN's arithmetic with every collective replaced by a copy: its compute cost
-alone). Variants run interleaved (the order rotates every repeat), a step's time is the slower
-rank's, and a variant's ratio is the median over repeats of (its step / the local step of the same
-repeat). A micro-benchmark times one group allreduce of 257 doubles per backend (the latency that
+Horovod; mpi4py under mpirun; exact two-pass, and one-pass), and two controls: ``cgbn-no-comm``
+(CGBN's arithmetic with every collective replaced by a copy: its compute cost alone) and
+``lockstep`` (local BN whose ranks meet, with an empty shared-memory allreduce, wherever CGBN's
+ranks meet: what synchronizing 159 times a step costs by itself). Variants run interleaved (the
+order rotates every repeat), a step's time is the slower rank's, and a variant's ratio is the
+median over repeats of (its step / the local step of the same repeat). A micro-benchmark times one group allreduce of 257 doubles per backend (the latency that
 159 collectives per step pay). A third measurement times the local-BN step in one process and on 2
 ranks at Horovod's default 1 ms background cycle and at hvdet's 20 ms CPU default (the thread that
 shares the cores with the math). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
@@ -40,15 +41,16 @@ N_BN_LAYERS = 53  # ResNet-50: per step 3 x 53 collectives (two-pass) or 2 x 53 
 
 
 def variants(mpi: bool) -> list[dict]:
-    """The variants of a launch. Under horovodrun: local, CGBN's arithmetic alone, and CGBN on the
-    shm (default), torch (Gloo) and horovod backends. Under mpirun (mpi=True): local, shm, torch and
-    the mpi backend."""
+    """The variants of a launch. Under horovodrun: local, the two controls (CGBN's arithmetic alone;
+    local BN in CGBN's lockstep), and CGBN on the shm (default), torch (Gloo) and horovod backends.
+    Under mpirun (mpi=True): local, lockstep, shm, torch and the mpi backend."""
     def v(name, backend, one_pass=False, group_size=None):
         return {"name": name, "group_size": group_size, "backend": backend, "one_pass": one_pass}
     cgbn = [v("cgbn-shm", "shm"), v("cgbn-shm-1pass", "shm", True), v("cgbn-torch", "torch")]
+    local = [v("local", "auto", group_size=1), v("lockstep", "auto", group_size=1)]
     if mpi:
-        return [v("local", "auto", group_size=1), *cgbn, v("cgbn-mpi", "mpi"), v("cgbn-mpi-1pass", "mpi", True)]
-    return [v("local", "auto", group_size=1), v("cgbn-no-comm", "shm"), *cgbn, v("cgbn-horovod", "horovod")]
+        return [*local, *cgbn, v("cgbn-mpi", "mpi"), v("cgbn-mpi-1pass", "mpi", True)]
+    return [*local, v("cgbn-no-comm", "shm"), *cgbn, v("cgbn-horovod", "horovod")]
 
 
 def set_mode(model, group_size, backend, one_pass) -> None:
@@ -76,6 +78,39 @@ def no_comm(enabled: bool):
         yield
     finally:
         comm.Group.allreduce = original
+
+
+@contextlib.contextmanager
+def lockstep(model, enabled: bool):
+    """Local BN, but the ranks meet where CGBN's ranks meet: two empty shm allreduces after each BN
+    forward, one in its backward. What synchronizing alone costs on this machine (each rank waits
+    for the slower one 159 times a step), without CGBN's statistics or payload."""
+    from hvdet import comm
+    from hvdet.nn import CrossGPUBatchNorm2d
+
+    group, token = comm.consecutive_groups(None), torch.zeros(1, dtype=torch.float64)
+
+    def meet(*_):
+        group.allreduce(token, "sum", "shm")
+
+    def hook(module, inputs, out):
+        meet(), meet()
+        out.register_hook(meet)  # returns None: the gradient passes unchanged
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if enabled and isinstance(m, CrossGPUBatchNorm2d)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def control(model, name: str):
+    """The set-up a variant needs around its steps (the two controls; nothing for the others)."""
+    with no_comm(name == "cgbn-no-comm"), lockstep(model, name == "lockstep"):
+        yield
 
 
 def allreduce_latency_s(backend: str, calls: int = 200, batch: int = 20) -> float:
@@ -133,13 +168,13 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
     times = {v["name"]: [] for v in todo}
     for v in todo:  # warm-up, and every backend's handles made by all ranks in the same order
         set_mode(model, v["group_size"], v["backend"], v["one_pass"])
-        with no_comm(v["name"] == "cgbn-no-comm"):
+        with control(model, v["name"]):
             for _ in range(warmup):
                 step()
     for rep in range(repeats):
         for v in todo[rep % len(todo):] + todo[:rep % len(todo)]:
             set_mode(model, v["group_size"], v["backend"], v["one_pass"])
-            with no_comm(v["name"] == "cgbn-no-comm"):
+            with control(model, v["name"]):
                 times[v["name"]].append(step())
     latency = {b: allreduce_latency_s(b) for b in backends}
     return {"times_s": times, "latency_s": latency, "controller": comm.controller(),
