@@ -213,8 +213,8 @@ def shutdown() -> None:
 
 GROUP_BACKENDS = ("horovod", "torch", "mpi", "shm")
 # Fastest first, per tensor device, as measured by benchmarks/bn_overhead.py (docs/cross_gpu_bn.md).
-# CPU, one allreduce of 257 doubles between 2 ranks: shm 14-26 us, mpi4py 8-24 us (only under mpirun;
-# in whole CGBN steps 1.14x vs 1.37x local BN at 160 px), Gloo 0.85-1.5 ms, Horovod one 20 ms cycle.
+# CPU, one allreduce of 257 doubles between 2 ranks: shm 11-45 us, mpi4py 8-29 us (only under mpirun;
+# in whole CGBN steps 1.02x vs 1.45x local BN at 160 px), Gloo 0.85-1.65 ms, Horovod one 20 ms cycle.
 AUTO_ORDER = {"cpu": ("shm", "mpi", "torch", "horovod"), "cuda": ("torch", "horovod")}
 
 
