@@ -1,5 +1,4 @@
 """hvdet.comm under real launchers (horovodrun --gloo, horovodrun --mpi, mpirun) and in one process."""
-import glob
 import os
 import subprocess
 import sys
@@ -46,13 +45,13 @@ def case_groups(backends):
             out[(group_size, backend)] = (group.ranks, group.rank, group.allreduce(t, "sum", backend).tolist(),
                                           group.allreduce(t, "mean", backend).tolist())
     out["auto"] = comm.consecutive_groups(2).resolve_backend(torch.device("cpu"))
-    # Past the shared-memory slot: "auto" takes the next backend on every rank, "shm" refuses.
+    # Past the shared-memory slot "auto" takes the next backend, on every rank alike.
     big = torch.full((shm.CAPACITY + 1,), float(r), dtype=torch.float64)
     out["big_auto"] = comm.consecutive_groups(2).allreduce(big, "sum")[[0, -1]].tolist()
     x32 = torch.tensor([float(r), -float(r)], dtype=torch.float32)
     g = comm.consecutive_groups(n)
     out["shm_ops"] = {op: g.allreduce(x32, op, "shm") for op in ("max", "min")}
-    out["leftover_segments"] = sorted(glob.glob(os.path.join(shm.segment_dir(), "hvdet-*")))
+    out["segments_left"] = [os.path.exists(group._handle("shm").path) for group in (g, comm.consecutive_groups(2))]
     return out
 
 
@@ -106,7 +105,7 @@ def test_groups_of_consecutive_ranks(launcher, backends):
         assert o["big_auto"] == [2.0 * first + 1] * 2
         assert o["shm_ops"]["max"].dtype == torch.float32
         assert o["shm_ops"]["max"].tolist() == [3.0, 0.0] and o["shm_ops"]["min"].tolist() == [0.0, -3.0]
-        assert o["leftover_segments"] == []  # unlinked once every member had mapped it
+        assert o["segments_left"] == [False, False]  # unlinked once every member had mapped it
 
 
 def test_distributed_optimizer_averages_gradients():
