@@ -244,10 +244,7 @@ class Group:
         """Allreduce ``tensor`` over the group's ranks; returns a new tensor (not differentiable)."""
         if self.size == 1:
             return tensor.clone()
-        auto = backend == "auto"
-        backend = self.resolve_backend(tensor.device, backend)
-        if auto and backend == "shm" and tensor.numel() > shm.CAPACITY:
-            backend = "torch"  # the same size on every rank: they all take this turn together
+        backend = self.resolve_backend(tensor.device, backend, tensor.numel())
         handle = self._handle(backend)
         if backend == "shm":
             return handle.allreduce(tensor, op)
@@ -261,7 +258,9 @@ class Group:
             return out
         return _mpi_allreduce(tensor, op, handle, self.size)
 
-    def resolve_backend(self, device: torch.device, backend: str = "auto") -> str:
+    def resolve_backend(self, device: torch.device, backend: str = "auto", numel: int = 0) -> str:
+        """The backend an allreduce of ``numel`` elements on ``device`` takes (``auto``: the fastest that
+        can carry it; the size is the same on every rank, so all ranks pick alike)."""
         if backend != "auto":
             if backend not in GROUP_BACKENDS:
                 raise ValueError(f"backend must be 'auto' or one of {GROUP_BACKENDS}, got {backend!r}")
@@ -272,7 +271,9 @@ class Group:
                                    f"{shm.segment_dir()}")
             return backend
         for name in AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
-            if name == "mpi" and not mpi_available() or name == "shm" and not self._shm_available():
+            if name == "mpi" and not mpi_available():
+                continue
+            if name == "shm" and (numel > shm.CAPACITY or not self._shm_available()):
                 continue
             return name
         raise AssertionError("unreachable")
