@@ -141,28 +141,37 @@ def try_horovod_sync_bn() -> str:
     return "ran"
 
 
-def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> dict:
+def backbone():
+    """torchvision's ResNet-50-FPN backbone with BatchNorm2d, every layer trainable, seed 0."""
     from torch import nn
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
+    torch.manual_seed(0)
+    return resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
+                               trainable_layers=5).train()
+
+
+def timed_step(model, x) -> float:
+    """Seconds of one forward+backward; under a launcher every rank starts it together, so the time
+    is the step's, not the wait's."""
+    from hvdet import comm
+
+    if comm.is_initialized():
+        comm.barrier()
+    start = time.perf_counter()
+    features = model(x)
+    model.zero_grad(set_to_none=True)
+    sum(f.mean() for f in features.values()).backward()
+    return time.perf_counter() - start
+
+
+def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> dict:
     from hvdet import comm
     from hvdet.nn import convert_cross_gpu_bn
 
     backends = ["shm", "torch", "horovod"] + (["mpi"] if comm.mpi_available() else [])
-    torch.manual_seed(0)
-    model = convert_cross_gpu_bn(resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                                     norm_layer=nn.BatchNorm2d, trainable_layers=5))
-    model.train()
+    model = convert_cross_gpu_bn(backbone())
     x = torch.rand(images_per_gpu, 3, image_size, image_size, generator=torch.Generator().manual_seed(comm.rank()))
-
-    def step() -> float:
-        comm.barrier()  # every rank starts the step together: the time is the step's, not the wait's
-        start = time.perf_counter()
-        features = model(x)
-        loss = sum(f.mean() for f in features.values())
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return time.perf_counter() - start
 
     todo = variants(comm.mpi_available())
     times = {v["name"]: [] for v in todo}
@@ -170,12 +179,12 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
         set_mode(model, v["group_size"], v["backend"], v["one_pass"])
         with control(model, v["name"]):
             for _ in range(warmup):
-                step()
+                timed_step(model, x)
     for rep in range(repeats):
         for v in todo[rep % len(todo):] + todo[:rep % len(todo)]:
             set_mode(model, v["group_size"], v["backend"], v["one_pass"])
             with control(model, v["name"]):
-                times[v["name"]].append(step())
+                times[v["name"]].append(timed_step(model, x))
     latency = {b: allreduce_latency_s(b) for b in backends}
     return {"times_s": times, "latency_s": latency, "controller": comm.controller(),
             "hvd_sync_bn": try_horovod_sync_bn(), "horovod_cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
@@ -184,26 +193,9 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
 def local_steps(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> list[float]:
     """Forward+backward seconds with torch's own BN, no group collective: what Horovod's background
     thread costs a step (run on 2 ranks at two cycle times, and in one process)."""
-    from torch import nn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    from hvdet import comm
-
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
-                                trainable_layers=5).train()
-    x = torch.rand(images_per_gpu, 3, image_size, image_size)
-    times = []
-    for i in range(warmup + repeats):
-        if comm.is_initialized():
-            comm.barrier()
-        start = time.perf_counter()
-        features = model(x)
-        model.zero_grad(set_to_none=True)
-        sum(f.mean() for f in features.values()).backward()
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+    model, x = backbone(), torch.rand(images_per_gpu, 3, image_size, image_size)
+    return [timed_step(model, x) for _ in range(warmup + repeats)][warmup:]
 
 
 def horovod_cycle(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> dict:
@@ -233,12 +225,11 @@ def arithmetic_ms(image_size: int, images_per_gpu: int, repeats: int = 7) -> dic
     torch's BN kernel vs CGBN's arithmetic (collectives excluded). Less noisy than whole steps."""
     import torch.nn.functional as F
     from torch import nn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     from hvdet.nn.cross_gpu_bn import _CrossGPUBatchNormFn
 
     torch.set_num_threads(1)
-    model = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    model = backbone()
     shapes = []
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
