@@ -32,7 +32,7 @@ horovod: venv system
 # The fused PMD-LAMB CPU kernel (C++, built once into ~/.cache/torch_extensions), so the first
 # optimizer step of a test or a run does not pay the compile.
 kernels: venv
-	$(PY) -m hvdet.optim.fused --build
+	$(PY) -m hvdet.ops.lamb_cpp --build
 
 test: setup
 	bash launch/run_tests.sh

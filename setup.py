@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Large mini-batch object detection with Horovod: Cross-GPU BN, PMD-LAMB, AGVM, time-to-accuracy",
     packages=find_packages(include=["hvdet", "hvdet.*"]),
-    package_data={"hvdet": ["optim/csrc/*.cpp"]},
+    package_data={"hvdet": ["ops/csrc/*.cpp"]},
     python_requires=">=3.10",
     # Exact pins: the machine carries a local torch 2.13.0+cpu file that pip would otherwise prefer,
     # and PyPI's torchvision (a CUDA build) fails to load its ops against it. Horovod is not listed:

@@ -54,10 +54,27 @@ def _import_horovod():
     return hvd_torch
 
 
-hvd = _import_horovod()
+try:
+    hvd = _import_horovod()
+    OPS = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
+    _COMPRESSION = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    _HOROVOD_ERROR: HorovodUnavailableError | None = None
+except HorovodUnavailableError as _err:
+    # One plain process still works without Horovod (a world of one: CGBN groups of one, the
+    # optimizers, the kernels, evaluation), e.g. on a GPU box that only checks kernels. Anything that
+    # needs other ranks, or Horovod's optimizer wrapper, raises this error with the fix.
+    hvd, OPS, _COMPRESSION, _HOROVOD_ERROR = None, {}, {"none": None, "fp16": None}, _err
+_SINGLE = False  # initialized as a world of one without Horovod
 
-OPS = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
-_COMPRESSION = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+
+def horovod_available() -> bool:
+    return hvd is not None
+
+
+def _need_horovod(what: str):
+    if hvd is None:
+        raise HorovodUnavailableError(f"{what} needs Horovod: {_HOROVOD_ERROR}") from _HOROVOD_ERROR
+    return hvd
 
 
 def _launched() -> bool:
@@ -67,7 +84,16 @@ def _launched() -> bool:
 
 
 def init() -> None:
-    """Initialize Horovod (idempotent). Dynamic process sets are enabled so groups can be made later."""
+    """Initialize Horovod (idempotent). Dynamic process sets are enabled so groups can be made later.
+
+    Without Horovod, a process that no launcher started becomes a world of one; a launched one raises.
+    """
+    global _SINGLE
+    if hvd is None:
+        if _launched():
+            _need_horovod("a job started by horovodrun/mpirun")
+        _SINGLE = True
+        return
     if hvd.is_initialized():
         return
     if not _launched():
@@ -86,28 +112,32 @@ def init() -> None:
 
 
 def is_initialized() -> bool:
-    return hvd.is_initialized()
+    return _SINGLE if hvd is None else hvd.is_initialized()
+
+
+def _hvd_up() -> bool:
+    return hvd is not None and hvd.is_initialized()
 
 
 def _check_init() -> None:
-    if not hvd.is_initialized():
+    if not is_initialized():
         raise RuntimeError("hvdet.comm.init() must be called first")
 
 
 def rank() -> int:
-    return hvd.rank() if hvd.is_initialized() else 0
+    return hvd.rank() if _hvd_up() else 0
 
 
 def size() -> int:
-    return hvd.size() if hvd.is_initialized() else 1
+    return hvd.size() if _hvd_up() else 1
 
 
 def local_rank() -> int:
-    return hvd.local_rank() if hvd.is_initialized() else 0
+    return hvd.local_rank() if _hvd_up() else 0
 
 
 def local_size() -> int:
-    return hvd.local_size() if hvd.is_initialized() else 1
+    return hvd.local_size() if _hvd_up() else 1
 
 
 def is_main_process() -> bool:
@@ -122,10 +152,11 @@ def device() -> torch.device:
 def controller() -> str:
     """'mpi' or 'gloo': how Horovod's ranks talk to each other."""
     _check_init()
-    return "mpi" if hvd.mpi_enabled() else "gloo"
+    return "mpi" if _need_horovod("controller()").mpi_enabled() else "gloo"
 
 
 def build_info() -> dict:
+    hvd = _need_horovod("build_info()")
     return {"gloo": hvd.gloo_built(), "mpi": hvd.mpi_built(), "nccl": hvd.nccl_built(),
             "cuda": hvd.cuda_built()}
 
@@ -197,13 +228,14 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *,
     """
     if compression not in _COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
+    hvd = _need_horovod("distributed_optimizer (hvdet's training loop)")
     return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                     compression=_COMPRESSION[compression],
                                     backward_passes_per_step=backward_passes_per_step, op=OPS[op])
 
 
 def shutdown() -> None:
-    if hvd.is_initialized():
+    if _hvd_up():
         hvd.shutdown()
 
 
@@ -257,6 +289,25 @@ class Group:
                 out /= self.size
             return out
         return _mpi_allreduce(tensor, op, handle, self.size)
+
+    def allgather(self, tensor: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Every group rank's ``tensor`` (same shape on all), stacked in group order: [size, *shape].
+
+        Cross-GPU BN's exact one-collective statistics gather each rank's (count, mean, M2) with it.
+        """
+        if self.size == 1:
+            return tensor.detach().clone()[None]
+        backend = self.resolve_backend(tensor.device, backend, tensor.numel())
+        handle = self._handle(backend)
+        if backend == "shm":
+            return handle.allgather(tensor)
+        if backend == "horovod":
+            return hvd.allgather(tensor.detach()[None].contiguous(), process_set=handle)
+        if backend == "torch":
+            parts = [torch.empty_like(tensor) for _ in range(self.size)]
+            torch.distributed.all_gather(parts, tensor.detach().contiguous(), group=handle)
+            return torch.stack(parts)
+        return _mpi_allgather(tensor, handle, self.size)
 
     def resolve_backend(self, device: torch.device, backend: str = "auto", numel: int = 0) -> str:
         """The backend an allreduce of ``numel`` elements on ``device`` takes (``auto``: the fastest that
@@ -370,13 +421,22 @@ def mpi_available() -> bool:
     global _MPI_AVAILABLE
     if _MPI_AVAILABLE is None:
         _MPI_AVAILABLE = False
-        if "OMPI_COMM_WORLD_SIZE" in os.environ and hvd.is_initialized() and hvd.mpi_enabled():
+        if "OMPI_COMM_WORLD_SIZE" in os.environ and _hvd_up() and hvd.mpi_enabled():
             try:
                 from mpi4py import MPI
                 _MPI_AVAILABLE = MPI.COMM_WORLD.Get_size() == size()
             except ImportError:
                 pass
     return _MPI_AVAILABLE
+
+
+def _mpi_allgather(tensor: torch.Tensor, comm, group_size: int) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        raise RuntimeError("the mpi group backend takes CPU tensors; use backend='torch' (NCCL) on GPU")
+    src = tensor.detach().contiguous()
+    out = torch.empty(group_size, *tensor.shape, dtype=tensor.dtype)
+    comm.Allgather(src.numpy(), out.numpy())
+    return out
 
 
 def _mpi_allreduce(tensor: torch.Tensor, op: str, comm, group_size: int) -> torch.Tensor:

@@ -88,7 +88,9 @@ class SolverConfig:
     clip_grad_norm: float | None = None
     backward_passes_per_step: int = 1
     fp16_allreduce: bool = False              # Horovod fp16 compression of the gradients
-    amp: bool = True                          # CUDA only; the CPU path always runs fp32
+    amp: bool = True                          # mixed precision on CUDA (autocast; GradScaler for float16)
+    amp_dtype: str = "float16"                # CUDA autocast dtype: float16 (with loss scaling) | bfloat16
+    amp_on_cpu: bool = False                  # bf16 autocast on CPU hosts too (no loss scaling needed)
     channels_last: bool = True                # CUDA only
 
 
@@ -96,7 +98,8 @@ class SolverConfig:
 class BNConfig:
     size_images: int | None = None            # MegDet's "BN size": images per statistic; None: all ranks
     backend: str = "auto"                     # auto | shm | mpi | torch | horovod (hvdet.comm)
-    one_pass: bool = False
+    stats: str = "chan"                       # chan (exact, one collective) | two_pass (MegDet) | one_pass
+    impl: str = "auto"                        # local arithmetic: auto | reference | triton (hvdet.ops.bn)
 
 
 @dataclass
@@ -153,6 +156,9 @@ CHOICES = {
     "solver.lr_scaling": ("linear", "none"),
     "solver.schedule": ("step", "cosine"),
     "bn.backend": ("auto", "horovod", "torch", "mpi", "shm"),
+    "bn.stats": ("chan", "two_pass", "one_pass"),
+    "bn.impl": ("auto", "reference", "triton"),
+    "solver.amp_dtype": ("float16", "bfloat16"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
     "target_metric": ("AP", "AP50", "AP75"),
 }

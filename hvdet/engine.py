@@ -74,7 +74,7 @@ def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None
 
         b = cfg.bn  # MegDet's BN size in images -> ranks per BN group (None: all ranks)
         group = bn_group_size(b.size_images, cfg.data.images_per_gpu, world_size) if b.size_images else None
-        model = convert_cross_gpu_bn(model, group_size=group, backend=b.backend, one_pass=b.one_pass)
+        model = convert_cross_gpu_bn(model, group_size=group, backend=b.backend, stats=b.stats, impl=b.impl)
     model = model.to(comm.device())
     if cfg.solver.channels_last and comm.device().type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # tensor cores want NHWC convolutions
@@ -147,7 +147,7 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     agvm = AGVM(opt, model, a.interval, a.start_iter, a.momentum, tuple(a.clamp)) if a.enabled else None
     loader = TrainLoader(train_set, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
-    scaler = torch.amp.GradScaler("cuda", enabled=s.amp and comm.device().type == "cuda")  # fp32 on CPU
+    scaler = grad_scaler(cfg, comm.device())
     run = Run(cfg, plan, model, opt, loader, val_set, logger, scaler, agvm)
     if comm.is_main_process():
         dump(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved recipe, overrides applied
@@ -161,6 +161,19 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     if opt.state_dict()["state"]:
         comm.broadcast_optimizer_state(opt, root_rank=0)
     return run
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of this run on ``device``, or None for fp32."""
+    s = cfg.solver
+    if device.type == "cuda":
+        return getattr(torch, s.amp_dtype) if s.amp else None
+    return torch.bfloat16 if s.amp_on_cpu else None  # CPUs have fast bf16, no fast fp16
+
+
+def grad_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) is torch.float16)
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -222,6 +235,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
     """One optimizer step (``backward_passes_per_step`` batches); returns the rank-averaged losses."""
     cfg, opt, scaler, device = run.cfg, run.optimizer, run.scaler, comm.device()
     passes, lr = cfg.solver.backward_passes_per_step, lr_at(cfg, run.plan, step)
+    amp_dtype = autocast_dtype(cfg, device)
     opt.zero_grad()
     loss_sum = None  # the logged losses cover all passes, not only the last
     for _ in range(passes):
@@ -230,17 +244,10 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-        with timer.phase("forward_s"), torch.autocast(device.type, enabled=scaler.is_enabled()):
+        with timer.phase("forward_s"), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = run.model(images, targets)
         with timer.phase("backward_allreduce_s"):
-            # Collective divergence check before backward: the mean over ranks is non-finite on every
-            # rank when any rank's loss is, so all ranks stop here together; a rank that stopped
-            # alone would leave the others waiting forever in the gradient allreduce.
-            mean = comm.allreduce_small(torch.stack([v.detach().float() for v in loss_dict.values()]),
-                                        op="mean", name="hvdet.losses")
-            if not torch.isfinite(mean).all():
-                raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
-                                      f"{dict(zip(loss_dict, mean.tolist()))}")
+            mean = check_losses(loss_dict, step, lr)
             loss_sum = mean if loss_sum is None else loss_sum + mean
             if run.agvm is not None:
                 run.agvm.before_backward(step)  # local gradients, before Horovod replaces them by means
@@ -249,18 +256,45 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
     with timer.phase("backward_allreduce_s"):
         opt.synchronize()  # wait for the averaged gradients: clipping and AGVM must see the global ones
     with timer.phase("optimizer_s"):
-        scaler.unscale_(opt)
-        if run.agvm is not None:
-            run.agvm.after_synchronize(step)  # collective on due iterations; updates group["lr_scale"]
-        set_lr(opt, lr)  # after AGVM: its lr_scale multiplies this iteration's lr
-        if cfg.solver.clip_grad_norm:
-            # The same averaged gradients on every rank -> the same clip factor everywhere.
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.solver.clip_grad_norm)
-        with opt.skip_synchronize():  # synchronized above; step() must not allreduce a second time
-            scaler.step(opt)
-        scaler.update()
+        apply_gradients(opt, run.model, scaler, step, lr, run.agvm, cfg.solver.clip_grad_norm)
     timer.step()
     return dict(zip(loss_dict, (loss_sum / passes).tolist()))
+
+
+def check_losses(loss_dict: dict, step: int, lr: float) -> torch.Tensor:
+    """The losses averaged over ranks; raises DivergenceError on every rank if any is not finite.
+
+    Collective, before backward: the mean over ranks is non-finite on every rank when any rank's
+    loss is, so all ranks stop here together; a rank that stopped alone would leave the others
+    waiting forever in the gradient allreduce.
+    """
+    mean = comm.allreduce_small(torch.stack([v.detach().float() for v in loss_dict.values()]),
+                                op="mean", name="hvdet.losses")
+    if not torch.isfinite(mean).all():
+        raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
+                              f"{dict(zip(loss_dict, mean.tolist()))}")
+    return mean
+
+
+def apply_gradients(opt, model: torch.nn.Module, scaler: torch.amp.GradScaler, step: int, lr: float,
+                    agvm=None, clip_grad_norm: float | None = None) -> None:
+    """The optimizer half of a step, after ``opt.synchronize()`` (gradients averaged, still scaled).
+
+    The order matters: AGVM compares the world-mean gradients with the ones it captured during
+    backward, which were scaled by the AMP loss scale, so it runs BEFORE unscaling (its variances,
+    1 - cosine, do not depend on the scale); then unscale, the lr (AGVM's lr_scale applied), clipping
+    of the true gradients, and the step, which the scaler skips if a gradient is inf/NaN.
+    """
+    if agvm is not None:
+        agvm.after_synchronize(step)  # collective on due iterations; updates group["lr_scale"]
+    scaler.unscale_(opt)
+    set_lr(opt, lr)  # after AGVM: its lr_scale multiplies this iteration's lr
+    if clip_grad_norm:
+        # The same averaged gradients on every rank -> the same clip factor everywhere.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    with opt.skip_synchronize():  # synchronized by the caller; step() must not allreduce a second time
+        scaler.step(opt)
+    scaler.update()
 
 
 @dataclass

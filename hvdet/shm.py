@@ -114,19 +114,30 @@ class ShmAllreduce:
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """The group's reduction of ``tensor`` (CPU, at most CAPACITY elements); a new tensor."""
+        slots = self._exchange(tensor)
+        out = OPS[op](slots, axis=0)                                                # 4. rank order
+        if op == "mean":
+            out /= self.size
+        return torch.from_numpy(out).to(tensor.dtype).reshape(tensor.shape)
+
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every group rank's ``tensor`` stacked in group order: [size, *tensor.shape]; a new tensor."""
+        slots = self._exchange(tensor)
+        return torch.from_numpy(slots.copy()).to(tensor.dtype).reshape(self.size, *tensor.shape)
+
+    def _exchange(self, tensor: torch.Tensor) -> np.ndarray:
+        """Steps 1-3: publish ``tensor`` and wait for every rank's; returns this op's [size, n] slots
+        (valid until this rank's op after next)."""
         n = tensor.numel()
         if n > CAPACITY or tensor.device.type != "cpu":
-            raise ValueError(f"shm allreduce takes CPU tensors of at most {CAPACITY} elements, got {n} on "
+            raise ValueError(f"shm collectives take CPU tensors of at most {CAPACITY} elements, got {n} on "
                              f"{tensor.device}")
         self._count += 1
         parity = self._count & 1
         self._slots[parity, self.index, :n] = tensor.detach().reshape(-1).double().numpy()  # 1.
         self._seq[self.index] = self._count                                         # 2. publish
         self._wait(self._count)                                                     # 3.
-        out = OPS[op](self._slots[parity, :, :n], axis=0)                           # 4. rank order
-        if op == "mean":
-            out /= self.size
-        return torch.from_numpy(out).to(tensor.dtype).reshape(tensor.shape)
+        return self._slots[parity, :, :n]
 
     def _wait(self, count: int) -> None:
         seq = self._seq

@@ -29,13 +29,14 @@ C = 3  # channels
 # Data and the single-process oracle (the test process and every rank build the same tensors)
 # ---------------------------------------------------------------------------------------------
 
-def make_inputs(shapes, step, dtype, seed=0):
-    """Every rank's input and output cotangent for one step: shapes = [(n, h, w) per rank]."""
+def make_inputs(shapes, step, dtype, seed=0, offset=0.0):
+    """Every rank's input and output cotangent for one step: shapes = [(n, h, w) per rank].
+    ``offset`` shifts every input: |mean| / std of 1e4 is where E[x^2] - mu^2 cancels."""
     gen = torch.Generator().manual_seed(seed * 1000 + step)
     xs, gs = [], []
     for r, (n, h, w) in enumerate(shapes):
         # Per-rank offsets and scales: the group mean/variance differ from every rank's own.
-        x = torch.randn(n, C, h, w, generator=gen, dtype=torch.float64) * (1 + r) + 2.0 * r - 1.0
+        x = torch.randn(n, C, h, w, generator=gen, dtype=torch.float64) * (1 + r) + 2.0 * r - 1.0 + offset
         xs.append(x.to(dtype))
         gs.append(torch.randn(n, C, h, w, generator=gen, dtype=torch.float64).to(dtype))
     return xs, gs
@@ -54,13 +55,13 @@ def flat(x):
     return x.transpose(0, 1).reshape(C, -1)
 
 
-def reference(shapes, ranks, steps, momentum, affine, dtype=torch.float64, seed=0):
+def reference(shapes, ranks, steps, momentum, affine, dtype=torch.float64, seed=0, offset=0.0):
     """BatchNorm2d over the concatenated elements of ``ranks`` in float64 (of the ``dtype`` inputs), per step."""
     bn = nn.BatchNorm2d(C, momentum=momentum, affine=affine).double()
     init_affine(bn, seed)
     results = []
     for step in range(steps):
-        xs, gs = make_inputs(shapes, step, dtype, seed)
+        xs, gs = make_inputs(shapes, step, dtype, seed, offset)
         xs, gs = [xs[r].double().requires_grad_() for r in ranks], [gs[r].double() for r in ranks]
         cat = torch.cat([flat(x) for x in xs], 1)[None, :, :, None]
         y = bn(cat)[0, :, :, 0]
@@ -83,16 +84,21 @@ def reference(shapes, ranks, steps, momentum, affine, dtype=torch.float64, seed=
 # ---------------------------------------------------------------------------------------------
 
 def count_group_allreduces(fn):
-    """Run fn() and count the group collectives it made."""
+    """Run fn() and count the group collectives (allreduce, allgather) it made."""
     from hvdet import comm
 
-    calls, original = [], comm.Group.allreduce
-    comm.Group.allreduce = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    calls, originals = [], {name: getattr(comm.Group, name) for name in ("allreduce", "allgather")}
+    for name, original in originals.items():
+        setattr(comm.Group, name, lambda self, *a, _f=original, **k: calls.append(1) or _f(self, *a, **k))
     try:
         out = fn()
     finally:
-        comm.Group.allreduce = original
+        for name, original in originals.items():
+            setattr(comm.Group, name, original)
     return out, len(calls)
+
+
+COLLECTIVES_PER_FORWARD = {"chan": 1, "two_pass": 2, "one_pass": 1}
 
 
 def case_oracle(configs):
@@ -105,12 +111,12 @@ def case_oracle(configs):
         shapes, steps = cfg["shapes"], cfg.get("steps", 2)
         bn = CrossGPUBatchNorm2d(C, momentum=cfg.get("momentum", 0.1), affine=cfg.get("affine", True),
                                  group_size=cfg.get("group_size"), backend=cfg.get("backend", "auto"),
-                                 one_pass=cfg.get("one_pass", False))
+                                 stats=cfg.get("stats", "chan"), impl=cfg.get("impl", "auto"))
         bn = bn.to(torch.float64 if dtype == torch.float64 else torch.float32)
         init_affine(bn)
         res = {"steps": []}
         for step in range(steps):
-            xs, gs = make_inputs(shapes, step, dtype)
+            xs, gs = make_inputs(shapes, step, dtype, offset=cfg.get("offset", 0.0))
             x = xs[comm.rank()].requires_grad_()
             bn.zero_grad()
             y, n_fwd = count_group_allreduces(lambda bn=bn, x=x: bn(x))
@@ -165,17 +171,18 @@ def check_oracle(results, configs, world):
         group_size = cfg.get("group_size") or world
         dtype = cfg.get("dtype", "float64")
         tol, stat_tol = TOL[dtype]
-        if cfg.get("one_pass") and dtype == "float64":
+        stats = cfg.get("stats", "chan")
+        if stats == "one_pass" and dtype == "float64":
             stat_tol = tol = {"rtol": 1e-7, "atol": 1e-7}  # float64 but E[x^2] - mu^2: not bit-exact
         for first in range(0, world, group_size):
             ranks = range(first, first + group_size)
             ref = reference(cfg["shapes"], ranks, cfg.get("steps", 2), cfg.get("momentum", 0.1),
-                            cfg.get("affine", True), getattr(torch, dtype))
+                            cfg.get("affine", True), getattr(torch, dtype), offset=cfg.get("offset", 0.0))
             for r in ranks:
                 res = per_rank[r]
                 for step, (got, want) in enumerate(zip(res["steps"], ref)):
                     where = f"config {cfg}, rank {r}, step {step}"
-                    assert got["n_fwd"] == (1 if cfg.get("one_pass") else 2), where
+                    assert got["n_fwd"] == COLLECTIVES_PER_FORWARD[stats], where
                     assert got["n_bwd"] == 1, where
                     i = r - first
                     assert got["y"].dtype == getattr(torch, dtype), where
@@ -212,11 +219,20 @@ def test_two_ranks_gloo_matches_batchnorm_over_the_group():
         {"shapes": UNEQUAL2, "backend": "auto"},
         {"shapes": EMPTY2, "backend": "torch"},
         {"shapes": EMPTY2, "backend": "shm"},
-        {"shapes": EMPTY2, "backend": "horovod", "one_pass": True},
-        {"shapes": UNEQUAL2, "backend": "torch", "one_pass": True},
+        {"shapes": EMPTY2, "backend": "horovod", "stats": "one_pass"},
+        {"shapes": UNEQUAL2, "backend": "torch", "stats": "one_pass"},
+        {"shapes": UNEQUAL2, "backend": "shm", "stats": "two_pass"},
+        {"shapes": EMPTY2, "backend": "torch", "stats": "two_pass"},
+        # |mean| / std = 1e4: exact (1e-9 in float64) with Chan's merge on every backend
+        {"shapes": UNEQUAL2, "backend": "shm", "offset": 1e4},
+        {"shapes": EMPTY2, "backend": "torch", "offset": 1e4},
+        {"shapes": UNEQUAL2, "backend": "horovod", "offset": 1e4},
+        # the Triton kernels (TRITON_INTERPRET=1 on CPU) inside the layer, on two real ranks
+        {"shapes": UNEQUAL2, "backend": "shm", "impl": "triton", "offset": 1e4},
+        {"shapes": EMPTY2, "backend": "shm", "impl": "triton", "dtype": "float16"},
         {"shapes": UNEQUAL2, "momentum": None, "affine": False, "steps": 3},
         {"shapes": EQUAL2, "dtype": "float16"},
-        {"shapes": UNEQUAL2, "dtype": "float16", "backend": "shm", "one_pass": True},
+        {"shapes": UNEQUAL2, "dtype": "float16", "backend": "shm", "stats": "one_pass"},
         {"shapes": UNEQUAL2, "dtype": "bfloat16"},
     ]
     res = run_ranks("tests.test_cgbn:case_oracle_and_errors", np=2, launcher="horovodrun", configs=configs)
@@ -233,6 +249,7 @@ def test_four_ranks_groups_of_two():
     configs = [{"shapes": shapes, "group_size": 2, "backend": "torch"},
                {"shapes": shapes, "group_size": 2, "backend": "horovod"},
                {"shapes": shapes, "group_size": 2, "backend": "shm"},
+               {"shapes": shapes, "group_size": 2, "backend": "shm", "stats": "two_pass", "offset": 1e4},
                {"shapes": shapes, "group_size": None, "backend": "torch", "steps": 1}]
     res = run_ranks("tests.test_cgbn:case_oracle", np=4, launcher="horovodrun", configs=configs)
     check_oracle(res, configs, world=4)
@@ -244,7 +261,8 @@ def test_mpi_backend_under_mpirun():
     shapes = [(2, 4, 4), (1, 6, 5), (0, 4, 4), (3, 3, 3)]
     configs = [{"shapes": shapes, "group_size": 2, "backend": "mpi"},
                {"shapes": shapes, "group_size": None, "backend": "auto"},
-               {"shapes": shapes, "group_size": 2, "backend": "mpi", "one_pass": True}]
+               {"shapes": shapes, "group_size": 2, "backend": "mpi", "stats": "one_pass"},
+               {"shapes": shapes, "group_size": 2, "backend": "mpi", "offset": 1e4}]
     res = run_ranks("tests.test_cgbn:case_oracle", np=4, launcher="mpirun", configs=configs)
     check_oracle(res, configs, world=4)
     assert {r[1]["backend"] for r in res} == {AUTO_ORDER["cpu"][0]}
@@ -383,24 +401,24 @@ def test_convert_copies_statistics_and_parameters():
     bn.running_mean.fill_(0.25)
     bn.num_batches_tracked.fill_(7)
     bn.eval()
-    new = convert_cross_gpu_bn(bn, one_pass=True)
-    assert (new.momentum, new.eps, new.one_pass, new.training) == (0.3, 1e-3, True, False)
+    new = convert_cross_gpu_bn(bn, stats="one_pass")
+    assert (new.momentum, new.eps, new.stats, new.training) == (0.3, 1e-3, "one_pass", False)
     assert new.weight.dtype == torch.float64 and not new.weight.requires_grad
     assert float(new.running_mean[0]) == 0.25 and int(new.num_batches_tracked) == 7
     assert convert_cross_gpu_bn(new) is new
 
 
-def test_one_pass_loses_precision_where_two_pass_does_not():
+def test_one_pass_loses_precision_where_two_pass_and_chan_do_not():
     from hvdet import comm
 
     group = comm.consecutive_groups(None)  # one process: a group of one, the same arithmetic
     x = 1000.0 + 0.01 * torch.randn(4, C, 16, 16, generator=torch.Generator().manual_seed(0))  # |mu| >> sigma
     want = x.double().var(dim=(0, 2, 3), unbiased=False)
-    _, var2, _ = group_moments(x, group, one_pass=False)
-    _, var1, _ = group_moments(x, group, one_pass=True)
-    err2 = ((var2.double() - want).abs() / want).max().item()
-    err1 = ((var1.double() - want).abs() / want).max().item()
-    assert err2 < 1e-3 < err1, (err2, err1)
+    errs = {}
+    for stats in ("two_pass", "chan", "one_pass"):
+        _, var, _ = group_moments(x, group, stats=stats)
+        errs[stats] = ((var.double() - want).abs() / want).max().item()
+    assert max(errs["two_pass"], errs["chan"]) < 1e-3 < errs["one_pass"], errs
 
 
 def test_bn_group_size():

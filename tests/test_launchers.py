@@ -69,12 +69,80 @@ def test_build_script_is_idempotent():
     assert "already installed" in out
 
 
-def test_dockerfile_lints_clean_and_uses_the_local_setup():
+def _dockerfile_stages(text):
+    """The Dockerfile as (ARGs before the first FROM, [(FROM image, stage alias, [instructions])])."""
+    lines, buf = [], ""
+    for raw in text.splitlines():
+        raw = raw.strip()
+        if raw.startswith("#"):  # comments (and hadolint pragmas), also inside a continued instruction
+            continue
+        if raw.endswith("\\"):
+            buf += raw[:-1] + " "
+            continue
+        if (buf + raw).strip():
+            lines.append((buf + raw).strip())
+        buf = ""
+    global_args, stages = [], []
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            image, _, alias = rest.partition(" AS ")
+            stages.append((image.strip(), alias.strip(), []))
+        elif stages:
+            stages[-1][2].append(line)
+        elif word.upper() == "ARG":
+            global_args.append(rest.strip())
+    return global_args, stages
+
+
+def _env_of(instructions):
+    env = {}
+    for line in instructions:
+        if line.upper().startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S*)", line[4:]))
+    return env
+
+
+def test_dockerfile_lints_clean_and_builds_for_both_gpu_generations():
     hadolint = BIN / "hadolint"
     subprocess.run([str(hadolint), "Dockerfile"], cwd=ROOT, check=True)
     docker = (ROOT / "Dockerfile").read_text()
-    makefile = (ROOT / "Makefile").read_text()
-    # Same install steps as a local checkout: the image runs `make setup`, which runs the build script.
-    assert "RUN make system venv horovod" in docker and "RUN make setup" in docker
-    assert "launch/build_horovod.sh" in makefile
-    assert 'ENTRYPOINT ["horovodrun"]' in docker
+    global_args, stages = _dockerfile_stages(docker)
+    by_alias = {alias: (image, body) for image, alias, body in stages}
+
+    # The build argument GPU picks the base stage; the default is the A100/H100/H200 image.
+    assert "GPU=hopper" in global_args, global_args
+    assert stages[-1][0] == "base-${GPU}", stages[-1][0]
+    assert set(by_alias) >= {"base-hopper", "base-v100"}, list(by_alias)
+
+    def cuda_tag(alias):
+        m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu[\d.]+", by_alias[alias][0])
+        assert m, by_alias[alias][0]
+        return int(m.group(1)), int(m.group(2))
+
+    hopper, v100 = _env_of(by_alias["base-hopper"][1]), _env_of(by_alias["base-v100"][1])
+    # DGX A100/H100/H200: CUDA 13 toolkit, torch from PyPI (no index override), kernels for sm_80 + sm_90.
+    assert cuda_tag("base-hopper")[0] == 13
+    assert hopper["HOROVOD_BUILD_CUDA_CC_LIST"] == "80,90" and hopper["HVDET_TORCH_CUDA"] == ""
+    # DGX-2 (V100): CUDA 13 has no sm_70, so a CUDA 12 toolkit, sm_70 kernels, and the PyTorch wheels
+    # built for the same CUDA release as the toolkit (cu126 is PyTorch 2.14's only build with sm_70).
+    major, minor = cuda_tag("base-v100")
+    assert major == 12
+    assert v100["HOROVOD_BUILD_CUDA_CC_LIST"] == "70"
+    assert v100["HVDET_TORCH_CUDA"] == f"cu{major}{minor}" == "cu126"
+
+    # The v100 pre-install names exactly setup.py's pins (plus the +cu126 label), so `make venv`
+    # finds them satisfied instead of pulling the PyPI (CUDA 13) builds over them.
+    setup_pins = dict(re.findall(r'"(torch|torchvision)==([\d.]+)"', (ROOT / "setup.py").read_text()))
+    docker_pins = dict(re.findall(r'"(torch|torchvision)==([\d.]+)\+\$HVDET_TORCH_CUDA"', docker))
+    assert setup_pins and docker_pins == setup_pins, (docker_pins, setup_pins)
+    assert 'https://download.pytorch.org/whl/$HVDET_TORCH_CUDA' in docker
+
+    # Same install steps as a local checkout: `make venv`, then `make horovod` (the build script, which
+    # must take the image's arch list rather than its own default), then `make setup`.
+    assert re.search(r"make system venv .*torch\.cuda\.get_arch_list\(\).*make horovod", docker, re.DOTALL)
+    assert "RUN make setup" in docker and 'ENTRYPOINT ["horovodrun"]' in docker
+    assert "launch/build_horovod.sh" in (ROOT / "Makefile").read_text()
+    assert "HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-" in (ROOT / "launch/build_horovod.sh").read_text()
+    # The host's .venv (a different torch build) must never be copied over the image's.
+    assert ".venv" in (ROOT / ".dockerignore").read_text().split()

@@ -1,4 +1,4 @@
-"""PMD-LAMB / LAMB (fused kernel and foreach path), LARS, param groups, the optimizer factory and
+"""PMD-LAMB / LAMB (C++, Triton and torch reference implementations), LARS, param groups, the optimizer factory and
 diagnostics, each checked against a short reference written here from the papers' equations."""
 import io
 import itertools
@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from hvdet.ops import lamb as ops_lamb
+from hvdet.ops import lamb_cpp
 from hvdet.optim import (
     LAMB,
     LARS,
     OPTIMIZERS,
     PMDLAMB,
     build_optimizer,
-    fused,
     module_of,
     param_groups,
     pmd_decay,
@@ -120,13 +121,14 @@ def ref_groups(params, lr, cycle_length=200, bias_correction=False, max_grad_nor
             else {**base, "lr": lr, "wd": 5e-4, "trust": True} for p in params]
 
 
-@pytest.mark.parametrize("backend", ["kernel", "foreach"])
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_fused_matches_reference_loop(backend, config, monkeypatch):
+# triton runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py), 10 s a config: two configs cover it.
+@pytest.mark.parametrize(("impl", "config"), [(i, c) for i in ("cpp", "reference") for c in CONFIGS]
+                         + [("triton", "pmdlamb_T7"), ("triton", "bias_correction_clip")])
+def test_fused_matches_reference_loop(impl, config, monkeypatch):
     kw = CONFIGS[config]
-    monkeypatch.setattr(fused, "BLOCK_ELEMS", 4096)  # many blocks, and tensors larger than a block
+    monkeypatch.setattr(lamb_cpp, "BLOCK_ELEMS", 4096)  # many blocks, and tensors larger than a block
     params, grad_steps = make_problem(seed=list(CONFIGS).index(config))
-    got, opt = run_optimizer(lambda ps: split_groups(ps, 0.5, backend=backend, **kw), params, grad_steps)
+    got, opt = run_optimizer(lambda ps: split_groups(ps, 0.5, impl=impl, **kw), params, grad_steps)
     want = reference_pmdlamb(params, grad_steps, ref_groups(params, 0.5, **kw),
                              max_grad_norm=kw.get("max_grad_norm"))
     for i, (g, w) in enumerate(zip(got, want)):
@@ -137,20 +139,20 @@ def test_fused_matches_reference_loop(backend, config, monkeypatch):
 
 def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
     """auto: contiguous fp32 CPU tensors go to the kernel in one call, the rest (channels_last) to foreach."""
-    assert fused.kernel_available(), "the C++ kernel did not build: run python -m hvdet.optim.fused --build"
+    assert lamb_cpp.kernel_available(), "the C++ kernel did not build: run python -m hvdet.ops.lamb_cpp --build"
     conv = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
     params, grad_steps = make_problem(steps=12)
     params = params + [conv]
     grad_steps = [grads + [torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)] for grads in grad_steps]
     calls = []
-    real = fused._kernel.lamb_step
+    real = lamb_cpp._kernel.lamb_step
     fake = type("K", (), {"lamb_step": staticmethod(lambda *a: calls.append(len(a[0])) or real(*a))})
-    saved, fused._kernel = fused._kernel, fake
+    saved, lamb_cpp._kernel = lamb_cpp._kernel, fake
     try:
         auto, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4), params, grad_steps)
     finally:
-        fused._kernel = saved
-    ref, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4, backend="foreach"), params, grad_steps)
+        lamb_cpp._kernel = saved
+    ref, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4, impl="reference"), params, grad_steps)
     assert len(calls) == 12 and set(calls) <= {len(params) - 1, len(params) - 2}  # one call per step
     for a, b in zip(auto, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -158,7 +160,7 @@ def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
 
 def test_kernel_result_does_not_depend_on_the_thread_count(monkeypatch):
     """Per-chunk partial norms summed in a fixed order: 1 and 2 threads agree bitwise."""
-    monkeypatch.setattr(fused, "BLOCK_ELEMS", 100_000)
+    monkeypatch.setattr(lamb_cpp, "BLOCK_ELEMS", 100_000)
     params, grad_steps = make_problem(steps=5)
     params.append(torch.randn(300_000))  # several 64K chunks: both threads get work
     grad_steps = [grads + [torch.randn(300_000)] for grads in grad_steps]
@@ -166,7 +168,7 @@ def test_kernel_result_does_not_depend_on_the_thread_count(monkeypatch):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         try:
-            got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=3, backend="kernel"), params, grad_steps)
+            got, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=3, impl="cpp"), params, grad_steps)
         finally:
             torch.set_num_threads(1)
         results.append(got)
@@ -226,11 +228,11 @@ def test_state_exists_before_the_first_step():
 def test_options_survive_a_rebuild_from_param_groups():
     """Horovod's DistributedOptimizer re-creates the optimizer as cls(param_groups): nothing may be lost."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = LAMB([p], lr=0.1, max_grad_norm=2.0, bias_correction=True, backend="foreach")
+    opt = LAMB([p], lr=0.1, max_grad_norm=2.0, bias_correction=True, impl="reference")
     again = LAMB(opt.param_groups)
     g = again.param_groups[0]
-    assert (g["lr"], g["max_grad_norm"], g["bias_correction"], g["backend"], g["cycle_length"]) == (
-        0.1, 2.0, True, "foreach", None)
+    assert (g["lr"], g["max_grad_norm"], g["bias_correction"], g["impl"], g["cycle_length"]) == (
+        0.1, 2.0, True, "reference", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +375,6 @@ def test_bad_arguments_say_what_is_wrong():
     q = torch.nn.Parameter(torch.ones(4, 4))
     q.grad = torch.ones(4, 4).t()  # not contiguous: the kernel alone cannot take it... but auto copies it
     PMDLAMB([q], lr=0.1).step()
-    with pytest.raises(ValueError, match="contiguous float32 CPU"):
-        fused.lamb_step([q.detach().t()], [q.grad], [torch.zeros(4, 4)], [torch.zeros(4, 4)],
-                        torch.zeros(1, len(fused.COEFS), dtype=torch.float64), backend="kernel")
+    with pytest.raises(ValueError, match="impl='cpp' does not take .*contiguous: False"):
+        ops_lamb.lamb_step([q.detach().t()], [q.grad], [torch.zeros(4, 4)], [torch.zeros(4, 4)],
+                           torch.zeros(1, len(ops_lamb.COEFS), dtype=torch.float64), impl="cpp")

@@ -16,16 +16,29 @@ and n = sum_i n_i, it needs two group sums, gathered in one more allreduce:
     dx = gamma * invstd * (dy - sum_g(dy) / n - x_hat * sum_g(dy * x_hat) / n)
     dgamma_i = sum_i(dy * x_hat),  dbeta_i = sum_i(dy)    # LOCAL: the gradient allreduce sums them
 
+Statistics in ONE collective (``stats="chan"``, the default): each rank computes its count n_i,
+mean m_i and M2_i = sum (x - m_i)^2 (exact: deviations from its own mean), the group allgathers
+the (n_i, m_i, M2_i), and every rank merges them with Chan, Golub and LeVeque's formula:
+
+    n = sum n_i,  mu = sum n_i m_i / n,  sigma^2 = (sum M2_i + sum n_i (m_i - mu)^2) / n
+
+This is MegDet's exact variance with half its forward latency (one collective instead of steps
+(2) and (4)). ``stats="two_pass"`` is Algorithm 1 as written (two collectives); ``stats="one_pass"``
+sends (sum x, sum x^2, count) and takes E[x^2] - mu^2: one collective, but it cancels
+catastrophically when |mu| >> sigma.
+
 Edge cases: a rank may hold no elements (n_i = 0): it sends zeros and still takes part in every
 collective, so it never hangs the others; a group with no element at all (or a single value per
 channel) raises on every rank, as torch's BatchNorm does. fp16/bf16 input accumulates in fp32 and
-the collectives carry fp64. ``one_pass=True`` sends (sum x, sum x^2, count) in one allreduce and
-takes sigma^2 = E[x^2] - mu^2: half the latency, but it cancels catastrophically when
-|mu| >> sigma. Running mean / unbiased running variance follow torch's BatchNorm; eval mode uses
-the running statistics and never communicates.
+the collectives carry fp64. Running mean / unbiased running variance follow torch's BatchNorm;
+eval mode uses the running statistics and never communicates.
+
+The local arithmetic (moments, backward reductions, input gradient) is in :mod:`hvdet.ops.bn`:
+torch references, and Triton kernels on CUDA; ``impl`` picks one ("auto": the fastest that takes
+the tensor).
 
 Every rank of a group must run the same layers in the same order (forward and backward): each
-training forward is two collectives (one with ``one_pass``), each backward one.
+training forward is one collective (two with ``two_pass``), each backward one.
 """
 from __future__ import annotations
 
@@ -35,9 +48,11 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from hvdet import comm
+from hvdet.ops import bn as ops
 
 BACKENDS = ("auto", *comm.GROUP_BACKENDS)
-_DIMS = (0, 2, 3)  # everything but the channel
+STATS = ("chan", "two_pass", "one_pass")
+_DIMS = ops.DIMS  # everything but the channel
 
 
 def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> int:
@@ -54,28 +69,40 @@ def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> 
     return group_size
 
 
-def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", one_pass: bool = False):
+def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", stats: str = "chan",
+                  impl: str = "auto"):
     """Mean and biased variance per channel (accumulation dtype), and the element count (a float64
-    scalar tensor: reading it on the host would stall a GPU), over ``group``.
+    tensor of one element: reading it on the host would stall a GPU), over ``group``.
 
-    Steps (1)-(4) of Algorithm 1. Collective: every rank of the group must call it.
+    Steps (1)-(4) of Algorithm 1, in one collective (``chan``, ``one_pass``) or two (``two_pass``).
+    Collective: every rank of the group must call it.
     """
-    acc = _acc_dtype(x)
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+    acc = ops.acc_dtype(x)
+    if stats == "chan":
+        n_i, mean_i, m2_i = ops.moments(x, impl)                         # (n_i, m_i, M2_i)
+        local = torch.cat([mean_i.new_full((1,), n_i), mean_i, m2_i]).double()
+        # The one sync point of the forward: every rank's (n_i, m_i, M2_i).
+        parts = group.allgather(local, backend)
+        c = mean_i.numel()
+        n, mean, m2 = ops.merge_moments(parts[:, :1], parts[:, 1:c + 1], parts[:, c + 1:])
+        n = _check_count(n)
+        return mean.to(acc), (m2 / n).to(acc), n
     xa = x.to(acc)
     n_local = float(x.numel() // x.shape[1])
     s = xa.sum(_DIMS).double()                                           # s_i
     count = s.new_full((1,), n_local)                                    # n_i
-    if one_pass:
+    if stats == "one_pass":
         ss = xa.square().sum(_DIMS).double()                             # sum x^2
-        # One collective: half the latency of the exact path.
         total = group.allreduce(torch.cat([s, ss, count]), "sum", backend)
-        n = _check_count(total[-1])
+        n = _check_count(total[-1:])
         mean = total[: s.numel()] / n
         var = (total[s.numel():-1] / n - mean.square()).clamp_(min=0.0)  # E[x^2] - mu^2
         return mean.to(acc), var.to(acc), n
     # Sync point 1: the group mean; every rank needs it before its squared deviations.
     total = group.allreduce(torch.cat([s, count]), "sum", backend)
-    n = _check_count(total[-1])
+    n = _check_count(total[-1:])
     mean = (total[:-1] / n).to(acc)                                      # mu
     v = (xa - mean[None, :, None, None]).square_().sum(_DIMS).double()   # v_i
     # Sync point 2: the group variance (exact two-pass: no cancellation).
@@ -83,18 +110,14 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", one
     return mean, var.to(acc), n
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check_count(n: torch.Tensor) -> torch.Tensor:
     # The count is the group's, the same on every rank: all raise together, none hangs.
     msg = "CrossGPUBatchNorm2d: expected more than 1 value per channel in the BN group, got {} " \
           "(does every rank of the group hold an empty batch?)"
     if n.device.type != "cpu":
-        torch._assert_async(n > 1, msg.format("fewer"))  # checked on the device: no host sync
-    elif n.item() < 2:
-        raise ValueError(msg.format(int(n.item())))
+        torch._assert_async(n[0] > 1, msg.format("fewer"))  # checked on the device: no host sync
+    elif n[0].item() < 2:
+        raise ValueError(msg.format(int(n[0].item())))
     return n
 
 
@@ -102,60 +125,53 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
     """Training-mode CGBN with the exact group backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, backend, one_pass):
-        mean, var, n = group_moments(x, group, backend, one_pass)
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, backend, stats, impl):
+        mean, var, n = group_moments(x, group, backend, stats, impl)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-                unbiased = var * (n / (n - 1))  # torch's convention: the running variance is unbiased
+                unbiased = var * (n / (n - 1)).to(var.dtype)  # torch's convention: the running variance is unbiased
                 running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
         stat_dtype = weight.dtype if weight is not None else mean.dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         ctx.save_for_backward(x, weight, mean, var)
-        ctx.eps, ctx.n, ctx.group, ctx.backend = eps, n, group, backend
-        # Step (5): torch's own fused kernel with the group statistics in place of running ones.
+        ctx.eps, ctx.n, ctx.group, ctx.backend, ctx.impl = eps, n, group, backend, impl
+        # Step (5): torch's own fused kernel (cuDNN on GPU) with the group statistics as running ones.
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = _local_grad_sums(dy, x, weight, mean, var, ctx.eps)
+        sum_dy, sum_dy_xhat = ops.backward_reduce(dy, x, mean, var, ctx.eps, ctx.impl)
         # Sync point 3: dx depends on every rank's dy through mu and sigma. Always called, even when
         # this rank needs no dx, so the ranks of a group stay in lockstep.
         total = ctx.group.allreduce(torch.cat([sum_dy, sum_dy_xhat]).double(), "sum", ctx.backend)
         c = mean.numel()
-        mean_dy, mean_dy_xhat = (total[:c] / ctx.n).to(mean.dtype), (total[c:] / ctx.n).to(mean.dtype)
+        n = ctx.n.to(total.device)
+        mean_dy, mean_dy_xhat = (total[:c] / n).to(mean.dtype), (total[c:] / n).to(mean.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad(dy, x, weight, mean, var, ctx.eps, mean_dy, mean_dy_xhat)
+            dx = _input_grad(dy, x, weight, mean, var, ctx.eps, mean_dy, mean_dy_xhat, ctx.impl)
         dw = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
-def _local_grad_sums(dy, x, weight, mean, var, eps):
-    """This rank's sum(dy) and sum(dy * x_hat) per channel, in the statistics' dtype."""
-    if x.numel() == 0:  # the native kernel divides by the element count
-        return mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
-    # torch's eval-mode BN backward computes exactly these two reductions in one fused pass,
-    # given our group statistics as the "running" ones.
-    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        dy, x, weight, mean, var, None, None, False, eps, [False, True, True])
-    return sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype)
-
-
-def _input_grad(dy, x, weight, mean, var, eps, mean_dy, mean_dy_xhat):
+def _input_grad(dy, x, weight, mean, var, eps, mean_dy, mean_dy_xhat, impl):
     """dx = gamma * invstd * (dy - mean_g(dy) - x_hat * mean_g(dy * x_hat)), as a*dy + b*x + c."""
     invstd = torch.rsqrt(var + eps)
     a = invstd if weight is None else weight * invstd
     b = -a * invstd * mean_dy_xhat
     c = -a * mean_dy - b * mean
-    acc = mean.dtype
-    shape = (1, -1, 1, 1)
-    # In place on x * b: an out-of-place addcmul onto the broadcast (1, C, 1, 1) term took torch's slow
-    # path on CPU (2-3x slower at ResNet-50's shapes, benchmarks/bn_overhead.py's arithmetic table).
-    dx = (x.to(acc) * b.view(shape)).add_(c.view(shape))
-    return dx.addcmul_(dy.to(acc), a.view(shape)).to(x.dtype)
+    return ops.input_grad(dy, x, a, b, c, impl)
+
+
+def cross_gpu_batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                         group: comm.Group, backend: str = "auto", stats: str = "chan", impl: str = "auto"):
+    """Training-mode CGBN over ``group`` as a function; unlike the module it takes the group path
+    for a group of one too (how benchmarks/gpu_check.py times CGBN's own arithmetic on one GPU)."""
+    return _CrossGPUBatchNormFn.apply(x, weight, bias, running_mean, running_var, momentum, eps, group,
+                                      backend, stats, impl)
 
 
 class CrossGPUBatchNorm2d(nn.BatchNorm2d):
@@ -165,20 +181,27 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     ``backend``: the group collective, ``auto`` (the fastest measured, see ``comm.AUTO_ORDER``),
     ``shm`` (shared memory between the ranks of one host, CPU), ``torch`` (NCCL on GPU, Gloo on
     CPU), ``mpi`` (mpi4py, under mpirun) or ``horovod``.
-    ``one_pass``: one allreduce of (sum, sum of squares, count) instead of the exact two-pass.
+    ``stats``: ``chan`` (exact, one collective), ``two_pass`` (exact, MegDet's two) or ``one_pass``
+    (E[x^2] - mu^2, one collective, inexact for |mean| >> std). ``impl``: the local arithmetic's
+    implementation (:mod:`hvdet.ops.bn`).
     A group of one rank is plain BatchNorm2d. Subclassing BatchNorm2d keeps the state_dict keys
     and ``isinstance`` checks (weight-decay rules, freezing) of the layer it replaces.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, group_size: int | None = None, backend: str = "auto",
-                 one_pass: bool = False, device=None, dtype=None):
+                 stats: str = "chan", impl: str = "auto", device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if backend not in BACKENDS:
             raise ValueError(f"CrossGPUBatchNorm2d: backend must be one of {BACKENDS}, got {backend!r}")
+        if stats not in STATS:
+            raise ValueError(f"CrossGPUBatchNorm2d: stats must be one of {STATS}, got {stats!r}")
+        if impl not in ops.IMPLS:
+            raise ValueError(f"CrossGPUBatchNorm2d: impl must be one of {ops.IMPLS}, got {impl!r}")
         self.group_size = group_size
         self.backend = backend
-        self.one_pass = one_pass
+        self.stats = stats
+        self.impl = impl
         if comm.is_initialized():
             self._group()  # a bad group size fails here, where the layer is built
 
@@ -209,14 +232,15 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 True, factor, self.eps)
         return _CrossGPUBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                          factor, self.eps, group, self.backend, self.one_pass)
+                                          factor, self.eps, group, self.backend, self.stats, self.impl)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}, backend={self.backend}, one_pass={self.one_pass}"
+        return (f"{super().extra_repr()}, group_size={self.group_size}, backend={self.backend}, stats={self.stats}, "
+                f"impl={self.impl}")
 
 
 def convert_cross_gpu_bn(module: nn.Module, group_size: int | None = None, backend: str = "auto",
-                         one_pass: bool = False) -> nn.Module:
+                         stats: str = "chan", impl: str = "auto") -> nn.Module:
     """Replace every BatchNorm2d and torchvision FrozenBatchNorm2d in ``module`` by CrossGPUBatchNorm2d.
 
     Statistics and affine parameters are copied; a frozen layer's affine becomes trainable (that is
@@ -225,21 +249,21 @@ def convert_cross_gpu_bn(module: nn.Module, group_size: int | None = None, backe
     if isinstance(module, CrossGPUBatchNorm2d):
         return module
     if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-        return _from_bn(module, group_size, backend, one_pass)
+        return _from_bn(module, group_size, backend, stats, impl)
     for name, child in module.named_children():
-        new = convert_cross_gpu_bn(child, group_size, backend, one_pass)
+        new = convert_cross_gpu_bn(child, group_size, backend, stats, impl)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
-def _from_bn(bn: nn.Module, group_size, backend, one_pass) -> CrossGPUBatchNorm2d:
+def _from_bn(bn: nn.Module, group_size, backend, stats, impl) -> CrossGPUBatchNorm2d:
     frozen = isinstance(bn, FrozenBatchNorm2d)
     ref = next(iter(bn.state_dict().values()), torch.empty(0))  # for the device and dtype
     new = CrossGPUBatchNorm2d(
         bn.weight.numel() if frozen else bn.num_features, eps=bn.eps, momentum=0.1 if frozen else bn.momentum,
         affine=frozen or bn.affine, track_running_stats=frozen or bn.track_running_stats,
-        group_size=group_size, backend=backend, one_pass=one_pass, device=ref.device,
+        group_size=group_size, backend=backend, stats=stats, impl=impl, device=ref.device,
         dtype=ref.dtype if ref.is_floating_point() else None)
     with torch.no_grad():
         if new.affine and bn.weight is not None:

@@ -6,11 +6,9 @@ import math
 import torch
 
 
-def _fused():
-    # Imported on first use, so `python -m hvdet.optim.fused --build` does not run a module that the
-    # package import already loaded.
-    from hvdet.optim import fused
-    return fused
+def _ops():
+    from hvdet.ops import lamb as ops_lamb
+    return ops_lamb
 
 
 def pmd_decay(step: int, cycle_length: int | None) -> float:
@@ -38,20 +36,23 @@ class PMDLAMB(torch.optim.Optimizer):
 
     Per-group keys: lr, betas, eps, weight_decay, alpha, cycle_length, bias_correction, trust,
     lr_scale (set by AGVM, applied by :func:`hvdet.optim.schedules.set_lr`), max_grad_norm and
-    backend. Every option lives in the param groups, not on the object, because Horovod's
+    impl. Every option lives in the param groups, not on the object, because Horovod's
     DistributedOptimizer re-creates the optimizer from ``param_groups`` alone.
 
     State (m, v, step) is created when the optimizer is, not at the first step: Horovod's
     ``broadcast_optimizer_state`` would otherwise take a zero-gradient step to create it, and with
     weight decay that step moves every parameter.
 
-    The step is fused (see :mod:`hvdet.optim.fused`): one C++ call for all fp32 CPU tensors (two
-    passes over memory), torch._foreach ops elsewhere; ``backend`` = "auto" | "kernel" | "foreach".
+    The step is fused (see :mod:`hvdet.ops.lamb`): one C++ call for all fp32 CPU tensors (two passes
+    over memory), three Triton launches for all CUDA tensors, the torch._foreach reference elsewhere;
+    ``impl`` = "auto" | "cpp" | "triton" | "reference". On CUDA the clipping factor stays on the
+    device: a non-finite gradient norm then skips the step there (counted in ``nonfinite_steps``, a
+    device tensor) instead of raising, which would need a host sync every step.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 5e-4,
                  alpha: float = 0.012, cycle_length: int | None = 200, bias_correction: bool = False,
-                 max_grad_norm: float | None = None, backend: str = "auto"):
+                 max_grad_norm: float | None = None, impl: str = "auto"):
         _check(lr >= 0, f"lr must be >= 0, got {lr}")
         _check(all(0.0 <= b < 1.0 for b in betas) and len(betas) == 2, f"betas must be two values in [0, 1), got {betas}")
         _check(eps >= 0, f"eps must be >= 0, got {eps}")
@@ -60,10 +61,10 @@ class PMDLAMB(torch.optim.Optimizer):
         _check(cycle_length is None or (isinstance(cycle_length, int) and cycle_length >= 1),
                f"cycle_length must be a positive int or None (LAMB), got {cycle_length!r}")
         _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        _check(backend in _fused().BACKENDS, f"backend must be one of {_fused().BACKENDS}, got {backend!r}")
+        _check(impl in _ops().IMPLS, f"impl must be one of {_ops().IMPLS}, got {impl!r}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "alpha": alpha,
                     "cycle_length": cycle_length, "bias_correction": bias_correction, "trust": True, "lr_scale": 1.0,
-                    "max_grad_norm": max_grad_norm, "backend": backend}
+                    "max_grad_norm": max_grad_norm, "impl": impl}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -94,10 +95,10 @@ class PMDLAMB(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for _, ps in groups for p in ps]
         grad_scale = self._clip_scale(grads)  # before any state changes: it may raise
-        backends = {g["backend"] for g in self.param_groups}
-        if len(backends) > 1:
-            raise ValueError(f"one fused step serves every param group, so backend must be the same in all; "
-                             f"got {sorted(backends)}")
+        impls = {g.get("impl", "auto") for g in self.param_groups}
+        if len(impls) > 1:
+            raise ValueError(f"one fused step serves every param group, so impl must be the same in all; "
+                             f"got {sorted(impls)}")
         params, exp_avgs, exp_avg_sqs, rows, all_states = [], [], [], [], []
         for group, with_grad in groups:
             states = [self._state_of(p) for p in with_grad]
@@ -106,14 +107,14 @@ class PMDLAMB(torch.optim.Optimizer):
             exp_avg_sqs += [s["exp_avg_sq"] for s in states]
             rows += _coef_rows(group, [s["step"] + 1 for s in states])  # t counts from 1
             all_states += states
-        norms = _fused().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
-                                   grad_scale, backends.pop())
+        norms = _ops().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
+                                 grad_scale, impls.pop())
         for state in all_states:  # only once the step was taken: a kernel error leaves t unchanged
             state["step"] += 1
         self.last_norms = norms  # ||x_t||, ||u_t|| per updated tensor, for diagnostics
         return loss
 
-    def _clip_scale(self, grads: list) -> float:
+    def _clip_scale(self, grads: list) -> float | torch.Tensor:
         limits = {g["max_grad_norm"] for g in self.param_groups}
         if len(limits) > 1:
             raise ValueError(f"max_grad_norm clips by the global gradient norm, so it must be the same in every "
@@ -121,7 +122,14 @@ class PMDLAMB(torch.optim.Optimizer):
         max_norm = limits.pop()
         if max_norm is None:
             return 1.0
-        total = _fused().global_grad_norm(grads)
+        norm = _ops().grad_norm(grads)
+        if norm.is_cuda:
+            # Stays on the device: the Triton step reads it there, and a NaN factor (a non-finite norm)
+            # makes it skip the step; the other implementations read it on the host and raise.
+            finite = torch.isfinite(norm)
+            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + (~finite).long()
+            return torch.where(finite, max_norm / norm.clamp(min=max_norm), torch.full_like(norm, math.nan))
+        total = float(norm)
         if not math.isfinite(total):
             step = next(iter(self.state.values()), {}).get("step", 0) + 1
             raise FloatingPointError(f"{type(self).__name__} step {step}: the global gradient norm is {total} "
@@ -130,7 +138,7 @@ class PMDLAMB(torch.optim.Optimizer):
 
 
 def _coef_rows(group: dict, steps: list[int]) -> list[tuple]:
-    """One row of fused.COEFS per tensor; tensors at the same step share the row."""
+    """One row of hvdet.ops.lamb.COEFS per tensor; tensors at the same step share the row."""
     beta1, beta2 = group["betas"]
     step_size = group["lr"] * group["alpha"]
     rows, cache = [], {}
@@ -154,10 +162,10 @@ class LAMB(PMDLAMB):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 5e-4,
                  alpha: float = 0.012, bias_correction: bool = False, max_grad_norm: float | None = None,
-                 backend: str = "auto"):
+                 impl: str = "auto"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
                          cycle_length=None, bias_correction=bias_correction, max_grad_norm=max_grad_norm,
-                         backend=backend)
+                         impl=impl)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,0 +1,181 @@
+"""The (PMD-)LAMB update of every tensor of an optimizer in three Triton launches (Apex's design).
+
+Apex's ``multi_tensor_lamb`` splits the step into two stages around the per-tensor norms; so do we,
+over a table of work items (tensor t, block b) that spans all tensors, so that 189 tensors are three
+launches, not 3 x 189:
+
+    stage 1, per item:   m <- b1 m + (1 - b1) s g;   v <- b2 v + (1 - b2) (s g)^2      (stored)
+                         u  = m bc1 / (sqrt(v bc2) + eps) + wd x                        (not stored)
+                         partial sums of x^2 and u^2 of the item
+    norms, per tensor:   ||x||, ||u|| from its items' partials (a fixed order: deterministic),
+                         f_t = -lr alpha phi,  phi = ||x|| / ||u|| (1 if either is 0 or trust is off)
+    stage 2, per item:   u recomputed from the stored m, v and x;   x <- x + f_t u
+
+Bytes per parameter (fp32 x, m, v; g of 4 or 2 bytes): stage 1 reads x g m v and writes m v
+(24 B), stage 2 reads x m v and writes x (16 B): 40 B, the memory-bound minimum for an update whose
+step size depends on a norm of the update itself (torch's fused AdamW, which has no such norm,
+moves 28 B). Recomputing u in stage 2 costs the same bytes as storing it and keeps p.grad intact.
+
+``s`` (gradient clipping) is read from a device tensor, so clipping needs no host sync; a NaN ``s``
+(a non-finite gradient norm) turns every store off: the step is skipped on the device.
+Tensors come as a table of raw addresses (int64) that the kernels cast to typed pointers.
+``group_elems`` runs the three launches per group of consecutive tensors of about that many
+elements, so that stage 2 finds stage 1's data in the GPU's L2 cache (measured by
+benchmarks/gpu_check.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096          # elements per work item
+NUM_WARPS = 8         # 16 elements per thread
+RBLOCK = 256          # partials summed per loop trip in the norms kernel
+NCOEF = 10            # len(hvdet.ops.lamb.COEFS)
+
+
+@triton.jit
+def _typed(table, index, dtype: tl.constexpr):
+    return tl.load(table + index).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _update_dir(x, m, v, c):
+    """u = m bc1 / (sqrt(v bc2) + eps) + wd x, in the reference's order of operations."""
+    bc1, bc2 = tl.load(c + 4), tl.load(c + 5)
+    eps, wd = tl.load(c + 6), tl.load(c + 7)
+    return (m * bc1) / (tl.sqrt(v * bc2) + eps) + x * wd
+
+
+@triton.jit
+def _stage1(ptrs, n_tensors, numels, coefs, item_tensor, item_block, partials, scale_ptr,
+            G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(item_tensor + pid)
+    offs = tl.load(item_block + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr)
+    mask = offs < tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124 - NaN scale: nothing stored, step skipped
+    x_p, g_p = _typed(ptrs, t, tl.float32), _typed(ptrs, n_tensors + t, G_DTYPE)
+    m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
+    c = coefs + t * NCOEF
+    b1, omb1, b2, omb2 = tl.load(c), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3)
+    x = tl.load(x_p + offs, mask=mask, other=0.0)
+    g = tl.load(g_p + offs, mask=mask, other=0.0).to(tl.float32) * scale
+    m = tl.load(m_p + offs, mask=mask, other=0.0) * b1 + g * omb1       # m_t = xi b1 m_{t-1} + (1 - b1) g_t
+    v = tl.load(v_p + offs, mask=mask, other=0.0) * b2 + omb2 * g * g   # v_t = xi b2 v_{t-1} + (1 - b2) g_t^2
+    tl.store(m_p + offs, m, mask=mask)
+    tl.store(v_p + offs, v, mask=mask)
+    u = tl.where(mask, _update_dir(x, m, v, c), 0.0)                     # u_t = r_t + lambda x_t
+    tl.store(partials + 2 * pid, tl.sum(x * x, axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def _norms(partials, tensor_first, coefs, factors, norms_out, NCOEF: tl.constexpr, RBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    lo, hi = tl.load(tensor_first + t), tl.load(tensor_first + t + 1)
+    acc_x = tl.zeros([RBLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([RBLOCK], dtype=tl.float32)
+    for i in range(lo, hi, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        ok = idx < hi
+        acc_x += tl.load(partials + 2 * idx, mask=ok, other=0.0)
+        acc_u += tl.load(partials + 2 * idx + 1, mask=ok, other=0.0)
+    x_norm, u_norm = tl.sqrt(tl.sum(acc_x, axis=0)), tl.sqrt(tl.sum(acc_u, axis=0))
+    step_size, trust = tl.load(coefs + t * NCOEF + 8), tl.load(coefs + t * NCOEF + 9)
+    # phi = ||x|| / ||u||; 1 where a norm is 0 (zero-initialized biases) or the group has trust off.
+    phi = tl.where((trust != 0) & (x_norm > 0) & (u_norm > 0), x_norm / u_norm, 1.0)
+    tl.store(factors + t, -step_size * phi)
+    tl.store(norms_out + 2 * t, x_norm)
+    tl.store(norms_out + 2 * t + 1, u_norm)
+
+
+@triton.jit
+def _stage2(ptrs, n_tensors, numels, coefs, item_tensor, item_block, factors, scale_ptr,
+            BLOCK: tl.constexpr, NCOEF: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(item_tensor + pid)
+    offs = tl.load(item_block + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr)
+    mask = offs < tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    x_p = _typed(ptrs, t, tl.float32)
+    m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
+    x = tl.load(x_p + offs, mask=mask, other=0.0)
+    u = _update_dir(x, tl.load(m_p + offs, mask=mask, other=0.0), tl.load(v_p + offs, mask=mask, other=0.0),
+                    coefs + t * NCOEF)
+    tl.store(x_p + offs, x + u * tl.load(factors + t), mask=mask)        # x_{t+1} = x_t - lr alpha phi u_t
+
+
+_GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_LAYOUTS: dict = {}
+
+
+def accepts(quad: tuple) -> bool:
+    """fp32 contiguous param and moments, an fp32/bf16/fp16 contiguous gradient, one device."""
+    p, g, m, v = quad
+    return (p.dtype is torch.float32 and m.dtype is torch.float32 and v.dtype is torch.float32
+            and g.dtype in _GDTYPES and all(t.is_contiguous() for t in quad)
+            and g.device == p.device == m.device == v.device)
+
+
+def _layout(numels: tuple, device) -> tuple:
+    """Work items of the tensors (cached: the shapes of an optimizer's tensors do not change)."""
+    key = (numels, str(device))
+    if key not in _LAYOUTS:
+        item_tensor, item_block, first = [], [], [0]
+        for t, n in enumerate(numels):
+            blocks = max(1, triton.cdiv(n, BLOCK))
+            item_tensor += [t] * blocks
+            item_block += range(blocks)
+            first.append(first[-1] + blocks)
+        as_dev = {"device": device, "dtype": torch.int32}
+        _LAYOUTS[key] = (torch.tensor(item_tensor, **as_dev), torch.tensor(item_block, **as_dev),
+                         torch.tensor(first, **as_dev), torch.tensor(numels, device=device, dtype=torch.int64))
+    return _LAYOUTS[key]
+
+
+def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
+         group_elems: int | None = None) -> torch.Tensor:
+    """Update every tensor in place (one device, one gradient dtype); returns float64 [n, 2] norms on
+    the device: ||x|| before the step and ||u||. ``grad_scale``: a float or a 1-element device tensor."""
+    device = params[0].device
+    coefs = coefs.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+    if torch.is_tensor(grad_scale):
+        scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        scale = torch.full((1,), float(grad_scale), device=device, dtype=torch.float32)
+    norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
+    for lo, hi in _groups([p.numel() for p in params], group_elems):
+        _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale, norms[lo:hi])
+    return norms.double()
+
+
+def _groups(numels: list, group_elems: int | None) -> list[tuple[int, int]]:
+    if not group_elems:
+        return [(0, len(numels))]
+    out, lo, total = [], 0, 0
+    for i, n in enumerate(numels):
+        if total and total + n > group_elems:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += n
+    return out + [(lo, len(numels))]
+
+
+def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
+    n = len(params)
+    device = params[0].device
+    item_tensor, item_block, first, numels = _layout(tuple(p.numel() for p in params), device)
+    # The addresses change whenever autograd allocates new gradients (zero_grad sets them to None).
+    ptrs = torch.tensor([t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts],
+                        dtype=torch.int64).to(device, non_blocking=True)
+    items = item_tensor.numel()
+    partials = torch.empty(items, 2, device=device, dtype=torch.float32)
+    factors = torch.empty(n, device=device, dtype=torch.float32)
+    gdtype = _GDTYPES[grads[0].dtype]
+    _stage1[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, partials, scale,
+                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
+    _norms[(n,)](partials, first, coefs, factors, norms, NCOEF=NCOEF, RBLOCK=RBLOCK)
+    _stage2[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, factors, scale,
+                      BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
