@@ -7,7 +7,7 @@ NP    ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup system venv horovod kernels test demo bench lint clean
+.PHONY: setup system venv horovod kernels test demo bench gpu-check lint clean
 
 setup: system venv horovod kernels
 
@@ -43,6 +43,11 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bn_overhead.py
 	$(PY) benchmarks/optimizer_step.py
+
+# The one GPU check (pytest -m gpu + GPU measurements -> benchmarks/results/gpu_check.json). It needs
+# no Horovod (one process); without a GPU it says so and runs its CPU-safe parts as a smoke test.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 lint: venv
 	$(PY) -m ruff check hvdet tests benchmarks train.py

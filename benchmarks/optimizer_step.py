@@ -1,12 +1,13 @@
 """One optimizer step on the exact parameter shapes of torchvision's fasterrcnn_resnet50_fpn.
 
     .venv/bin/python benchmarks/optimizer_step.py [--threads 1 2] [--repeats 9] [--out FILE]
-    .venv/bin/python benchmarks/optimizer_step.py --block-sweep      # tune hvdet.optim.fused.BLOCK_ELEMS
+    .venv/bin/python benchmarks/optimizer_step.py --block-sweep      # tune hvdet.ops.lamb_cpp.BLOCK_ELEMS
 
 Side by side in one process, repeats interleaved (the order rotates every repeat) and medians
 reported, for each thread count:
 
-* hvdet PMD-LAMB, fused kernel (``backend="kernel"``) and the torch._foreach fallback;
+* hvdet PMD-LAMB, its C++ kernel (``impl="cpp"``; Triton, ``impl="triton"``, on CUDA) and the torch
+  reference (torch._foreach);
 * timm's ``Lamb`` (the popular per-parameter implementation), twice for the same math on both sides:
   without clipping against hvdet without clipping, and with timm's default global gradient-norm
   clipping (``max_grad_norm=1.0``, also Apex's default) against hvdet with ``max_grad_norm=1.0``;
@@ -33,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hvdet.optim import PMDLAMB, fused
+from hvdet.ops import lamb_cpp
+from hvdet.optim import PMDLAMB
 
 # Memory traffic per fp32 parameter of the fused steps (clipping adds one read pass over the gradients).
 BYTES_PER_PARAM = {"hvdet_pmdlamb": 40, "hvdet_pmdlamb_clip": 44, "torch_adamw_fused": 28}
@@ -61,10 +63,10 @@ def make_optimizers(shapes, device) -> dict:
     from timm.optim import Lamb
 
     lr, wd = 1e-3, 5e-4
-    kernel = "kernel" if device.type == "cpu" else "foreach"
+    kernel = "cpp" if device.type == "cpu" else "triton"
     opts = {
-        "hvdet_pmdlamb": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, backend=kernel),
-        "hvdet_pmdlamb_clip": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, backend=kernel,
+        "hvdet_pmdlamb": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, impl=kernel),
+        "hvdet_pmdlamb_clip": PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd, impl=kernel,
                                       max_grad_norm=1.0),
         # bias_correction=False as hvdet's default; timm has no PMD decay (one scalar per step, no memory traffic).
         "timm_lamb": Lamb(make_params(shapes, device), lr=lr, weight_decay=wd, max_grad_norm=None,
@@ -75,7 +77,7 @@ def make_optimizers(shapes, device) -> dict:
     }
     if device.type == "cpu":
         opts["hvdet_pmdlamb_foreach"] = PMDLAMB(make_params(shapes, device), lr=lr, weight_decay=wd,
-                                                backend="foreach")
+                                                impl="reference")
     return opts
 
 
@@ -161,13 +163,13 @@ def print_table(threads: int, res: dict) -> None:
 
 def block_sweep(shapes, repeats: int) -> dict:
     """hvdet kernel step time (1 thread) for several BLOCK_ELEMS values, interleaved."""
-    opt = PMDLAMB(make_params(shapes, torch.device("cpu")), lr=1e-3, backend="kernel")
+    opt = PMDLAMB(make_params(shapes, torch.device("cpu")), lr=1e-3, impl="cpp")
     sizes = [1, 1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 40]
     samples = {s: [] for s in sizes}
     opt.step()
     for r in range(repeats):
         for s in sizes[r % len(sizes):] + sizes[:r % len(sizes)]:
-            fused.BLOCK_ELEMS = s
+            lamb_cpp.BLOCK_ELEMS = s
             samples[s].append(timed(opt.step, torch.device("cpu")))
     result = {str(s): 1e3 * statistics.median(t) for s, t in samples.items()}
     for s, ms in result.items():
@@ -184,7 +186,7 @@ def main() -> int:
     parser.add_argument("--block-sweep", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cpu" and not fused.kernel_available():
+    if device.type == "cpu" and not lamb_cpp.kernel_available():
         print("the fused kernel did not build; run: python -m hvdet.optim.fused --build --verbose", file=sys.stderr)
         return 1
     shapes = detector_shapes()
@@ -208,7 +210,7 @@ def main() -> int:
         "tensors": len(shapes), "parameters": num_params, "device": str(device),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1min_at_start": load_start},
-        "torch": torch.__version__, "block_elems": fused.BLOCK_ELEMS, "repeats": args.repeats,
+        "torch": torch.__version__, "block_elems": lamb_cpp.BLOCK_ELEMS, "repeats": args.repeats,
         "notes": "timm_lamb: max_grad_norm=None, bias_correction=False (hvdet_pmdlamb's LAMB update; timm has "
                  "no PMD decay, a per-step scalar); timm_lamb_clip: the same with timm's default max_grad_norm=1.0 "
                  "(as hvdet_pmdlamb_clip); repeats interleaved, medians",

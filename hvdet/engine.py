@@ -17,6 +17,7 @@ run_start) to the end of the first evaluation that meets ``target``, evaluations
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -280,6 +281,9 @@ def apply_gradients(opt, model: torch.nn.Module, scaler: torch.amp.GradScaler, s
                     agvm=None, clip_grad_norm: float | None = None) -> None:
     """The optimizer half of a step, after ``opt.synchronize()`` (gradients averaged, still scaled).
 
+    ``opt``: Horovod's DistributedOptimizer (hvdet.comm.distributed_optimizer), or a plain optimizer
+    in a world of one.
+
     The order matters: AGVM compares the world-mean gradients with the ones it captured during
     backward, which were scaled by the AMP loss scale, so it runs BEFORE unscaling (its variances,
     1 - cosine, do not depend on the scale); then unscale, the lr (AGVM's lr_scale applied), clipping
@@ -292,7 +296,8 @@ def apply_gradients(opt, model: torch.nn.Module, scaler: torch.amp.GradScaler, s
     if clip_grad_norm:
         # The same averaged gradients on every rank -> the same clip factor everywhere.
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    with opt.skip_synchronize():  # synchronized by the caller; step() must not allreduce a second time
+    skip_sync = getattr(opt, "skip_synchronize", contextlib.nullcontext)
+    with skip_sync():  # synchronized by the caller; step() must not allreduce a second time
         scaler.step(opt)
     scaler.update()
 

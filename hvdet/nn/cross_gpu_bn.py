@@ -184,9 +184,13 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     ``stats``: ``chan`` (exact, one collective), ``two_pass`` (exact, MegDet's two) or ``one_pass``
     (E[x^2] - mu^2, one collective, inexact for |mean| >> std). ``impl``: the local arithmetic's
     implementation (:mod:`hvdet.ops.bn`).
-    A group of one rank is plain BatchNorm2d. Subclassing BatchNorm2d keeps the state_dict keys
-    and ``isinstance`` checks (weight-decay rules, freezing) of the layer it replaces.
+    A group of one rank is plain BatchNorm2d (cuDNN on GPU), unless ``force_group_path`` is set: then
+    it runs CGBN's own arithmetic with a group of one, which is how tests and benchmarks/gpu_check.py
+    check and time that arithmetic on one GPU. Subclassing BatchNorm2d keeps the state_dict keys and
+    ``isinstance`` checks (weight-decay rules, freezing) of the layer it replaces.
     """
+
+    force_group_path = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, group_size: int | None = None, backend: str = "auto",
@@ -228,7 +232,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
                                 use_batch, 0.0, self.eps)
         group = self._group()
         factor = self._factor()
-        if group.size == 1:
+        if group.size == 1 and not self.force_group_path:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 True, factor, self.eps)
         return _CrossGPUBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,

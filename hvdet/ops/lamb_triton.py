@@ -140,7 +140,7 @@ def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
     """Update every tensor in place (one device, one gradient dtype); returns float64 [n, 2] norms on
     the device: ||x|| before the step and ||u||. ``grad_scale``: a float or a 1-element device tensor."""
     device = params[0].device
-    coefs = coefs.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+    coefs = _to_device(coefs.to(torch.float32), device)
     if torch.is_tensor(grad_scale):
         scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
     else:
@@ -149,6 +149,14 @@ def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
     for lo, hi in _groups([p.numel() for p in params], group_elems):
         _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale, norms[lo:hi])
     return norms.double()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on ``device`` without a host sync: copied from pinned memory (the caching
+    host allocator keeps the block until the copy is done)."""
+    if device.type != "cuda":
+        return host.contiguous()
+    return host.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def _groups(numels: list, group_elems: int | None) -> list[tuple[int, int]]:
@@ -168,8 +176,8 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
     device = params[0].device
     item_tensor, item_block, first, numels = _layout(tuple(p.numel() for p in params), device)
     # The addresses change whenever autograd allocates new gradients (zero_grad sets them to None).
-    ptrs = torch.tensor([t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts],
-                        dtype=torch.int64).to(device, non_blocking=True)
+    ptrs = _to_device(torch.tensor([t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts],
+                                   dtype=torch.int64), device)
     items = item_tensor.numel()
     partials = torch.empty(items, 2, device=device, dtype=torch.float32)
     factors = torch.empty(n, device=device, dtype=torch.float32)

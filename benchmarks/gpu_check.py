@@ -1,0 +1,363 @@
+"""The one GPU check: ``pytest -m gpu``, then the GPU measurements, in a few minutes on one GPU.
+
+    make gpu-check                                   # = .venv/bin/python benchmarks/gpu_check.py
+    python3 benchmarks/gpu_check.py [--out FILE]     # any Python with torch, torchvision, triton
+
+Without a CUDA device it says so and runs its CPU-safe parts (the same LAMB and CGBN code paths on
+CPU tensors) as a smoke test. With one, it writes benchmarks/results/gpu_check.json and prints a
+table. Measured, each variant interleaved with the others in rounds (medians of CUDA-event timings):
+
+1. the PMD-LAMB step on the 41.8M parameters (189 tensors) of torchvision's fasterrcnn_resnet50_fpn:
+   hvdet Triton (all tensors at once, and in L2-sized groups) vs hvdet's torch reference (foreach)
+   vs timm ``Lamb`` vs torch ``AdamW(fused=True)``; with achieved bandwidth against a measured copy;
+2. one BN layer (an FPN P2 map of 2 images at 800x1333: [2, 256, 200, 336]), forward + backward:
+   cuDNN's training BatchNorm vs CGBN's own arithmetic forced through the group path with a group
+   of one rank (Triton kernels, and the torch reference), NCHW and channels-last;
+3. a ResNet-50-FPN backbone step (forward + backward) with the same BN variants;
+4. the demo detector's (fasterrcnn_resnet18_fpn_fast, CGBN, PMD-LAMB) training step in fp32, AMP
+   bf16 and AMP bf16 + channels-last, in images/s.
+
+One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hvdet import comm  # noqa: E402
+from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn  # noqa: E402
+from hvdet.ops import lamb as ops_lamb  # noqa: E402
+from hvdet.optim import PMDLAMB  # noqa: E402
+
+LAMB_BYTES_PER_PARAM = 40   # stage 1 reads x g m v, writes m v; stage 2 reads x m v, writes x
+ADAMW_BYTES_PER_PARAM = 28
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def time_variants(variants: dict, rounds: int = 5, reps: int = 10, warmup: int = 3) -> dict:
+    """Median ms per call of each variant; variants run interleaved, the order rotating per round."""
+    samples = {name: [] for name in variants}
+    names = list(variants)
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = variants[name]
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            stop.record()
+            stop.synchronize()
+            samples[name].append(start.elapsed_time(stop) / reps)
+    return {name: {"median_ms": statistics.median(s), "samples_ms": s} for name, s in samples.items()}
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_variants({"copy": lambda: dst.copy_(src)}, rounds=3, reps=10)["copy"]["median_ms"]
+    return 2 * nbytes / ms / 1e6  # read + write
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The optimizer step
+# ---------------------------------------------------------------------------------------------
+
+def r50_fpn_shapes() -> list[torch.Size]:
+    import torchvision
+
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    return [p.shape for p in model.parameters()]
+
+
+def make_params(shapes, seed=0) -> list[nn.Parameter]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = nn.Parameter(torch.randn(shape, device="cuda", generator=gen) * 0.05)
+        p.grad = torch.randn(shape, device="cuda", generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def bench_lamb() -> dict:
+    from timm.optim import Lamb
+
+    shapes = r50_fpn_shapes()
+    numel = sum(s.numel() for s in shapes)
+    lr, wd = 1e-3, 5e-4
+    opts = {
+        "hvdet_triton": PMDLAMB(make_params(shapes), lr=lr, weight_decay=wd, impl="triton"),
+        "hvdet_triton_l2_groups": PMDLAMB(make_params(shapes), lr=lr, weight_decay=wd, impl="triton"),
+        "hvdet_triton_clip": PMDLAMB(make_params(shapes), lr=lr, weight_decay=wd, impl="triton", max_grad_norm=1.0),
+        "hvdet_reference_foreach": PMDLAMB(make_params(shapes), lr=lr, weight_decay=wd, impl="reference"),
+        # The same update as hvdet's default (no bias correction, no clipping); timm has no PMD decay.
+        "timm_lamb": Lamb(make_params(shapes), lr=lr, weight_decay=wd, max_grad_norm=None, bias_correction=False),
+        "timm_lamb_clip": Lamb(make_params(shapes), lr=lr, weight_decay=wd, bias_correction=False),
+        "torch_adamw_fused": torch.optim.AdamW(make_params(shapes), lr=lr, weight_decay=wd, fused=True),
+    }
+    l2_group = 2 << 20  # 2M elements: x, g, m, v = 32 MB, half the H100/H200 L2
+
+    def step(name):
+        if name == "hvdet_triton_l2_groups":
+            def run():
+                saved, ops_lamb.TRITON_GROUP_ELEMS = ops_lamb.TRITON_GROUP_ELEMS, l2_group
+                try:
+                    opts[name].step()
+                finally:
+                    ops_lamb.TRITON_GROUP_ELEMS = saved
+            return run
+        return opts[name].step
+
+    timings = time_variants({name: step(name) for name in opts}, rounds=5, reps=10)
+    ms = {k: v["median_ms"] for k, v in timings.items()}
+    best_triton = min(ms["hvdet_triton"], ms["hvdet_triton_l2_groups"])
+    return {"tensors": len(shapes), "params": numel, "timings": timings,
+            "achieved_gbs": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / ms["hvdet_triton"] / 1e6,
+                             "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / ms["torch_adamw_fused"] / 1e6},
+            "ratios": {"hvdet_triton_best / torch_adamw_fused": best_triton / ms["torch_adamw_fused"],
+                       "timm_lamb / hvdet_triton_best": ms["timm_lamb"] / best_triton,
+                       "timm_lamb_clip / hvdet_triton_clip": ms["timm_lamb_clip"] / ms["hvdet_triton_clip"],
+                       "hvdet_reference_foreach / hvdet_triton_best": ms["hvdet_reference_foreach"] / best_triton},
+            "goals": {"triton_within_1.3x_of_fused_adamw": best_triton / ms["torch_adamw_fused"] <= 1.3,
+                      "triton_5x_faster_than_timm_lamb": ms["timm_lamb"] / best_triton >= 5.0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. Cross-GPU BN's arithmetic vs cuDNN BatchNorm
+# ---------------------------------------------------------------------------------------------
+
+def bn_variants(c: int):
+    """name -> a fresh BN layer: cuDNN, and CGBN's group path with a group of one (Triton / reference)."""
+    def cgbn(impl):
+        def make():
+            layer = CrossGPUBatchNorm2d(c, impl=impl)
+            layer.force_group_path = True
+            return layer
+        return make
+    return {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "cgbn_triton": cgbn("triton"),
+            "cgbn_reference": cgbn("reference")}
+
+
+def bench_bn_layer() -> dict:
+    out = {}
+    shape = (2, 256, 200, 336)
+    for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+        x = torch.randn(shape, device="cuda").to(memory_format=fmt).requires_grad_()
+        dy = torch.randn(shape, device="cuda").to(memory_format=fmt)
+        layers = {name: make().cuda() for name, make in bn_variants(shape[1]).items()}
+
+        def fwd_bwd(layer):
+            def run():
+                x.grad = None
+                layer(x).backward(dy)
+            return run
+        timings = time_variants({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds=5, reps=10)
+        ms = {k: v["median_ms"] for k, v in timings.items()}
+        out[layout] = {"shape": list(shape), "timings": timings,
+                       "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
+                       "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
+    return out
+
+
+def bench_backbone() -> dict:
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    out = {}
+    images = torch.randn(8, 3, 512, 512, device="cuda")
+    for setting, amp, fmt in (("fp32_nchw", False, torch.contiguous_format), ("bf16_nhwc", True, torch.channels_last)):
+        x = images.to(memory_format=fmt)
+        variants = {}
+        for name in ("cudnn_batchnorm", "cgbn_triton", "cgbn_reference"):
+            torch.manual_seed(0)
+            net = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
+                                      trainable_layers=5)
+            if name != "cudnn_batchnorm":
+                net = convert_cross_gpu_bn(net, impl=name.split("_")[1])
+                for m in net.modules():
+                    if isinstance(m, CrossGPUBatchNorm2d):
+                        m.force_group_path = True
+            net = net.cuda().to(memory_format=fmt)
+
+            def run(net=net):
+                net.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    feats = net(x)
+                sum(f.float().mean() for f in feats.values()).backward()
+            variants[name] = run
+        timings = time_variants(variants, rounds=3, reps=5)
+        ms = {k: v["median_ms"] for k, v in timings.items()}
+        out[setting] = {"images": list(images.shape), "timings": timings,
+                        "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
+                        "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The demo detector's training step
+# ---------------------------------------------------------------------------------------------
+
+def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
+    from hvdet.models import build_detector
+
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=gen).cuda() for _ in range(images_per_gpu)]
+    targets = []
+    for _ in images:
+        xy = torch.rand(4, 2, generator=gen) * (size * 0.6)
+        wh = 16 + torch.rand(4, 2, generator=gen) * (size * 0.3)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).cuda(), "labels": torch.randint(1, 5, (4,)).cuda()})
+    variants = {}
+    for name, amp, fmt in (("fp32", False, torch.contiguous_format), ("amp_bf16", True, torch.contiguous_format),
+                           ("amp_bf16_channels_last", True, torch.channels_last)):
+        torch.manual_seed(0)
+        model = build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm="cross_gpu", min_size=size, max_size=size)
+        for m in model.modules():
+            if isinstance(m, CrossGPUBatchNorm2d):
+                m.force_group_path = True
+        model = model.cuda().to(memory_format=fmt).train()
+        opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
+
+        def run(model=model, opt=opt, amp=amp):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                losses = model(images, targets)
+            sum(losses.values()).backward()
+            opt.step()
+        variants[name] = run
+    timings = time_variants(variants, rounds=3, reps=5)
+    return {"arch": "fasterrcnn_resnet18_fpn_fast", "norm": "cross_gpu (group of one, forced)",
+            "optimizer": "pmdlamb (triton)", "images_per_gpu": images_per_gpu, "image_px": size,
+            "timings": timings,
+            "images_per_s": {k: images_per_gpu / (v["median_ms"] / 1e3) for k, v in timings.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_pytest() -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                           "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    print("\n".join(tail[-40:]), flush=True)
+    return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.perf_counter() - start}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "horovod": comm.horovod_available()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=list(torch.cuda.get_device_capability(0)),
+                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    info["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return info
+
+
+def cpu_smoke() -> None:
+    """The GPU check's code paths on CPU tensors: it runs, it agrees (no speed is measured)."""
+    comm.init()
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, 32)), nn.Parameter(torch.randn(32))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(ref, params):
+        p.grad = q.grad.clone()
+    PMDLAMB(params, lr=0.1).step()
+    PMDLAMB(ref, lr=0.1, impl="reference").step()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, ref)), "LAMB impls disagree"
+    layer = CrossGPUBatchNorm2d(8)
+    layer.force_group_path = True
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    layer(x).square().sum().backward()
+    nn.BatchNorm2d(8)(xr).square().sum().backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-4, atol=1e-5), "CGBN group path disagrees with BatchNorm2d"
+    print("gpu-check: CPU smoke test passed (PMD-LAMB cpp/reference agree; CGBN group path == BatchNorm2d)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    parser.add_argument("--skip-tests", action="store_true", help="measurements only")
+    args = parser.parse_args(argv)
+    info = machine()
+    print(f"gpu-check: {json.dumps(info)}", flush=True)
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU found; ran the CPU-safe parts only, measured nothing")
+        cpu_smoke()
+        return 0
+    comm.init()
+    torch.backends.cudnn.benchmark = True
+    result = {"machine": info, "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
+    if not args.skip_tests:
+        result["pytest_gpu"] = run_pytest()
+    result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+    for name, fn in (("lamb_step", bench_lamb), ("bn_layer", bench_bn_layer), ("backbone_step", bench_backbone),
+                     ("detector_step", bench_detector)):
+        start = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the others
+            result[name] = {"error": f"{type(err).__name__}: {err}"}
+        print(f"gpu-check: {name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    tests_ok = result.get("pytest_gpu", {}).get("returncode", 0) == 0
+    return 0 if tests_ok else 1
+
+
+def print_table(r: dict) -> None:
+    rows = [("GPU", f"{r['machine'].get('gpu')} (torch {r['machine']['torch']}, triton {r['machine']['triton']})"),
+            ("pytest -m gpu", r.get("pytest_gpu", {}).get("summary", "skipped")),
+            ("copy bandwidth", f"{r['copy_bandwidth_gbs']:.0f} GB/s")]
+    lamb = r.get("lamb_step", {})
+    if "timings" in lamb:
+        for k, v in lamb["timings"].items():
+            rows.append((f"LAMB step: {k}", f"{v['median_ms']:.3f} ms"))
+        rows += [(f"LAMB {k}", f"{v:.2f}") for k, v in lamb["ratios"].items()]
+        rows += [(f"LAMB achieved {k}", f"{v:.0f} GB/s") for k, v in lamb["achieved_gbs"].items()]
+    for section in ("bn_layer", "backbone_step"):
+        for setting, v in r.get(section, {}).items():
+            if isinstance(v, dict) and "timings" in v:
+                t = {k: f"{x['median_ms']:.2f}" for k, x in v["timings"].items()}
+                rows.append((f"{section} {setting} ms", json.dumps(t)))
+                rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
+    det = r.get("detector_step", {})
+    if "images_per_s" in det:
+        rows += [(f"detector images/s {k}", f"{v:.1f}") for k, v in det["images_per_s"].items()]
+    for section in ("lamb_step", "bn_layer", "backbone_step", "detector_step"):
+        if "error" in r.get(section, {}):
+            rows.append((f"{section} FAILED", r[section]["error"][:200]))
+    width = max(len(a) for a, _ in rows)
+    print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
