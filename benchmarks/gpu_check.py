@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -37,10 +36,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hvdet import comm  # noqa: E402
-from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn  # noqa: E402
-from hvdet.ops import lamb as ops_lamb  # noqa: E402
-from hvdet.optim import PMDLAMB  # noqa: E402
+from hvdet import comm
+from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn
+from hvdet.ops import lamb as ops_lamb
+from hvdet.optim import PMDLAMB
 
 LAMB_BYTES_PER_PARAM = 40   # stage 1 reads x g m v, writes m v; stage 2 reads x m v, writes x
 ADAMW_BYTES_PER_PARAM = 28
@@ -166,7 +165,7 @@ def bench_bn_layer() -> dict:
         dy = torch.randn(shape, device="cuda").to(memory_format=fmt)
         layers = {name: make().cuda() for name, make in bn_variants(shape[1]).items()}
 
-        def fwd_bwd(layer):
+        def fwd_bwd(layer, x=x, dy=dy):
             def run():
                 x.grad = None
                 layer(x).backward(dy)
@@ -198,7 +197,7 @@ def bench_backbone() -> dict:
                         m.force_group_path = True
             net = net.cuda().to(memory_format=fmt)
 
-            def run(net=net):
+            def run(net=net, x=x, amp=amp):
                 net.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     feats = net(x)
@@ -256,7 +255,7 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
 def run_pytest() -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
-                           "-o", "addopts=-ra"], cwd=ROOT, capture_output=True, text=True)
+                           "-o", "addopts=-ra"], check=False, cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     print("\n".join(tail[-40:]), flush=True)
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.perf_counter() - start}
@@ -274,7 +273,7 @@ def machine() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=list(torch.cuda.get_device_capability(0)),
                     memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    info["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    info["uptime"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     return info
 
 

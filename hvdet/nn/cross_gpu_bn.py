@@ -70,9 +70,10 @@ def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> 
 
 
 def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", stats: str = "chan",
-                  impl: str = "auto"):
-    """Mean and biased variance per channel (accumulation dtype), and the element count (a float64
-    tensor of one element: reading it on the host would stall a GPU), over ``group``.
+                  impl: str = "auto", running: tuple | None = None, stat_dtype: torch.dtype | None = None):
+    """Mean and biased variance per channel (``stat_dtype``, default the accumulation dtype), and the
+    element count (a float64 tensor of one element: reading it on the host would stall a GPU), over
+    ``group``. ``running`` = (running_mean, running_var, factor): updated in place (torch's convention).
 
     Steps (1)-(4) of Algorithm 1, in one collective (``chan``, ``one_pass``) or two (``two_pass``).
     Collective: every rank of the group must call it.
@@ -80,15 +81,16 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", sta
     if stats not in STATS:
         raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     acc = ops.acc_dtype(x)
+    stat_dtype = stat_dtype or acc
+    running_mean, running_var, factor = running or (None, None, 0.0)
     if stats == "chan":
-        n_i, mean_i, m2_i = ops.moments(x, impl)                         # (n_i, m_i, M2_i)
-        local = torch.cat([mean_i.new_full((1,), n_i), mean_i, m2_i]).double()
-        # The one sync point of the forward: every rank's (n_i, m_i, M2_i).
-        parts = group.allgather(local, backend)
-        c = mean_i.numel()
-        n, mean, m2 = ops.merge_moments(parts[:, :1], parts[:, 1:c + 1], parts[:, c + 1:])
-        n = _check_count(n)
-        return mean.to(acc), (m2 / n).to(acc), n
+        how = ops.resolve(x, impl)
+        # The one sync point of the forward: every rank's packed (n_i, m_i, M2_i), merged by Chan's formula.
+        parts = group.allgather(ops.moments_packed(x, how), backend)
+        if parts.device.type == "cpu":  # raise before the running statistics move (free on the CPU)
+            _check_count(parts[:, :1].sum(0))
+        mean, var, n = ops.group_stats(parts, stat_dtype, running_mean, running_var, factor, how)
+        return mean, var, _check_count(n)
     xa = x.to(acc)
     n_local = float(x.numel() // x.shape[1])
     s = xa.sum(_DIMS).double()                                           # s_i
@@ -99,15 +101,20 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", sta
         n = _check_count(total[-1:])
         mean = total[: s.numel()] / n
         var = (total[s.numel():-1] / n - mean.square()).clamp_(min=0.0)  # E[x^2] - mu^2
-        return mean.to(acc), var.to(acc), n
-    # Sync point 1: the group mean; every rank needs it before its squared deviations.
-    total = group.allreduce(torch.cat([s, count]), "sum", backend)
-    n = _check_count(total[-1:])
-    mean = (total[:-1] / n).to(acc)                                      # mu
-    v = (xa - mean[None, :, None, None]).square_().sum(_DIMS).double()   # v_i
-    # Sync point 2: the group variance (exact two-pass: no cancellation).
-    var = group.allreduce(v, "sum", backend) / n                         # sigma^2
-    return mean, var.to(acc), n
+    else:
+        # Sync point 1: the group mean; every rank needs it before its squared deviations.
+        total = group.allreduce(torch.cat([s, count]), "sum", backend)
+        n = _check_count(total[-1:])
+        mean = total[:-1] / n                                            # mu
+        v = (xa - mean.to(acc)[None, :, None, None]).square_().sum(_DIMS).double()   # v_i
+        # Sync point 2: the group variance (exact two-pass: no cancellation).
+        var = group.allreduce(v, "sum", backend) / n                     # sigma^2
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            unbiased = var * (n / (n - 1))  # torch's convention: the running variance is unbiased
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return mean.to(acc).to(stat_dtype), var.to(acc).to(stat_dtype), n
 
 
 def _check_count(n: torch.Tensor) -> torch.Tensor:
@@ -126,14 +133,9 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, backend, stats, impl):
-        mean, var, n = group_moments(x, group, backend, stats, impl)
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-                unbiased = var * (n / (n - 1)).to(var.dtype)  # torch's convention: the running variance is unbiased
-                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
-        stat_dtype = weight.dtype if weight is not None else mean.dtype
-        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
+        stat_dtype = weight.dtype if weight is not None else ops.acc_dtype(x)
+        running = (running_mean, running_var, factor) if running_mean is not None else None
+        mean, var, n = group_moments(x, group, backend, stats, impl, running, stat_dtype)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.n, ctx.group, ctx.backend, ctx.impl = eps, n, group, backend, impl
         # Step (5): torch's own fused kernel (cuDNN on GPU) with the group statistics as running ones.
@@ -142,28 +144,16 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, var = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = ops.backward_reduce(dy, x, mean, var, ctx.eps, ctx.impl)
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        local, dw, db = ops.grad_sums(dy, x, mean, var, ctx.eps, param_dtype, ctx.impl)
         # Sync point 3: dx depends on every rank's dy through mu and sigma. Always called, even when
         # this rank needs no dx, so the ranks of a group stay in lockstep.
-        total = ctx.group.allreduce(torch.cat([sum_dy, sum_dy_xhat]).double(), "sum", ctx.backend)
-        c = mean.numel()
-        n = ctx.n.to(total.device)
-        mean_dy, mean_dy_xhat = (total[:c] / n).to(mean.dtype), (total[c:] / n).to(mean.dtype)
+        total = ctx.group.allreduce(local, "sum", ctx.backend)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad(dy, x, weight, mean, var, ctx.eps, mean_dy, mean_dy_xhat, ctx.impl)
-        dw = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None, None
-
-
-def _input_grad(dy, x, weight, mean, var, eps, mean_dy, mean_dy_xhat, impl):
-    """dx = gamma * invstd * (dy - mean_g(dy) - x_hat * mean_g(dy * x_hat)), as a*dy + b*x + c."""
-    invstd = torch.rsqrt(var + eps)
-    a = invstd if weight is None else weight * invstd
-    b = -a * invstd * mean_dy_xhat
-    c = -a * mean_dy - b * mean
-    return ops.input_grad(dy, x, a, b, c, impl)
+            dx = ops.input_grad_from_sums(dy, x, total, ctx.n, weight, mean, var, ctx.eps, ctx.impl)
+        return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None, None, None)
 
 
 def cross_gpu_batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,

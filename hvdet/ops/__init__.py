@@ -6,7 +6,7 @@ operation                      reference (any device, dtype)    faster implement
 (PMD-)LAMB multi-tensor step   ``lamb.reference_step``          ``cpp`` (fp32 CPU), ``triton`` (CUDA)
 CGBN local moments (n, mu, M2) ``bn.moments``, impl reference   ``triton``
 CGBN backward reductions       ``bn.backward_reduce``           ``aten`` (CPU), ``triton``
-CGBN input gradient            ``bn.input_grad``                ``triton``
+CGBN input gradient            ``bn.input_grad``                ``triton`` (``input_grad_from_sums``)
 =============================  ===============================  =====================================
 
 "impl" is the one word for *which implementation of an operation* runs; "backend" is kept for the

@@ -8,6 +8,11 @@ For x of shape [N, C, H, W] and per channel c (statistics in fp32, fp64 for fp64
 * :func:`backward_reduce`: sum(dy) and sum(dy * (x - mean)) for the group's mean.
 * :func:`input_grad`: dx = a dy + b x + c with per-channel a, b, c (the BN input gradient).
 
+and the same steps in the packed forms Cross-GPU BN exchanges, which the Triton implementation
+fuses into six launches per layer (see :mod:`hvdet.ops.bn_triton`): :func:`moments_packed` (float64
+n_i, m_i, M2_i), :func:`group_stats` (merge of the group's parts, running statistics updated),
+:func:`grad_sums` (float64 sum dy, sum dy x_hat; local dgamma, dbeta), :func:`input_grad_from_sums`.
+
 ``impl``: ``reference`` (torch ops), ``aten`` (backward_reduce only, CPU only: the reductions of
 torch's eval-mode ``native_batch_norm_backward``, one fused pass; its CUDA kernel asserts on the
 arguments this uses, so it is never chosen for CUDA tensors), ``triton`` (:mod:`hvdet.ops.bn_triton`;
@@ -56,9 +61,9 @@ def moments(x: torch.Tensor, impl: str = "auto") -> tuple[float, torch.Tensor, t
         zeros = torch.zeros(x.shape[1], device=x.device, dtype=acc)
         return 0.0, zeros, zeros.clone()
     if choose(x, impl, "moments") == "triton":
-        counts, means, m2s = _triton().moments_partials(x)
-        _, mean, m2 = merge_moments(counts[:, :1].double(), means.double(), m2s.double())
-        return n, mean.to(acc), m2.to(acc)
+        local = _triton().local_moments_packed(x)
+        c = x.shape[1]
+        return n, local[1:c + 1].to(acc), local[c + 1:].to(acc)
     var, mean = torch.var_mean(x.to(acc), DIMS, correction=0)
     return n, mean, var * n                                              # M2_i = n_i * biased var
 
@@ -85,8 +90,9 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: 
     how = choose(x, impl, "backward_reduce")
     invstd = torch.rsqrt(var + eps)
     if how == "triton":
-        sum_dy, sum_dy_xmu = _triton().backward_reduce(dy, x, mean)
-        return sum_dy.to(mean.dtype), (sum_dy_xmu * invstd).to(mean.dtype)
+        packed, _, _ = _triton().grad_sums_packed(dy, x, mean, var, eps, mean.dtype)
+        c = mean.numel()
+        return packed[:c].to(mean.dtype), packed[c:].to(mean.dtype)
     if how == "aten":
         # torch's eval-mode BN backward computes exactly these two reductions in one fused CPU pass,
         # given our group statistics as the "running" ones.
@@ -102,12 +108,76 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: 
 
 def input_grad(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                impl: str = "auto") -> torch.Tensor:
-    """dx = a dy + b x + c per channel (a, b, c of shape [C]), in x's dtype."""
-    if x.numel() and choose(x, impl, "input_grad") == "triton":
-        return _triton().input_grad(dy, x, a, b, c)
+    """dx = a dy + b x + c per channel (a, b, c of shape [C]), in x's dtype. The Triton form computes a, b,
+    c inside its kernel: :func:`input_grad_from_sums`."""
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"input_grad has the reference implementation only, got impl={impl!r} "
+                         "(Triton's is input_grad_from_sums)")
     acc = acc_dtype(x)
     shape = (1, -1, 1, 1)
     # In place on x * b: an out-of-place addcmul onto the broadcast (1, C, 1, 1) term took torch's slow
     # path on CPU (2-3x slower at ResNet-50's shapes, benchmarks/bn_overhead.py's arithmetic table).
     dx = (x.to(acc) * b.to(acc).view(shape)).add_(c.to(acc).view(shape))
     return dx.addcmul_(dy.to(acc), a.to(acc).view(shape)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed forms Cross-GPU BN exchanges (fused into few launches by the Triton implementation)
+# ---------------------------------------------------------------------------------------------
+
+def resolve(x: torch.Tensor, impl: str) -> str:
+    """triton or reference: the implementation of the packed steps for tensors like x."""
+    if impl == "aten":  # the CPU backward reduction only; the other steps take the reference
+        return "reference"
+    return "triton" if choose(x, "triton" if impl == "triton" else impl, "moments") == "triton" else "reference"
+
+
+def moments_packed(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """This rank's float64 [2C + 1] = (n_i, mean_i[C], M2_i[C]); zeros (n_i = 0) for an empty x."""
+    if x.numel() and resolve(x, impl) == "triton":
+        return _triton().local_moments_packed(x)
+    n, mean, m2 = moments(x, "reference")
+    return torch.cat([mean.new_full((1,), n), mean, m2]).double()
+
+
+def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean=None, running_var=None,
+                factor: float = 0.0, impl: str = "reference"):
+    """Mean and biased variance (``stat_dtype``) and count n (float64 [1]) of the group's packed
+    parts [G, 2C + 1] (Chan's merge); the running statistics, when given, move by ``factor`` towards
+    the mean and the unbiased variance. ``impl``: as :func:`resolve` chose for the input."""
+    if impl == "triton":
+        return _triton().group_stats(parts, stat_dtype, running_mean, running_var, factor)
+    c = (parts.shape[1] - 1) // 2
+    n, mean, m2 = merge_moments(parts[:, :1], parts[:, 1:c + 1], parts[:, c + 1:])
+    var = m2 / n.clamp(min=1)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = m2 / (n - 1).clamp(min=1)  # torch's convention: the running variance is unbiased
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    return mean.to(stat_dtype), var.to(stat_dtype), n
+
+
+def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+              param_dtype: torch.dtype, impl: str = "auto"):
+    """(float64 [2C] = (sum dy, sum dy x_hat), dgamma, dbeta): this rank's sums, to be allreduced, and
+    its local parameter gradients (Horovod's gradient allreduce sums those)."""
+    if x.numel() and resolve(x, impl) == "triton":
+        return _triton().grad_sums_packed(dy, x, mean, var, eps, param_dtype)
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, var, eps, "auto" if impl == "triton" else impl)
+    return torch.cat([sum_dy, sum_dy_xhat]).double(), sum_dy_xhat.to(param_dtype), sum_dy.to(param_dtype)
+
+
+def input_grad_from_sums(dy: torch.Tensor, x: torch.Tensor, total: torch.Tensor, n: torch.Tensor, weight,
+                         mean: torch.Tensor, var: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
+    """dx = gamma invstd (dy - mean_g(dy) - x_hat mean_g(dy x_hat)) from the group sums ``total``."""
+    if x.numel() and resolve(x, impl) == "triton":
+        return _triton().input_grad(dy, x, total, n, weight, mean, var, eps)
+    c = mean.numel()
+    n = n.to(total.device)
+    mean_dy, mean_dy_xhat = (total[:c] / n).to(mean.dtype), (total[c:] / n).to(mean.dtype)
+    invstd = torch.rsqrt(var + eps)
+    a = invstd if weight is None else weight * invstd
+    b = -a * invstd * mean_dy_xhat
+    c = -a * mean_dy - b * mean
+    return input_grad(dy, x, a, b, c, "reference")

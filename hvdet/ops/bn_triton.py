@@ -1,17 +1,24 @@
-"""Cross-GPU BN's per-channel passes as Triton kernels, for NCHW and channels-last (NHWC) tensors.
+"""Cross-GPU BN's per-channel work as Triton kernels: a handful of launches per layer and pass.
 
-A [N, C, H, W] tensor is read as a matrix of R = N*H*W rows by C channels, element (r, c) at
-``(r // HW) * s_n + c * s_c + (r % HW) * s_hw`` (NCHW: s_hw = 1; NHWC: s_c = 1, which Triton
-specializes on, so either layout's contiguous axis is read with wide loads). Each program takes a
-[BLOCK_R, BLOCK_C] tile per loop trip over its share of rows:
+A [N, C, H, W] tensor (NCHW or channels-last) is read in tiles of one image: BLOCK_HW pixels x
+BLOCK_C channels at ``n * s_n + hw * s_hw + c * s_c``. Whichever of s_hw (NCHW) or s_c (NHWC) is 1,
+Triton specializes on it and reads that axis with wide, coalesced loads; the tile shape follows the
+layout. Program p of channel block b takes a contiguous share of the (image, pixel block) units.
 
-* ``moments``: per channel (count, mean, M2) of its rows, each tile's own mean and squared
-  deviations merged into the running ones with Chan et al.'s formula (exact, no E[x^2] - mu^2),
-  one read of x; the programs' partials are merged the same way by the caller (hvdet.ops.bn).
-* ``backward_reduce``: per channel sum(dy) and sum(dy * (x - mean)), one read of dy and x.
-* ``input_grad``: dx = a dy + b x + c per channel, one read of dy and x and one write of dx.
-
-Statistics accumulate in fp32 (fp64 for fp64 input) whatever the input dtype.
+Forward (``stats="chan"``), three launches and the collective:
+  1. ``_moments``: per program and channel (count, mean, M2) of its tiles, each tile's own mean and
+     squared deviations merged with Chan et al.'s formula (exact; one read of x);
+  2. ``_pack_local``: the programs' partials merged (in program order: deterministic) into this
+     rank's packed float64 (n_i, m_i[C], M2_i[C]), the buffer the group allgathers;
+  3. ``_group_stats``: the group's parts merged likewise into mean and biased variance, and the running
+     statistics updated in place (unbiased variance, torch's convention).
+Backward, three launches and the collective:
+  4. ``_backward_reduce``: per program sum(dy) and sum(dy (x - mean)) (one read of dy and x);
+  5. ``_pack_grad_sums``: summed over programs into packed float64 (sum dy, sum dy x_hat), and the
+     local dgamma, dbeta;
+  6. ``_input_grad``: with the group sums: dx = a dy + b x + c, a, b, c computed per channel in the
+     kernel from gamma, mean, var, eps and the sums (one read of dy and x, one write of dx).
+Statistics accumulate in fp32 (fp64 for fp64 input) and merge in fp64.
 """
 from __future__ import annotations
 
@@ -19,42 +26,42 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R = 64
-BLOCK_C = 32
-PROGRAMS_PER_CHANNEL_BLOCK = 256   # row shares per channel block: enough programs to fill a GPU
+TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
+PROGRAMS_PER_CHANNEL_BLOCK = 64             # x (C / BLOCK_C) channel blocks: enough to fill a GPU
+MERGE_BLOCK = 128                           # channels per program of the small merge kernels
 
 
 @triton.jit
-def _tile(ptr, r0, c_idx, R, C, HW, s_n, s_c, s_hw, BLOCK_R: tl.constexpr):
-    rows = r0 + tl.arange(0, BLOCK_R)
-    row_off = (rows // HW).to(tl.int64) * s_n + (rows % HW).to(tl.int64) * s_hw
-    offs = row_off[:, None] + c_idx.to(tl.int64)[None, :] * s_c
-    mask = (rows < R)[:, None] & (c_idx < C)[None, :]
-    return offs, mask, rows
+def _unit_tile(k, n_hb, HW, c_idx, C, s_n, s_c, s_hw, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of unit k = (image k // n_hb, pixel block k % n_hb), and its pixel count."""
+    n = k // n_hb
+    hw = (k % n_hb) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs = n.to(tl.int64) * s_n + hw.to(tl.int64)[:, None] * s_hw + c_idx.to(tl.int64)[None, :] * s_c
+    mask = (hw < HW)[:, None] & (c_idx < C)[None, :]
+    count = tl.minimum(HW - (k % n_hb) * BLOCK_HW, BLOCK_HW)
+    return offs, mask, count
 
 
 @triton.jit
-def _moments(x_ptr, cnt_out, mean_out, m2_out, R, C, HW, s_n, s_c, s_hw, rows_per_prog,
-             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _moments(x_ptr, cnt_out, mean_out, m2_out, units, n_hb, HW, C, s_n, s_c, s_hw, units_per_prog,
+             ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     p, cb = tl.program_id(0), tl.program_id(1)
     c_idx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, R)
-    for r0 in range(start, stop, BLOCK_R):
-        offs, mask, rows = _tile(x_ptr, r0, c_idx, stop, C, HW, s_n, s_c, s_hw, BLOCK_R)
+    for k in range(p * units_per_prog, tl.minimum((p + 1) * units_per_prog, units)):
+        offs, mask, count = _unit_tile(k, n_hb, HW, c_idx, C, s_n, s_c, s_hw, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        n_t = tl.sum((rows < stop).to(ACC), axis=0)                       # rows in this tile
+        n_t = count.to(ACC)
         mean_t = tl.sum(x, axis=0) / n_t
         d = tl.where(mask, x - mean_t[None, :], 0.0)
         m2_t = tl.sum(d * d, axis=0)
-        # Chan, Golub, LeVeque: merge (n, mean, M2) with the tile's (n_t, mean_t, m2_t).
+        # Chan, Golub, LeVeque: (n, mean, M2) merged with the tile's (n_t, mean_t, m2_t).
         total = n + n_t
         delta = mean_t - mean
-        mean = mean + delta * (n_t / total)
-        m2 = m2 + m2_t + delta * delta * (n * n_t / total)
+        mean += delta * (n_t / total)
+        m2 += m2_t + delta * delta * (n * n_t / total)
         n = total
     out = p * C + c_idx
     keep = c_idx < C
@@ -64,18 +71,67 @@ def _moments(x_ptr, cnt_out, mean_out, m2_out, R, C, HW, s_n, s_c, s_hw, rows_pe
 
 
 @triton.jit
-def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, R, C, HW, s_n, s_c, s_hw,
-                     g_n, g_c, g_hw, rows_per_prog, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _chan_merge(cnt_ptr, mean_ptr, m2_ptr, rows, stride, c_idx, keep, BLOCK: tl.constexpr):
+    """(n, mean, M2) in float64 of ``rows`` parts, row r at offset r * stride (+ c), in row order."""
+    n = tl.zeros([BLOCK], dtype=tl.float64)
+    mean = tl.zeros([BLOCK], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK], dtype=tl.float64)
+    for r in range(rows):
+        n_r = tl.load(cnt_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
+        mean_r = tl.load(mean_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
+        m2_r = tl.load(m2_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
+        total = n + n_r
+        frac = tl.where(total > 0, n_r / tl.where(total > 0, total, 1.0), 0.0)  # empty parts add nothing
+        delta = mean_r - mean
+        mean += delta * frac
+        m2 += m2_r + delta * delta * n * frac
+        n = total
+    return n, mean, m2
+
+
+@triton.jit
+def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr):
+    c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = c_idx < C
+    n, mean, m2 = _chan_merge(cnt, means, m2s, P, C, c_idx, keep, BLOCK)
+    tl.store(local + 1 + c_idx, mean, mask=keep)                  # packed: n_i, m_i[C], M2_i[C]
+    tl.store(local + 1 + C + c_idx, m2, mask=keep)
+    tl.store(local + c_idx * 0, n, mask=c_idx == 0)
+
+
+@triton.jit
+def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_var, factor,
+                 HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+    c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = c_idx < C
+    row = 2 * C + 1
+    # Each part's count sits in column 0 of its row, the same for every channel: the pointers
+    # (parts - c) + r * row + c all land on it.
+    n, mean, m2 = _chan_merge(parts - c_idx, parts + 1, parts + 1 + C, G, row, c_idx, keep, BLOCK)
+    var = m2 / tl.maximum(n, 1.0)
+    tl.store(mean_out + c_idx, mean.to(mean_out.dtype.element_ty), mask=keep)
+    tl.store(var_out + c_idx, var.to(var_out.dtype.element_ty), mask=keep)
+    tl.store(n_out + c_idx * 0, n, mask=c_idx == 0)
+    if HAS_RUNNING:
+        rm = tl.load(running_mean + c_idx, mask=keep, other=0.0)
+        rv = tl.load(running_var + c_idx, mask=keep, other=0.0)
+        unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+        tl.store(running_mean + c_idx, (rm * (1 - factor) + mean.to(rm.dtype) * factor).to(rm.dtype), mask=keep)
+        tl.store(running_var + c_idx, (rv * (1 - factor) + unbiased.to(rv.dtype) * factor).to(rv.dtype), mask=keep)
+
+
+@triton.jit
+def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, units, n_hb, HW, C, s_n, s_c, s_hw,
+                     g_n, g_c, g_hw, units_per_prog, ACC: tl.constexpr, BLOCK_HW: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     p, cb = tl.program_id(0), tl.program_id(1)
     c_idx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mean = tl.load(mean_ptr + c_idx, mask=c_idx < C, other=0.0).to(ACC)
     acc_dy = tl.zeros([BLOCK_C], dtype=ACC)
     acc_dy_xmu = tl.zeros([BLOCK_C], dtype=ACC)
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, R)
-    for r0 in range(start, stop, BLOCK_R):
-        offs, mask, _rows = _tile(x_ptr, r0, c_idx, stop, C, HW, s_n, s_c, s_hw, BLOCK_R)
-        g_offs, _, _ = _tile(dy_ptr, r0, c_idx, stop, C, HW, g_n, g_c, g_hw, BLOCK_R)
+    for k in range(p * units_per_prog, tl.minimum((p + 1) * units_per_prog, units)):
+        offs, mask, _ = _unit_tile(k, n_hb, HW, c_idx, C, s_n, s_c, s_hw, BLOCK_HW)
+        g_offs, _, _ = _unit_tile(k, n_hb, HW, c_idx, C, g_n, g_c, g_hw, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(ACC)
         acc_dy += tl.sum(dy, axis=0)
@@ -87,22 +143,46 @@ def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, R, C, 
 
 
 @triton.jit
-def _input_grad(dy_ptr, x_ptr, dx_ptr, a_ptr, b_ptr, c_ptr, R, C, HW, s_n, s_c, s_hw, g_n, g_c, g_hw,
-                rows_per_prog, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pack_grad_sums(sum_dy, sum_dy_xmu, var_ptr, eps, P, C, packed, dw_out, db_out, BLOCK: tl.constexpr):
+    c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = c_idx < C
+    a = tl.zeros([BLOCK], dtype=tl.float64)
+    b = tl.zeros([BLOCK], dtype=tl.float64)
+    for r in range(P):  # program order: deterministic
+        a += tl.load(sum_dy + r * C + c_idx, mask=keep, other=0.0).to(tl.float64)
+        b += tl.load(sum_dy_xmu + r * C + c_idx, mask=keep, other=0.0).to(tl.float64)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c_idx, mask=keep, other=1.0).to(tl.float64) + eps)
+    b = b * invstd                                                   # sum dy * x_hat
+    tl.store(packed + c_idx, a, mask=keep)
+    tl.store(packed + C + c_idx, b, mask=keep)
+    tl.store(db_out + c_idx, a.to(db_out.dtype.element_ty), mask=keep)
+    tl.store(dw_out + c_idx, b.to(dw_out.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _input_grad(dy_ptr, x_ptr, dx_ptr, total, n_ptr, weight, mean_ptr, var_ptr, eps, units, n_hb, HW, C,
+                s_n, s_c, s_hw, g_n, g_c, g_hw, units_per_prog, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     p, cb = tl.program_id(0), tl.program_id(1)
     c_idx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c_idx < C
-    a = tl.load(a_ptr + c_idx, mask=keep, other=0.0).to(ACC)[None, :]
-    b = tl.load(b_ptr + c_idx, mask=keep, other=0.0).to(ACC)[None, :]
-    c = tl.load(c_ptr + c_idx, mask=keep, other=0.0).to(ACC)[None, :]
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, R)
-    for r0 in range(start, stop, BLOCK_R):
-        offs, mask, _rows = _tile(x_ptr, r0, c_idx, stop, C, HW, s_n, s_c, s_hw, BLOCK_R)
-        g_offs, _, _ = _tile(dy_ptr, r0, c_idx, stop, C, HW, g_n, g_c, g_hw, BLOCK_R)
+    # dx = gamma invstd (dy - mean_g(dy) - x_hat mean_g(dy x_hat)) = a dy + b x + c, per channel.
+    n = tl.load(n_ptr)
+    mean_dy = (tl.load(total + c_idx, mask=keep, other=0.0) / n).to(ACC)
+    mean_dy_xhat = (tl.load(total + C + c_idx, mask=keep, other=0.0) / n).to(ACC)
+    mean = tl.load(mean_ptr + c_idx, mask=keep, other=0.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c_idx, mask=keep, other=1.0).to(ACC) + eps)
+    a = invstd
+    if HAS_WEIGHT:
+        a = tl.load(weight + c_idx, mask=keep, other=0.0).to(ACC) * invstd
+    b = -a * invstd * mean_dy_xhat
+    c = -a * mean_dy - b * mean
+    for k in range(p * units_per_prog, tl.minimum((p + 1) * units_per_prog, units)):
+        offs, mask, _ = _unit_tile(k, n_hb, HW, c_idx, C, s_n, s_c, s_hw, BLOCK_HW)
+        g_offs, _, _ = _unit_tile(k, n_hb, HW, c_idx, C, g_n, g_c, g_hw, BLOCK_HW)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(ACC)
-        dx = a * dy + b * x + c
+        dx = a[None, :] * dy + b[None, :] * x + c[None, :]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)   # dx has x's strides
 
 
@@ -110,11 +190,11 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def strides(x: torch.Tensor) -> tuple[int, int, int] | None:
-    """(s_n, s_c, s_hw) when H and W flatten into one row stride (NCHW or NHWC), else None."""
-    _n, _c, h, w = x.shape
+    """(s_n, s_c, s_hw) when H and W flatten into one pixel stride (NCHW or NHWC), else None."""
+    _, _, h, w = x.shape
     s_n, s_c, s_h, s_w = x.stride()
-    if h == 1 or s_h == w * s_w:
-        return s_n, s_c, s_w if w > 1 or h == 1 else s_h
+    if h == 1 or w == 1 or s_h == w * s_w:
+        return s_n, s_c, (s_w if w > 1 else s_h)
     return None
 
 
@@ -123,46 +203,71 @@ def accepts(x: torch.Tensor) -> bool:
         and strides(x) is not None
 
 
-def _grid(x: torch.Tensor) -> tuple[tuple[int, int], int, int, int]:
+def _plan(x: torch.Tensor) -> tuple:
+    """Grid, tile and work split of x: ((P, channel blocks), units, n_hb, HW, units_per_prog, tile)."""
     n, c, h, w = x.shape
-    rows = n * h * w
-    row_blocks = max(1, triton.cdiv(rows, BLOCK_R))
-    progs = min(row_blocks, PROGRAMS_PER_CHANNEL_BLOCK)
-    rows_per_prog = triton.cdiv(row_blocks, progs) * BLOCK_R
-    progs = max(1, triton.cdiv(rows, rows_per_prog))
-    return (progs, triton.cdiv(c, BLOCK_C)), rows, h * w, rows_per_prog
+    hw = h * w
+    block_hw, block_c = TILES[strides(x)[2] == 1 and hw > 1]
+    n_hb = max(1, triton.cdiv(hw, block_hw))
+    units = n * n_hb
+    units_per_prog = max(1, triton.cdiv(units, PROGRAMS_PER_CHANNEL_BLOCK))
+    progs = max(1, triton.cdiv(units, units_per_prog))
+    return (progs, triton.cdiv(c, block_c)), units, n_hb, hw, units_per_prog, (block_hw, block_c)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def moments_partials(x: torch.Tensor):
-    """Per program and channel (count, mean, M2): three [P, C] tensors in the accumulation dtype."""
-    grid, rows, hw, rows_per_prog = _grid(x)
-    acc = _acc(x)
-    outs = [torch.empty(grid[0], x.shape[1], device=x.device, dtype=acc) for _ in range(3)]
-    _moments[grid](x, *outs, rows, x.shape[1], hw, *strides(x), rows_per_prog,
-                   ACC=_TL[acc], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return outs
+def local_moments_packed(x: torch.Tensor) -> torch.Tensor:
+    """This rank's float64 (n_i, mean_i[C], M2_i[C]) of x: launches 1 and 2."""
+    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
+    c, acc = x.shape[1], _acc(x)
+    parts = [torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(3)]
+    _moments[grid](x, *parts, units, n_hb, hw, c, *strides(x), per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
+    local = torch.empty(2 * c + 1, device=x.device, dtype=torch.float64)
+    _pack_local[(triton.cdiv(c, MERGE_BLOCK),)](*parts, local, grid[0], c, BLOCK=MERGE_BLOCK)
+    return local
 
 
-def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
-    """Per channel sum(dy) and sum(dy * (x - mean)), in the accumulation dtype."""
-    grid, rows, hw, rows_per_prog = _grid(x)
-    acc = _acc(x)
-    sum_dy, sum_dy_xmu = (torch.empty(grid[0], x.shape[1], device=x.device, dtype=acc) for _ in range(2))
-    _backward_reduce[grid](dy, x, mean.contiguous(), sum_dy, sum_dy_xmu, rows, x.shape[1], hw, *strides(x),
-                           *strides(dy), rows_per_prog, ACC=_TL[acc], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return sum_dy.sum(0), sum_dy_xmu.sum(0)
+def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, running_var, factor: float):
+    """Launch 3: mean, biased var (stat_dtype) and n (float64 [1]) of the group's packed parts
+    [G, 2C+1]; running statistics updated in place when given."""
+    g, row = parts.shape
+    c = (row - 1) // 2
+    mean = torch.empty(c, device=parts.device, dtype=stat_dtype)
+    var = torch.empty_like(mean)
+    n = torch.empty(1, device=parts.device, dtype=torch.float64)
+    has = running_mean is not None
+    _group_stats[(triton.cdiv(c, MERGE_BLOCK),)](parts.contiguous(), g, c, mean, var, n,
+                                                 running_mean if has else mean, running_var if has else var,
+                                                 float(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK)
+    return mean, var, n
 
 
-def input_grad(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """dx = a dy + b x + c per channel, in x's dtype and memory format."""
-    grid, rows, hw, rows_per_prog = _grid(x)
+def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                     param_dtype: torch.dtype):
+    """Launches 4 and 5: float64 (sum dy[C], sum dy x_hat[C]) and the local (dgamma, dbeta)."""
+    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
+    c, acc = x.shape[1], _acc(x)
+    sum_dy, sum_dy_xmu = (torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(2))
+    _backward_reduce[grid](dy, x, mean.contiguous(), sum_dy, sum_dy_xmu, units, n_hb, hw, c, *strides(x), *strides(dy),
+                           per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
+    packed = torch.empty(2 * c, device=x.device, dtype=torch.float64)
+    dw, db = (torch.empty(c, device=x.device, dtype=param_dtype) for _ in range(2))
+    _pack_grad_sums[(triton.cdiv(c, MERGE_BLOCK),)](sum_dy, sum_dy_xmu, var.contiguous(), float(eps), grid[0], c,
+                                                    packed, dw, db, BLOCK=MERGE_BLOCK)
+    return packed, dw, db
+
+
+def input_grad(dy: torch.Tensor, x: torch.Tensor, total: torch.Tensor, n: torch.Tensor, weight, mean, var,
+               eps: float) -> torch.Tensor:
+    """Launch 6: dx from the group sums ``total`` (float64 [2C]) and count ``n`` (float64 [1])."""
+    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
     acc = _acc(x)
     dx = torch.empty_like(x)  # preserve_format: the same strides as x
-    coefs = [t.to(acc).contiguous() for t in (a, b, c)]
-    _input_grad[grid](dy, x, dx, *coefs, rows, x.shape[1], hw, *strides(x), *strides(dy), rows_per_prog,
-                      ACC=_TL[acc], BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    has_weight = weight is not None
+    _input_grad[grid](dy, x, dx, total.contiguous(), n, weight if has_weight else mean, mean.contiguous(),
+                      var.contiguous(), float(eps), units, n_hb, hw, x.shape[1], *strides(x), *strides(dy), per_prog,
+                      HAS_WEIGHT=has_weight, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
     return dx

@@ -52,8 +52,28 @@ def choose(quad: tuple, impl: str = "auto") -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     forced = os.environ.get("HVDET_LAMB_IMPL", "auto")
-    if impl == "auto" and forced != "auto":
-        impl = forced
+    return _choose(_signature(quad), forced if impl == "auto" and forced != "auto" else impl, quad)
+
+
+def _signature(quad: tuple) -> tuple:
+    # What the choice depends on; this runs for every tensor at every step, so it stays cheap.
+    p, g, m, v = quad
+    aligned = not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) & 15
+    return (p.device, p.dtype, g.dtype, m.dtype, v.dtype, p.is_contiguous() and g.is_contiguous()
+            and m.is_contiguous() and v.is_contiguous(), aligned)
+
+
+_CHOICES: dict = {}
+
+
+def _choose(sig: tuple, impl: str, quad: tuple) -> str:
+    key = (sig, impl)
+    if key not in _CHOICES:
+        _CHOICES[key] = _decide(impl, quad)
+    return _CHOICES[key]
+
+
+def _decide(impl: str, quad: tuple) -> str:
     # auto: Triton for CUDA tensors only (under TRITON_INTERPRET=1 it could take CPU ones, slowly).
     if (impl == "triton" or impl == "auto" and quad[0].is_cuda) and runs_on(quad[0]) and _triton().accepts(quad):
         return "triton"
@@ -84,9 +104,13 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
                          f"{len(exp_avg_sqs)} exp_avg_sqs and coefs of shape {tuple(coefs.shape)} do not match")
     if n == 0:
         return torch.zeros(0, 2, dtype=torch.float64)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    forced = os.environ.get("HVDET_LAMB_IMPL", "auto")
+    impl = forced if impl == "auto" and forced != "auto" else impl
     parts: dict[tuple, list[int]] = {}
     for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        how = choose(quad, impl)
+        how = _choose(_signature(quad), impl, quad)
         # One call per implementation, device and dtype pair: foreach ops and kernels need one of each.
         parts.setdefault((how, params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
     results = []

@@ -37,7 +37,9 @@ NCOEF = 10            # len(hvdet.ops.lamb.COEFS)
 
 @triton.jit
 def _typed(table, index, dtype: tl.constexpr):
-    return tl.load(table + index).to(tl.pointer_type(dtype))
+    # Every tensor starts 16-byte aligned (accepts() checks): the hint lets Triton emit 16-byte
+    # vector loads through an address it only learns at run time.
+    return tl.multiple_of(tl.load(table + index), 16).to(tl.pointer_type(dtype))
 
 
 @triton.jit
@@ -49,13 +51,21 @@ def _update_dir(x, m, v, c):
 
 
 @triton.jit
+def _numel(numels, t, DIV4: tl.constexpr):
+    n = tl.load(numels + t)
+    if DIV4:  # every numel a multiple of 4: the mask is constant over 4 lanes, so loads stay 16 bytes wide
+        n = tl.multiple_of(n, 4)
+    return n
+
+
+@triton.jit
 def _stage1(ptrs, n_tensors, numels, coefs, item_tensor, item_block, partials, scale_ptr,
-            G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr):
+            G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr, DIV4: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(item_tensor + pid)
-    offs = tl.load(item_block + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK) + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
-    mask = offs < tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124 - NaN scale: nothing stored, step skipped
+    mask = offs < tl.where(scale == scale, _numel(numels, t, DIV4), 0)  # noqa: PLR0124 - NaN scale: nothing stored, step skipped
     x_p, g_p = _typed(ptrs, t, tl.float32), _typed(ptrs, n_tensors + t, G_DTYPE)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
     c = coefs + t * NCOEF
@@ -93,12 +103,12 @@ def _norms(partials, tensor_first, coefs, factors, norms_out, NCOEF: tl.constexp
 
 @triton.jit
 def _stage2(ptrs, n_tensors, numels, coefs, item_tensor, item_block, factors, scale_ptr,
-            BLOCK: tl.constexpr, NCOEF: tl.constexpr):
+            BLOCK: tl.constexpr, NCOEF: tl.constexpr, DIV4: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(item_tensor + pid)
-    offs = tl.load(item_block + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK) + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
-    mask = offs < tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    mask = offs < tl.where(scale == scale, _numel(numels, t, DIV4), 0)  # noqa: PLR0124
     x_p = _typed(ptrs, t, tl.float32)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
     x = tl.load(x_p + offs, mask=mask, other=0.0)
@@ -112,9 +122,10 @@ _LAYOUTS: dict = {}
 
 
 def accepts(quad: tuple) -> bool:
-    """fp32 contiguous param and moments, an fp32/bf16/fp16 contiguous gradient, one device."""
+    """fp32 contiguous param and moments, an fp32/bf16/fp16 contiguous gradient, one device, every
+    tensor 16-byte aligned (true of every tensor that owns its storage)."""
     p, g, m, v = quad
-    return (p.dtype is torch.float32 and m.dtype is torch.float32 and v.dtype is torch.float32
+    return (not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) & 15 and p.dtype is torch.float32 and m.dtype is torch.float32 and v.dtype is torch.float32
             and g.dtype in _GDTYPES and all(t.is_contiguous() for t in quad)
             and g.device == p.device == m.device == v.device)
 
@@ -145,16 +156,28 @@ def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
         scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
     else:
         scale = torch.full((1,), float(grad_scale), device=device, dtype=torch.float32)
-    norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
-    for lo, hi in _groups([p.numel() for p in params], group_elems):
-        _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale, norms[lo:hi])
-    return norms.double()
+    div4 = [p.numel() % 4 == 0 for p in params]
+    if all(div4) or not any(div4):
+        norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
+        for lo, hi in _groups([p.numel() for p in params], group_elems):
+            _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale,
+                    norms[lo:hi], div4[0])
+        return norms.double()
+    # Tensors whose sizes are multiples of 4 (nearly all) take the vectorized kernels; the rest
+    # (odd-sized biases, mostly) their own launches.
+    norms = torch.empty(len(params), 2, device=device, dtype=torch.float64)
+    for flag in (True, False):
+        ids = [i for i, d in enumerate(div4) if d == flag]
+        sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        index = _to_device(torch.tensor(ids), device)
+        norms.index_copy_(0, index, step(*sub, coefs.index_select(0, index), scale, group_elems))
+    return norms
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host table on ``device`` without a host sync: copied from pinned memory (the caching
     host allocator keeps the block until the copy is done)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or host.device == device:
         return host.contiguous()
     return host.contiguous().pin_memory().to(device, non_blocking=True)
 
@@ -171,7 +194,7 @@ def _groups(numels: list, group_elems: int | None) -> list[tuple[int, int]]:
     return out + [(lo, len(numels))]
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
+def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms, div4: bool) -> None:
     n = len(params)
     device = params[0].device
     item_tensor, item_block, first, numels = _layout(tuple(p.numel() for p in params), device)
@@ -183,7 +206,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
     factors = torch.empty(n, device=device, dtype=torch.float32)
     gdtype = _GDTYPES[grads[0].dtype]
     _stage1[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, partials, scale,
-                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
+                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, DIV4=div4, num_warps=NUM_WARPS)
     _norms[(n,)](partials, first, coefs, factors, norms, NCOEF=NCOEF, RBLOCK=RBLOCK)
     _stage2[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, factors, scale,
-                      BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
+                      BLOCK=BLOCK, NCOEF=NCOEF, DIV4=div4, num_warps=NUM_WARPS)
