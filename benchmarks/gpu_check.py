@@ -50,8 +50,11 @@ ADAMW_BYTES_PER_PARAM = 28
 # ---------------------------------------------------------------------------------------------
 
 def time_variants(variants: dict, rounds: int = 5, reps: int = 10, warmup: int = 3) -> dict:
-    """Median ms per call of each variant; variants run interleaved, the order rotating per round."""
+    """Median ms per call of each variant (CUDA events), and the host's ms to issue one call (when it
+    is as long as the device's, the variant is bound by Python and launches, not by the GPU);
+    variants run interleaved, the order rotating per round."""
     samples = {name: [] for name in variants}
+    host = {name: [] for name in variants}
     names = list(variants)
     for fn in variants.values():
         for _ in range(warmup):
@@ -61,13 +64,37 @@ def time_variants(variants: dict, rounds: int = 5, reps: int = 10, warmup: int =
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = variants[name]
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
+            t0 = time.perf_counter()
             for _ in range(reps):
                 fn()
+            host[name].append((time.perf_counter() - t0) * 1e3 / reps)
             stop.record()
             stop.synchronize()
             samples[name].append(start.elapsed_time(stop) / reps)
-    return {name: {"median_ms": statistics.median(s), "samples_ms": s} for name, s in samples.items()}
+    return {name: {"median_ms": statistics.median(s), "host_issue_ms": statistics.median(host[name]),
+                   "samples_ms": s} for name, s in samples.items()}
+
+
+def kernel_breakdown(fn, top: int = 10) -> list[dict]:
+    """The CUDA kernels one call of ``fn`` runs, by device time (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - the profiler is a diagnosis, not the measurement
+        return [{"kernel": f"profiler failed: {type(err).__name__}: {err}", "calls": 0, "device_us": 0.0}]
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if dev_us > 0:
+            rows.append({"kernel": e.key[:90], "calls": e.count, "device_us": round(dev_us, 1)})
+    return sorted(rows, key=lambda r: -r["device_us"])[:top]
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -128,9 +155,10 @@ def bench_lamb() -> dict:
         return opts[name].step
 
     timings = time_variants({name: step(name) for name in opts}, rounds=5, reps=10)
+    breakdown = kernel_breakdown(opts["hvdet_triton"].step)
     ms = {k: v["median_ms"] for k, v in timings.items()}
     best_triton = min(ms["hvdet_triton"], ms["hvdet_triton_l2_groups"])
-    return {"tensors": len(shapes), "params": numel, "timings": timings,
+    return {"tensors": len(shapes), "params": numel, "timings": timings, "hvdet_triton_kernels": breakdown,
             "achieved_gbs": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / ms["hvdet_triton"] / 1e6,
                              "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / ms["torch_adamw_fused"] / 1e6},
             "ratios": {"hvdet_triton_best / torch_adamw_fused": best_triton / ms["torch_adamw_fused"],
@@ -173,6 +201,8 @@ def bench_bn_layer() -> dict:
         timings = time_variants({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds=5, reps=10)
         ms = {k: v["median_ms"] for k, v in timings.items()}
         out[layout] = {"shape": list(shape), "timings": timings,
+                       "kernels": {name: kernel_breakdown(fwd_bwd(layers[name]), top=8)
+                                   for name in ("cudnn_batchnorm", "cgbn_triton")},
                        "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
                        "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
     return out
@@ -339,14 +369,19 @@ def print_table(r: dict) -> None:
     lamb = r.get("lamb_step", {})
     if "timings" in lamb:
         for k, v in lamb["timings"].items():
-            rows.append((f"LAMB step: {k}", f"{v['median_ms']:.3f} ms"))
+            rows.append((f"LAMB step: {k}", f"{v['median_ms']:.3f} ms (host issues it in {v['host_issue_ms']:.3f} ms)"))
+        rows += [(f"  kernel {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}")
+                 for k in lamb.get("hvdet_triton_kernels", [])[:5]]
         rows += [(f"LAMB {k}", f"{v:.2f}") for k, v in lamb["ratios"].items()]
         rows += [(f"LAMB achieved {k}", f"{v:.0f} GB/s") for k, v in lamb["achieved_gbs"].items()]
     for section in ("bn_layer", "backbone_step"):
         for setting, v in r.get(section, {}).items():
             if isinstance(v, dict) and "timings" in v:
-                t = {k: f"{x['median_ms']:.2f}" for k, x in v["timings"].items()}
+                t = {k: f"{x['median_ms']:.2f} (host {x['host_issue_ms']:.2f})" for k, x in v["timings"].items()}
                 rows.append((f"{section} {setting} ms", json.dumps(t)))
+                for name, ks in v.get("kernels", {}).items():
+                    rows += [(f"  {name} kernel {k['kernel'][:36]}", f"{k['device_us']:.0f} us x{k['calls']}")
+                             for k in ks[:6]]
                 rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
     det = r.get("detector_step", {})
     if "images_per_s" in det:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
-PROGRAMS_PER_CHANNEL_BLOCK = 64             # x (C / BLOCK_C) channel blocks: enough to fill a GPU
+PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU
 MERGE_BLOCK = 128                           # channels per program of the small merge kernels
 
 
@@ -100,7 +100,7 @@ def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_var, factor,
+def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_var, factor_hi, factor_lo,
                  HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
     c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = c_idx < C
@@ -113,6 +113,8 @@ def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_va
     tl.store(var_out + c_idx, var.to(var_out.dtype.element_ty), mask=keep)
     tl.store(n_out + c_idx * 0, n, mask=c_idx == 0)
     if HAS_RUNNING:
+        # Python floats arrive as fp32: the momentum comes in two parts, summed in fp64.
+        factor = tl.zeros([BLOCK], dtype=tl.float64) + factor_hi + factor_lo
         rm = tl.load(running_mean + c_idx, mask=keep, other=0.0)
         rv = tl.load(running_var + c_idx, mask=keep, other=0.0)
         unbiased = m2 / tl.maximum(n - 1.0, 1.0)
@@ -210,9 +212,16 @@ def _plan(x: torch.Tensor) -> tuple:
     block_hw, block_c = TILES[strides(x)[2] == 1 and hw > 1]
     n_hb = max(1, triton.cdiv(hw, block_hw))
     units = n * n_hb
-    units_per_prog = max(1, triton.cdiv(units, PROGRAMS_PER_CHANNEL_BLOCK))
+    c_blocks = triton.cdiv(c, block_c)
+    units_per_prog = max(1, triton.cdiv(units, max(1, PROGRAMS // c_blocks)))
     progs = max(1, triton.cdiv(units, units_per_prog))
-    return (progs, triton.cdiv(c, block_c)), units, n_hb, hw, units_per_prog, (block_hw, block_c)
+    return (progs, c_blocks), units, n_hb, hw, units_per_prog, (block_hw, block_c)
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi and lo exact fp32 numbers: a float64 scalar through fp32 kernel arguments."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -241,7 +250,7 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, runn
     has = running_mean is not None
     _group_stats[(triton.cdiv(c, MERGE_BLOCK),)](parts.contiguous(), g, c, mean, var, n,
                                                  running_mean if has else mean, running_var if has else var,
-                                                 float(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK)
+                                                 *_split(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK)
     return mean, var, n
 
 

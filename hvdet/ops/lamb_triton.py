@@ -51,34 +51,57 @@ def _update_dir(x, m, v, c):
 
 
 @triton.jit
-def _numel(numels, t, DIV4: tl.constexpr):
-    n = tl.load(numels + t)
-    if DIV4:  # every numel a multiple of 4: the mask is constant over 4 lanes, so loads stay 16 bytes wide
-        n = tl.multiple_of(n, 4)
-    return n
+def _load(ptr, offs, mask, MASKED: tl.constexpr):
+    # Full blocks load without a mask: with 16-byte aligned tensors (accepts()) they compile to wide
+    # vector loads, which a mask of unknown period (a tensor's size) would split into scalar ones.
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    return tl.load(ptr + offs)
+
+
+@triton.jit
+def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value, mask=mask)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _stage1_block(x_p, g_p, m_p, v_p, offs, mask, c, scale, MASKED: tl.constexpr):
+    """Stage 1 on one block: moments stored, (sum x^2, sum u^2) returned."""
+    b1, omb1, b2, omb2 = tl.load(c), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3)
+    x = _load(x_p, offs, mask, MASKED)
+    g = _load(g_p, offs, mask, MASKED).to(tl.float32) * scale
+    m = _load(m_p, offs, mask, MASKED) * b1 + g * omb1       # m_t = xi b1 m_{t-1} + (1 - b1) g_t
+    v = _load(v_p, offs, mask, MASKED) * b2 + omb2 * g * g   # v_t = xi b2 v_{t-1} + (1 - b2) g_t^2
+    _store(m_p, offs, m, mask, MASKED)
+    _store(v_p, offs, v, mask, MASKED)
+    u = _update_dir(x, m, v, c)                               # u_t = r_t + lambda x_t
+    if MASKED:
+        u = tl.where(mask, u, 0.0)
+    return tl.sum(x * x, axis=0), tl.sum(u * u, axis=0)
 
 
 @triton.jit
 def _stage1(ptrs, n_tensors, numels, coefs, item_tensor, item_block, partials, scale_ptr,
-            G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr, DIV4: tl.constexpr):
+            G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(item_tensor + pid)
-    offs = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK) + tl.arange(0, BLOCK)
+    start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
-    mask = offs < tl.where(scale == scale, _numel(numels, t, DIV4), 0)  # noqa: PLR0124 - NaN scale: nothing stored, step skipped
+    # A NaN scale (a non-finite gradient norm) stores nothing: the step is skipped.
+    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
     x_p, g_p = _typed(ptrs, t, tl.float32), _typed(ptrs, n_tensors + t, G_DTYPE)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
     c = coefs + t * NCOEF
-    b1, omb1, b2, omb2 = tl.load(c), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3)
-    x = tl.load(x_p + offs, mask=mask, other=0.0)
-    g = tl.load(g_p + offs, mask=mask, other=0.0).to(tl.float32) * scale
-    m = tl.load(m_p + offs, mask=mask, other=0.0) * b1 + g * omb1       # m_t = xi b1 m_{t-1} + (1 - b1) g_t
-    v = tl.load(v_p + offs, mask=mask, other=0.0) * b2 + omb2 * g * g   # v_t = xi b2 v_{t-1} + (1 - b2) g_t^2
-    tl.store(m_p + offs, m, mask=mask)
-    tl.store(v_p + offs, v, mask=mask)
-    u = tl.where(mask, _update_dir(x, m, v, c), 0.0)                     # u_t = r_t + lambda x_t
-    tl.store(partials + 2 * pid, tl.sum(x * x, axis=0))
-    tl.store(partials + 2 * pid + 1, tl.sum(u * u, axis=0))
+    if start + BLOCK <= numel:
+        sum_x, sum_u = _stage1_block(x_p, g_p, m_p, v_p, offs, offs < numel, c, scale, MASKED=False)
+    else:
+        sum_x, sum_u = _stage1_block(x_p, g_p, m_p, v_p, offs, offs < numel, c, scale, MASKED=True)
+    tl.store(partials + 2 * pid, sum_x)
+    tl.store(partials + 2 * pid + 1, sum_u)
 
 
 @triton.jit
@@ -102,19 +125,28 @@ def _norms(partials, tensor_first, coefs, factors, norms_out, NCOEF: tl.constexp
 
 
 @triton.jit
+def _stage2_block(x_p, m_p, v_p, offs, mask, c, factor, MASKED: tl.constexpr):
+    x = _load(x_p, offs, mask, MASKED)
+    u = _update_dir(x, _load(m_p, offs, mask, MASKED), _load(v_p, offs, mask, MASKED), c)
+    _store(x_p, offs, x + u * factor, mask, MASKED)          # x_{t+1} = x_t - lr alpha phi u_t
+
+
+@triton.jit
 def _stage2(ptrs, n_tensors, numels, coefs, item_tensor, item_block, factors, scale_ptr,
-            BLOCK: tl.constexpr, NCOEF: tl.constexpr, DIV4: tl.constexpr):
+            BLOCK: tl.constexpr, NCOEF: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(item_tensor + pid)
-    offs = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK) + tl.arange(0, BLOCK)
+    start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
     scale = tl.load(scale_ptr)
-    mask = offs < tl.where(scale == scale, _numel(numels, t, DIV4), 0)  # noqa: PLR0124
+    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
     x_p = _typed(ptrs, t, tl.float32)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
-    x = tl.load(x_p + offs, mask=mask, other=0.0)
-    u = _update_dir(x, tl.load(m_p + offs, mask=mask, other=0.0), tl.load(v_p + offs, mask=mask, other=0.0),
-                    coefs + t * NCOEF)
-    tl.store(x_p + offs, x + u * tl.load(factors + t), mask=mask)        # x_{t+1} = x_t - lr alpha phi u_t
+    c, factor = coefs + t * NCOEF, tl.load(factors + t)
+    if start + BLOCK <= numel:
+        _stage2_block(x_p, m_p, v_p, offs, offs < numel, c, factor, MASKED=False)
+    else:
+        _stage2_block(x_p, m_p, v_p, offs, offs < numel, c, factor, MASKED=True)
 
 
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -156,22 +188,10 @@ def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
         scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
     else:
         scale = torch.full((1,), float(grad_scale), device=device, dtype=torch.float32)
-    div4 = [p.numel() % 4 == 0 for p in params]
-    if all(div4) or not any(div4):
-        norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
-        for lo, hi in _groups([p.numel() for p in params], group_elems):
-            _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale,
-                    norms[lo:hi], div4[0])
-        return norms.double()
-    # Tensors whose sizes are multiples of 4 (nearly all) take the vectorized kernels; the rest
-    # (odd-sized biases, mostly) their own launches.
-    norms = torch.empty(len(params), 2, device=device, dtype=torch.float64)
-    for flag in (True, False):
-        ids = [i for i, d in enumerate(div4) if d == flag]
-        sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-        index = _to_device(torch.tensor(ids), device)
-        norms.index_copy_(0, index, step(*sub, coefs.index_select(0, index), scale, group_elems))
-    return norms
+    norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
+    for lo, hi in _groups([p.numel() for p in params], group_elems):
+        _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale, norms[lo:hi])
+    return norms.double()
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -194,7 +214,7 @@ def _groups(numels: list, group_elems: int | None) -> list[tuple[int, int]]:
     return out + [(lo, len(numels))]
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms, div4: bool) -> None:
+def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
     n = len(params)
     device = params[0].device
     item_tensor, item_block, first, numels = _layout(tuple(p.numel() for p in params), device)
@@ -206,7 +226,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms, div4: boo
     factors = torch.empty(n, device=device, dtype=torch.float32)
     gdtype = _GDTYPES[grads[0].dtype]
     _stage1[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, partials, scale,
-                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, DIV4=div4, num_warps=NUM_WARPS)
+                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
     _norms[(n,)](partials, first, coefs, factors, norms, NCOEF=NCOEF, RBLOCK=RBLOCK)
     _stage2[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, factors, scale,
-                      BLOCK=BLOCK, NCOEF=NCOEF, DIV4=div4, num_warps=NUM_WARPS)
+                      BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
