@@ -77,8 +77,9 @@ def time_variants(variants: dict, rounds: int = 5, reps: int = 10, warmup: int =
                    "samples_ms": s} for name, s in samples.items()}
 
 
-def kernel_breakdown(fn, top: int = 10) -> list[dict]:
-    """The CUDA kernels one call of ``fn`` runs, by device time (torch.profiler), largest first."""
+def kernel_breakdown(fn, top: int = 10) -> dict:
+    """The CUDA kernels one call of ``fn`` runs (torch.profiler): their total device time, and the
+    ``top`` ones by device time, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -88,13 +89,14 @@ def kernel_breakdown(fn, top: int = 10) -> list[dict]:
             fn()
             torch.cuda.synchronize()
     except Exception as err:  # noqa: BLE001 - the profiler is a diagnosis, not the measurement
-        return [{"kernel": f"profiler failed: {type(err).__name__}: {err}", "calls": 0, "device_us": 0.0}]
+        return {"total_device_us": None, "top": [], "error": f"profiler failed: {type(err).__name__}: {err}"}
     rows = []
     for e in prof.key_averages():
         dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
         if dev_us > 0:
             rows.append({"kernel": e.key[:90], "calls": e.count, "device_us": round(dev_us, 1)})
-    return sorted(rows, key=lambda r: -r["device_us"])[:top]
+    return {"total_device_us": round(sum(r["device_us"] for r in rows), 1),
+            "top": sorted(rows, key=lambda r: -r["device_us"])[:top]}
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -155,10 +157,16 @@ def bench_lamb() -> dict:
         return opts[name].step
 
     timings = time_variants({name: step(name) for name in opts}, rounds=5, reps=10)
-    breakdown = kernel_breakdown(opts["hvdet_triton"].step)
+    breakdown = {name: kernel_breakdown(opts[name].step) for name in ("hvdet_triton", "torch_adamw_fused")}
     ms = {k: v["median_ms"] for k, v in timings.items()}
+    dev = {k: v["total_device_us"] for k, v in breakdown.items()}
     best_triton = min(ms["hvdet_triton"], ms["hvdet_triton_l2_groups"])
-    return {"tensors": len(shapes), "params": numel, "timings": timings, "hvdet_triton_kernels": breakdown,
+    return {"tensors": len(shapes), "params": numel, "timings": timings, "kernels": breakdown,
+            "device_time_ratio hvdet_triton / torch_adamw_fused": dev["hvdet_triton"] / dev["torch_adamw_fused"]
+            if all(dev.values()) else None,
+            "achieved_gbs_device_time": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / dev["hvdet_triton"] / 1e3,
+                                         "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / dev["torch_adamw_fused"] / 1e3}
+            if all(dev.values()) else None,
             "achieved_gbs": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / ms["hvdet_triton"] / 1e6,
                              "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / ms["torch_adamw_fused"] / 1e6},
             "ratios": {"hvdet_triton_best / torch_adamw_fused": best_triton / ms["torch_adamw_fused"],
@@ -200,9 +208,11 @@ def bench_bn_layer() -> dict:
             return run
         timings = time_variants({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds=5, reps=10)
         ms = {k: v["median_ms"] for k, v in timings.items()}
-        out[layout] = {"shape": list(shape), "timings": timings,
-                       "kernels": {name: kernel_breakdown(fwd_bwd(layers[name]), top=8)
-                                   for name in ("cudnn_batchnorm", "cgbn_triton")},
+        kernels = {name: kernel_breakdown(fwd_bwd(layers[name]), top=8) for name in ("cudnn_batchnorm", "cgbn_triton")}
+        dev = {k: v["total_device_us"] for k, v in kernels.items()}
+        out[layout] = {"shape": list(shape), "timings": timings, "kernels": kernels,
+                       "device_time_ratio cgbn_triton / cudnn": dev["cgbn_triton"] / dev["cudnn_batchnorm"]
+                       if all(dev.values()) else None,
                        "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
                        "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
     return out
@@ -370,8 +380,10 @@ def print_table(r: dict) -> None:
     if "timings" in lamb:
         for k, v in lamb["timings"].items():
             rows.append((f"LAMB step: {k}", f"{v['median_ms']:.3f} ms (host issues it in {v['host_issue_ms']:.3f} ms)"))
-        rows += [(f"  kernel {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}")
-                 for k in lamb.get("hvdet_triton_kernels", [])[:5]]
+        for name, ks in lamb.get("kernels", {}).items():
+            rows.append((f"  {name} device time", f"{ks['total_device_us']} us"))
+            rows += [(f"    {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}") for k in ks["top"][:4]]
+        rows.append(("LAMB device-time ratio triton / adamw", str(lamb.get("device_time_ratio hvdet_triton / torch_adamw_fused"))))
         rows += [(f"LAMB {k}", f"{v:.2f}") for k, v in lamb["ratios"].items()]
         rows += [(f"LAMB achieved {k}", f"{v:.0f} GB/s") for k, v in lamb["achieved_gbs"].items()]
     for section in ("bn_layer", "backbone_step"):
@@ -380,8 +392,11 @@ def print_table(r: dict) -> None:
                 t = {k: f"{x['median_ms']:.2f} (host {x['host_issue_ms']:.2f})" for k, x in v["timings"].items()}
                 rows.append((f"{section} {setting} ms", json.dumps(t)))
                 for name, ks in v.get("kernels", {}).items():
-                    rows += [(f"  {name} kernel {k['kernel'][:36]}", f"{k['device_us']:.0f} us x{k['calls']}")
-                             for k in ks[:6]]
+                    rows.append((f"  {name} device time", f"{ks['total_device_us']} us"))
+                    rows += [(f"    {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}") for k in ks["top"][:6]]
+                if "device_time_ratio cgbn_triton / cudnn" in v:
+                    rows.append((f"{section} {setting} device-time cgbn_triton / cudnn",
+                                 str(v["device_time_ratio cgbn_triton / cudnn"])))
                 rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
     det = r.get("detector_step", {})
     if "images_per_s" in det:

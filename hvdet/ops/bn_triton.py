@@ -28,7 +28,8 @@ import triton.language as tl
 
 TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
 PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU
-MERGE_BLOCK = 128                           # channels per program of the small merge kernels
+MERGE_BLOCK = 32                            # channels per program of the merge kernels ...
+MERGE_ROWS = 32                             # ... which take this many partial rows at a time
 
 
 @triton.jit
@@ -71,29 +72,37 @@ def _moments(x_ptr, cnt_out, mean_out, m2_out, units, n_hb, HW, C, s_n, s_c, s_h
 
 
 @triton.jit
-def _chan_merge(cnt_ptr, mean_ptr, m2_ptr, rows, stride, c_idx, keep, BLOCK: tl.constexpr):
-    """(n, mean, M2) in float64 of ``rows`` parts, row r at offset r * stride (+ c), in row order."""
+def _chan_merge(cnt_ptr, mean_ptr, m2_ptr, rows, stride, c_idx, keep, BLOCK: tl.constexpr, RB: tl.constexpr):
+    """(n, mean, M2) in float64 of ``rows`` parts (row r at offset r * stride + c), RB rows at a time:
+    each tile's own (n, mean, M2) by Chan's formula for a set of parts, then merged into the running
+    one (a fixed order: deterministic). Parts with n = 0 add nothing."""
     n = tl.zeros([BLOCK], dtype=tl.float64)
     mean = tl.zeros([BLOCK], dtype=tl.float64)
     m2 = tl.zeros([BLOCK], dtype=tl.float64)
-    for r in range(rows):
-        n_r = tl.load(cnt_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
-        mean_r = tl.load(mean_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
-        m2_r = tl.load(m2_ptr + r * stride + c_idx, mask=keep, other=0.0).to(tl.float64)
-        total = n + n_r
-        frac = tl.where(total > 0, n_r / tl.where(total > 0, total, 1.0), 0.0)  # empty parts add nothing
-        delta = mean_r - mean
+    for r0 in range(0, rows, RB):
+        r = r0 + tl.arange(0, RB)
+        ok = (r < rows)[:, None] & keep[None, :]
+        off = r[:, None] * stride + c_idx[None, :]
+        n_r = tl.load(cnt_ptr + off, mask=ok, other=0.0).to(tl.float64)
+        mean_r = tl.load(mean_ptr + off, mask=ok, other=0.0).to(tl.float64)
+        n_t = tl.sum(n_r, axis=0)
+        mean_t = tl.sum(n_r * mean_r, axis=0) / tl.maximum(n_t, 1.0)
+        d = tl.where(ok, mean_r - mean_t[None, :], 0.0)
+        m2_t = tl.sum(tl.load(m2_ptr + off, mask=ok, other=0.0).to(tl.float64) + n_r * d * d, axis=0)
+        total = n + n_t
+        frac = tl.where(total > 0, n_t / tl.maximum(total, 1.0), 0.0)
+        delta = mean_t - mean
         mean += delta * frac
-        m2 += m2_r + delta * delta * n * frac
+        m2 += m2_t + delta * delta * n * frac
         n = total
     return n, mean, m2
 
 
 @triton.jit
-def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr):
+def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr, RB: tl.constexpr):
     c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = c_idx < C
-    n, mean, m2 = _chan_merge(cnt, means, m2s, P, C, c_idx, keep, BLOCK)
+    n, mean, m2 = _chan_merge(cnt, means, m2s, P, C, c_idx, keep, BLOCK, RB)
     tl.store(local + 1 + c_idx, mean, mask=keep)                  # packed: n_i, m_i[C], M2_i[C]
     tl.store(local + 1 + C + c_idx, m2, mask=keep)
     tl.store(local + c_idx * 0, n, mask=c_idx == 0)
@@ -101,13 +110,13 @@ def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_var, factor_hi, factor_lo,
-                 HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr):
     c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = c_idx < C
     row = 2 * C + 1
     # Each part's count sits in column 0 of its row, the same for every channel: the pointers
     # (parts - c) + r * row + c all land on it.
-    n, mean, m2 = _chan_merge(parts - c_idx, parts + 1, parts + 1 + C, G, row, c_idx, keep, BLOCK)
+    n, mean, m2 = _chan_merge(parts - c_idx, parts + 1, parts + 1 + C, G, row, c_idx, keep, BLOCK, RB)
     var = m2 / tl.maximum(n, 1.0)
     tl.store(mean_out + c_idx, mean.to(mean_out.dtype.element_ty), mask=keep)
     tl.store(var_out + c_idx, var.to(var_out.dtype.element_ty), mask=keep)
@@ -235,7 +244,7 @@ def local_moments_packed(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(3)]
     _moments[grid](x, *parts, units, n_hb, hw, c, *strides(x), per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
     local = torch.empty(2 * c + 1, device=x.device, dtype=torch.float64)
-    _pack_local[(triton.cdiv(c, MERGE_BLOCK),)](*parts, local, grid[0], c, BLOCK=MERGE_BLOCK)
+    _pack_local[(triton.cdiv(c, MERGE_BLOCK),)](*parts, local, grid[0], c, BLOCK=MERGE_BLOCK, RB=MERGE_ROWS)
     return local
 
 
@@ -250,7 +259,8 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, runn
     has = running_mean is not None
     _group_stats[(triton.cdiv(c, MERGE_BLOCK),)](parts.contiguous(), g, c, mean, var, n,
                                                  running_mean if has else mean, running_var if has else var,
-                                                 *_split(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK)
+                                                 *_split(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK,
+                                                 RB=MERGE_ROWS)
     return mean, var, n
 
 
@@ -265,7 +275,7 @@ def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var:
     packed = torch.empty(2 * c, device=x.device, dtype=torch.float64)
     dw, db = (torch.empty(c, device=x.device, dtype=param_dtype) for _ in range(2))
     _pack_grad_sums[(triton.cdiv(c, MERGE_BLOCK),)](sum_dy, sum_dy_xmu, var.contiguous(), float(eps), grid[0], c,
-                                                    packed, dw, db, BLOCK=MERGE_BLOCK)
+                                                    packed, dw, db, BLOCK=MERGE_BLOCK, RB=MERGE_ROWS)
     return packed, dw, db
 
 

@@ -108,26 +108,48 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     forced = os.environ.get("HVDET_LAMB_IMPL", "auto")
     impl = forced if impl == "auto" and forced != "auto" else impl
-    parts: dict[tuple, list[int]] = {}
-    for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        how = _choose(_signature(quad), impl, quad)
-        # One call per implementation, device and dtype pair: foreach ops and kernels need one of each.
-        parts.setdefault((how, params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
+    parts = _plan(params, grads, exp_avgs, exp_avg_sqs, impl)
     results = []
-    for (how, *_), ids in parts.items():
-        sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+    for (how, *_), (ids, triton_plan) in parts.items():
+        sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)] if how != "triton" else None
         rows = coefs if len(ids) == n else coefs[torch.tensor(ids)].contiguous()
         if how == "triton":
-            results.append(_triton().step(*sub, rows, grad_scale, TRITON_GROUP_ELEMS))
+            results.append(triton_plan.run(rows, grad_scale))
         else:
             scale = _host_scale(grad_scale)
             results.append(_cpp().step(*sub, rows, scale) if how == "cpp" else reference_step(*sub, rows, scale))
     if len(parts) == 1:
         return results[0]  # stays on its device: no host sync on CUDA
     norms = torch.zeros(n, 2, dtype=torch.float64)
-    for ids, result in zip(parts.values(), results):
+    for (ids, _), result in zip(parts.values(), results):
         norms[torch.tensor(ids)] = result.cpu()
     return norms
+
+
+_PLANS: dict = {}  # the last few steps' partitions, by every tensor's address
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, impl: str) -> dict:
+    """{(impl, device, dtypes): (tensor indices, Triton plan or None)}: which implementation updates which
+    tensors. Kept while every address and gradient dtype stays the same, which is step after step for
+    an optimizer: its Python cost is then a few tuples, not a check of every tensor."""
+    key = (impl, TRITON_GROUP_ELEMS, tuple(t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts),
+           tuple(g.dtype for g in grads), tuple(p.numel() for p in params))
+    if key in _PLANS:
+        return _PLANS[key]
+    parts: dict[tuple, list[int]] = {}
+    for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        how = _choose(_signature(quad), impl, quad)
+        # One call per implementation, device and dtype pair: foreach ops and kernels need one of each.
+        parts.setdefault((how, params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
+    plans = {}
+    for part, ids in parts.items():
+        quads = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+        plans[part] = (ids, _triton().Plan(*quads, TRITON_GROUP_ELEMS) if part[0] == "triton" else None)
+    if len(_PLANS) >= 8:  # a handful of optimizers (or address sets) at a time
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plans
+    return plans
 
 
 def _host_scale(grad_scale) -> float:

@@ -178,20 +178,53 @@ def _layout(numels: tuple, device) -> tuple:
     return _LAYOUTS[key]
 
 
+class Plan:
+    """The launches of one step over fixed tensors: work tables and the address table on the device.
+
+    Building it reads every tensor's address and copies the table to the device; :func:`hvdet.ops.lamb.lamb_step`
+    keeps plans while the addresses stay the same (they do, step after step, for an optimizer's
+    parameters, moments and, with the caching allocator, its gradients), so a step costs the three
+    launches and little Python.
+    """
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, group_elems: int | None = None):
+        self.device = params[0].device
+        self.n = len(params)
+        self.groups = []
+        for lo, hi in _groups([p.numel() for p in params], group_elems):
+            tensors = (params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi])
+            ptrs = _to_device(torch.tensor([t.data_ptr() for ts in tensors for t in ts], dtype=torch.int64),
+                              self.device)
+            layout = _layout(tuple(p.numel() for p in params[lo:hi]), self.device)
+            self.groups.append((lo, hi, ptrs, layout, _GDTYPES[grads[lo].dtype]))
+
+    def run(self, coefs: torch.Tensor, grad_scale) -> torch.Tensor:
+        """Update every tensor in place; returns float64 [n, 2] norms on the device: ||x|| before the
+        step and ||u||. ``grad_scale``: a float or a 1-element device tensor."""
+        device = self.device
+        coefs = _to_device(coefs.to(torch.float32), device)
+        if torch.is_tensor(grad_scale):
+            scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
+        else:
+            scale = torch.full((1,), float(grad_scale), device=device, dtype=torch.float32)
+        norms = torch.empty(self.n, 2, device=device, dtype=torch.float32)
+        for lo, hi, ptrs, (item_tensor, item_block, first, numels), gdtype in self.groups:
+            n, items = hi - lo, item_tensor.numel()
+            partials = torch.empty(items, 2, device=device, dtype=torch.float32)
+            factors = torch.empty(n, device=device, dtype=torch.float32)
+            rows = coefs[lo:hi]
+            _stage1[(items,)](ptrs, n, numels, rows, item_tensor, item_block, partials, scale,
+                              G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
+            _norms[(n,)](partials, first, rows, factors, norms[lo:hi], NCOEF=NCOEF, RBLOCK=RBLOCK)
+            _stage2[(items,)](ptrs, n, numels, rows, item_tensor, item_block, factors, scale,
+                              BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
+        return norms.double()
+
+
 def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
          group_elems: int | None = None) -> torch.Tensor:
-    """Update every tensor in place (one device, one gradient dtype); returns float64 [n, 2] norms on
-    the device: ||x|| before the step and ||u||. ``grad_scale``: a float or a 1-element device tensor."""
-    device = params[0].device
-    coefs = _to_device(coefs.to(torch.float32), device)
-    if torch.is_tensor(grad_scale):
-        scale = grad_scale.reshape(1).to(device=device, dtype=torch.float32)
-    else:
-        scale = torch.full((1,), float(grad_scale), device=device, dtype=torch.float32)
-    norms = torch.empty(len(params), 2, device=device, dtype=torch.float32)
-    for lo, hi in _groups([p.numel() for p in params], group_elems):
-        _launch(params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi], coefs[lo:hi], scale, norms[lo:hi])
-    return norms.double()
+    """One step over these tensors (one device, one gradient dtype): :meth:`Plan.run` of a new plan."""
+    return Plan(params, grads, exp_avgs, exp_avg_sqs, group_elems).run(coefs, grad_scale)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -212,21 +245,3 @@ def _groups(numels: list, group_elems: int | None) -> list[tuple[int, int]]:
             lo, total = i, 0
         total += n
     return out + [(lo, len(numels))]
-
-
-def _launch(params, grads, exp_avgs, exp_avg_sqs, coefs, scale, norms) -> None:
-    n = len(params)
-    device = params[0].device
-    item_tensor, item_block, first, numels = _layout(tuple(p.numel() for p in params), device)
-    # The addresses change whenever autograd allocates new gradients (zero_grad sets them to None).
-    ptrs = _to_device(torch.tensor([t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts],
-                                   dtype=torch.int64), device)
-    items = item_tensor.numel()
-    partials = torch.empty(items, 2, device=device, dtype=torch.float32)
-    factors = torch.empty(n, device=device, dtype=torch.float32)
-    gdtype = _GDTYPES[grads[0].dtype]
-    _stage1[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, partials, scale,
-                      G_DTYPE=gdtype, BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
-    _norms[(n,)](partials, first, coefs, factors, norms, NCOEF=NCOEF, RBLOCK=RBLOCK)
-    _stage2[(items,)](ptrs, n, numels, coefs, item_tensor, item_block, factors, scale,
-                      BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)

@@ -105,10 +105,9 @@ class PMDLAMB(torch.optim.Optimizer):
             params += with_grad
             exp_avgs += [s["exp_avg"] for s in states]
             exp_avg_sqs += [s["exp_avg_sq"] for s in states]
-            rows += _coef_rows(group, [s["step"] + 1 for s in states])  # t counts from 1
+            rows.append(_coef_rows(group, [s["step"] + 1 for s in states]))  # t counts from 1
             all_states += states
-        norms = _ops().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.tensor(rows, dtype=torch.float64),
-                                 grad_scale, impls.pop())
+        norms = _ops().lamb_step(params, grads, exp_avgs, exp_avg_sqs, torch.cat(rows), grad_scale, impls.pop())
         for state in all_states:  # only once the step was taken: a kernel error leaves t unchanged
             state["step"] += 1
         self.last_norms = norms  # ||x_t||, ||u_t|| per updated tensor, for diagnostics
@@ -137,20 +136,24 @@ class PMDLAMB(torch.optim.Optimizer):
         return max_norm / max(total, max_norm)
 
 
-def _coef_rows(group: dict, steps: list[int]) -> list[tuple]:
-    """One row of hvdet.ops.lamb.COEFS per tensor; tensors at the same step share the row."""
+def _coef_rows(group: dict, steps: list[int]) -> torch.Tensor:
+    """float64 [len(steps), len(COEFS)]: one row of hvdet.ops.lamb.COEFS per tensor. Tensors at the same
+    step share a row, and usually all of a group's are: then it is one row, expanded."""
     beta1, beta2 = group["betas"]
     step_size = group["lr"] * group["alpha"]
-    rows, cache = [], {}
-    for t in steps:
-        if t not in cache:
-            xi = pmd_decay(t, group["cycle_length"])
-            bc1 = 1.0 / (1.0 - beta1 ** t) if group["bias_correction"] else 1.0
-            bc2 = 1.0 / (1.0 - beta2 ** t) if group["bias_correction"] else 1.0
-            cache[t] = (xi * beta1, 1.0 - beta1, xi * beta2, 1.0 - beta2, bc1, bc2, group["eps"],
-                        group["weight_decay"], step_size, 1.0 if group["trust"] else 0.0)
-        rows.append(cache[t])
-    return rows
+    distinct = sorted(set(steps))
+    table = []
+    for t in distinct:
+        xi = pmd_decay(t, group["cycle_length"])
+        bc1 = 1.0 / (1.0 - beta1 ** t) if group["bias_correction"] else 1.0
+        bc2 = 1.0 / (1.0 - beta2 ** t) if group["bias_correction"] else 1.0
+        table.append((xi * beta1, 1.0 - beta1, xi * beta2, 1.0 - beta2, bc1, bc2, group["eps"],
+                      group["weight_decay"], step_size, 1.0 if group["trust"] else 0.0))
+    table = torch.tensor(table, dtype=torch.float64)
+    if len(distinct) == 1:
+        return table.expand(len(steps), -1)
+    where = {t: i for i, t in enumerate(distinct)}
+    return table[torch.tensor([where[t] for t in steps])]
 
 
 class LAMB(PMDLAMB):
