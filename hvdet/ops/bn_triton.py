@@ -154,14 +154,18 @@ def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, units,
 
 
 @triton.jit
-def _pack_grad_sums(sum_dy, sum_dy_xmu, var_ptr, eps, P, C, packed, dw_out, db_out, BLOCK: tl.constexpr):
+def _pack_grad_sums(sum_dy, sum_dy_xmu, var_ptr, eps, P, C, packed, dw_out, db_out, BLOCK: tl.constexpr,
+                    RB: tl.constexpr):
     c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = c_idx < C
     a = tl.zeros([BLOCK], dtype=tl.float64)
     b = tl.zeros([BLOCK], dtype=tl.float64)
-    for r in range(P):  # program order: deterministic
-        a += tl.load(sum_dy + r * C + c_idx, mask=keep, other=0.0).to(tl.float64)
-        b += tl.load(sum_dy_xmu + r * C + c_idx, mask=keep, other=0.0).to(tl.float64)
+    for r0 in range(0, P, RB):  # a fixed order: deterministic
+        r = r0 + tl.arange(0, RB)
+        ok = (r < P)[:, None] & keep[None, :]
+        off = r[:, None] * C + c_idx[None, :]
+        a += tl.sum(tl.load(sum_dy + off, mask=ok, other=0.0).to(tl.float64), axis=0)
+        b += tl.sum(tl.load(sum_dy_xmu + off, mask=ok, other=0.0).to(tl.float64), axis=0)
     invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c_idx, mask=keep, other=1.0).to(tl.float64) + eps)
     b = b * invstd                                                   # sum dy * x_hat
     tl.store(packed + c_idx, a, mask=keep)
