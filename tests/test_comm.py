@@ -44,6 +44,8 @@ def case_groups(backends):
             t = torch.tensor([float(r), 1.0])
             out[(group_size, backend)] = (group.ranks, group.rank, group.allreduce(t, "sum", backend).tolist(),
                                           group.allreduce(t, "mean", backend).tolist())
+            gathered = group.allgather(torch.tensor([[float(r), 10.0 + r]], dtype=torch.float64), backend)
+            out[(group_size, backend, "allgather")] = (tuple(gathered.shape), gathered.dtype, gathered.tolist())
     out["auto"] = comm.consecutive_groups(2).resolve_backend(torch.device("cpu"))
     # Past the shared-memory slot "auto" takes the next backend, on every rank alike.
     big = torch.full((shm.CAPACITY + 1,), float(r), dtype=torch.float64)
@@ -100,6 +102,10 @@ def test_groups_of_consecutive_ranks(launcher, backends):
             assert total == [2.0 * first + 1, 2.0] and mean == [first + 0.5, 1.0]
             ranks, idx, total, mean = o[(4, backend)]
             assert ranks == (0, 1, 2, 3) and total == [6.0, 4.0] and mean == [1.5, 1.0]
+            for group_size, members in ((1, [r]), (2, [first, first + 1]), (4, [0, 1, 2, 3])):
+                shape, dtype, rows = o[(group_size, backend, "allgather")]
+                assert shape == (group_size, 1, 2) and dtype == torch.float64, (backend, group_size)
+                assert rows == [[[float(q), 10.0 + q]] for q in members], (backend, group_size)
         assert o["auto"] == "shm"
         first = r // 2 * 2
         assert o["big_auto"] == [2.0 * first + 1] * 2
@@ -137,15 +143,23 @@ def test_group_size_must_divide_world():
     ("__version__ = '0.28.1'", "built without PyTorch"),
 ])
 def test_broken_horovod_says_what_to_run(tmp_path, fake, message):
+    """Without a working Horovod one plain process still runs (a world of one); what needs Horovod
+    (its optimizer wrapper, a launched job) raises with the cause and the command that fixes it."""
     pkg = tmp_path / "horovod"
     (pkg / "torch").mkdir(parents=True)
     (pkg / "__init__.py").write_text(fake + "\n")
     (pkg / "torch" / "__init__.py").write_text("raise ImportError('mpi_lib_v2.so: undefined symbol')\n")
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", "import hvdet.comm"], cwd=ROOT, capture_output=True, check=False,
-                         text=True, env=env)
-    assert out.returncode != 0
-    assert message in out.stderr and "make venv" in out.stderr
+    plain = ("import torch; from hvdet import comm; comm.init(); g = comm.consecutive_groups(None);"
+             "print(comm.size(), g.allgather(torch.ones(2)).shape[0], comm.horovod_available());"
+             "comm.distributed_optimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1), [])")
+    out = subprocess.run([sys.executable, "-c", plain], cwd=ROOT, capture_output=True, check=False, text=True, env=env)
+    assert out.stdout.split("\n")[0] == "1 1 False"
+    assert out.returncode != 0 and "HorovodUnavailableError" in out.stderr
+    assert message in out.stderr and "make venv" in out.stderr and "distributed_optimizer" in out.stderr
+    launched = subprocess.run([sys.executable, "-c", "from hvdet import comm; comm.init()"], cwd=ROOT,
+                              capture_output=True, check=False, text=True, env={**env, "HOROVOD_RANK": "0"})
+    assert launched.returncode != 0 and message in launched.stderr and "horovodrun/mpirun" in launched.stderr
 
 
 def test_shm_names_the_rank_that_never_arrives(tmp_path):
