@@ -3,7 +3,9 @@
 Everything distributed in hvdet goes through here, so the rest of the code reads like single-process
 PyTorch. The same calls work in three settings:
 
-* one plain process (``python train.py``): Horovod is initialized as a world of size 1;
+* one plain process (``python train.py``): Horovod is initialized as a world of size 1 (where
+  Horovod is not installed, a world of one without it: the kernels, CGBN's group path and the GPU
+  check run; Horovod's optimizer wrapper, and with it training, raise HorovodUnavailableError);
 * ``horovodrun -np N`` (Gloo or MPI controller) and ``mpirun -np N``;
 * a laptop CPU, where Gloo/MPI carry the tensors, or a DGX node, where NCCL does.
 

@@ -98,7 +98,7 @@ class SolverConfig:
 class BNConfig:
     size_images: int | None = None            # MegDet's "BN size": images per statistic; None: all ranks
     backend: str = "auto"                     # auto | shm | mpi | torch | horovod (hvdet.comm)
-    stats: str = "chan"                       # chan (exact, one collective) | two_pass (MegDet) | one_pass
+    stats: str = "auto"                       # auto (chan on GPU, two_pass on CPU) | chan | two_pass | one_pass
     impl: str = "auto"                        # local arithmetic: auto | reference | triton (hvdet.ops.bn)
 
 
@@ -156,7 +156,7 @@ CHOICES = {
     "solver.lr_scaling": ("linear", "none"),
     "solver.schedule": ("step", "cosine"),
     "bn.backend": ("auto", "horovod", "torch", "mpi", "shm"),
-    "bn.stats": ("chan", "two_pass", "one_pass"),
+    "bn.stats": ("auto", "chan", "two_pass", "one_pass"),
     "bn.impl": ("auto", "reference", "triton"),
     "solver.amp_dtype": ("float16", "bfloat16"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),

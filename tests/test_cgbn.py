@@ -98,7 +98,7 @@ def count_group_allreduces(fn):
     return out, len(calls)
 
 
-COLLECTIVES_PER_FORWARD = {"chan": 1, "two_pass": 2, "one_pass": 1}
+COLLECTIVES_PER_FORWARD = {"auto": 2, "chan": 1, "two_pass": 2, "one_pass": 1}  # auto on CPU: two_pass
 
 
 def case_oracle(configs):
@@ -231,6 +231,7 @@ def test_two_ranks_gloo_matches_batchnorm_over_the_group():
         {"shapes": UNEQUAL2, "backend": "shm", "impl": "triton", "offset": 1e4},
         {"shapes": EMPTY2, "backend": "shm", "impl": "triton", "dtype": "float16"},
         {"shapes": UNEQUAL2, "momentum": None, "affine": False, "steps": 3},
+        {"shapes": UNEQUAL2, "backend": "shm", "stats": "auto"},
         {"shapes": EQUAL2, "dtype": "float16"},
         {"shapes": UNEQUAL2, "dtype": "float16", "backend": "shm", "stats": "one_pass"},
         {"shapes": UNEQUAL2, "dtype": "bfloat16"},

@@ -16,14 +16,16 @@ and n = sum_i n_i, it needs two group sums, gathered in one more allreduce:
     dx = gamma * invstd * (dy - sum_g(dy) / n - x_hat * sum_g(dy * x_hat) / n)
     dgamma_i = sum_i(dy * x_hat),  dbeta_i = sum_i(dy)    # LOCAL: the gradient allreduce sums them
 
-Statistics in ONE collective (``stats="chan"``, the default): each rank computes its count n_i,
+Statistics in ONE collective (``stats="chan"``, the default on GPUs): each rank computes its count n_i,
 mean m_i and M2_i = sum (x - m_i)^2 (exact: deviations from its own mean), the group allgathers
 the (n_i, m_i, M2_i), and every rank merges them with Chan, Golub and LeVeque's formula:
 
     n = sum n_i,  mu = sum n_i m_i / n,  sigma^2 = (sum M2_i + sum n_i (m_i - mu)^2) / n
 
 This is MegDet's exact variance with half its forward latency (one collective instead of steps
-(2) and (4)). ``stats="two_pass"`` is Algorithm 1 as written (two collectives); ``stats="one_pass"``
+(2) and (4)). ``stats="two_pass"`` is Algorithm 1 as written (two collectives; the default on CPUs,
+where it measured as fast or 2-6% faster, benchmarks/bn_overhead.py: a collective there takes 10-15 us,
+so Chan's extra merge arithmetic is not paid back; ``stats="auto"`` picks per device); ``stats="one_pass"``
 sends (sum x, sum x^2, count) and takes E[x^2] - mu^2: one collective, but it cancels
 catastrophically when |mu| >> sigma.
 
@@ -51,7 +53,17 @@ from hvdet import comm
 from hvdet.ops import bn as ops
 
 BACKENDS = ("auto", *comm.GROUP_BACKENDS)
-STATS = ("chan", "two_pass", "one_pass")
+STATS = ("auto", "chan", "two_pass", "one_pass")
+
+
+def resolve_stats(stats: str, x: torch.Tensor) -> str:
+    """``auto``: ``chan`` for CUDA tensors (one collective, six fused Triton launches per layer), MegDet's
+    ``two_pass`` on CPU (measured as fast or faster there, see the module docstring)."""
+    if stats not in STATS:
+        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+    if stats == "auto":
+        return "chan" if x.is_cuda else "two_pass"
+    return stats
 _DIMS = ops.DIMS  # everything but the channel
 
 
@@ -69,7 +81,7 @@ def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> 
     return group_size
 
 
-def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", stats: str = "chan",
+def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", stats: str = "auto",
                   impl: str = "auto", running: tuple | None = None, stat_dtype: torch.dtype | None = None):
     """Mean and biased variance per channel (``stat_dtype``, default the accumulation dtype), and the
     element count (a float64 tensor of one element: reading it on the host would stall a GPU), over
@@ -78,8 +90,7 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", sta
     Steps (1)-(4) of Algorithm 1, in one collective (``chan``, ``one_pass``) or two (``two_pass``).
     Collective: every rank of the group must call it.
     """
-    if stats not in STATS:
-        raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+    stats = resolve_stats(stats, x)
     acc = ops.acc_dtype(x)
     stat_dtype = stat_dtype or acc
     running_mean, running_var, factor = running or (None, None, 0.0)
@@ -157,7 +168,7 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
 
 
 def cross_gpu_batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                         group: comm.Group, backend: str = "auto", stats: str = "chan", impl: str = "auto"):
+                         group: comm.Group, backend: str = "auto", stats: str = "auto", impl: str = "auto"):
     """Training-mode CGBN over ``group`` as a function; unlike the module it takes the group path
     for a group of one too (how benchmarks/gpu_check.py times CGBN's own arithmetic on one GPU)."""
     return _CrossGPUBatchNormFn.apply(x, weight, bias, running_mean, running_var, momentum, eps, group,
@@ -171,7 +182,8 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
     ``backend``: the group collective, ``auto`` (the fastest measured, see ``comm.AUTO_ORDER``),
     ``shm`` (shared memory between the ranks of one host, CPU), ``torch`` (NCCL on GPU, Gloo on
     CPU), ``mpi`` (mpi4py, under mpirun) or ``horovod``.
-    ``stats``: ``chan`` (exact, one collective), ``two_pass`` (exact, MegDet's two) or ``one_pass``
+    ``stats``: ``auto`` (chan on GPUs, two_pass on CPUs), ``chan`` (exact, one collective), ``two_pass``
+    (exact, MegDet's two) or ``one_pass``
     (E[x^2] - mu^2, one collective, inexact for |mean| >> std). ``impl``: the local arithmetic's
     implementation (:mod:`hvdet.ops.bn`).
     A group of one rank is plain BatchNorm2d (cuDNN on GPU), unless ``force_group_path`` is set: then
@@ -184,7 +196,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, group_size: int | None = None, backend: str = "auto",
-                 stats: str = "chan", impl: str = "auto", device=None, dtype=None):
+                 stats: str = "auto", impl: str = "auto", device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if backend not in BACKENDS:
             raise ValueError(f"CrossGPUBatchNorm2d: backend must be one of {BACKENDS}, got {backend!r}")
@@ -234,7 +246,7 @@ class CrossGPUBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_cross_gpu_bn(module: nn.Module, group_size: int | None = None, backend: str = "auto",
-                         stats: str = "chan", impl: str = "auto") -> nn.Module:
+                         stats: str = "auto", impl: str = "auto") -> nn.Module:
     """Replace every BatchNorm2d and torchvision FrozenBatchNorm2d in ``module`` by CrossGPUBatchNorm2d.
 
     Statistics and affine parameters are copied; a frozen layer's affine becomes trainable (that is
