@@ -5,11 +5,12 @@
 One iteration on every rank (``images_per_gpu`` images each, ``global_batch`` over all ranks):
 
 1. next batch from the distributed, per-epoch seeded loader                              data_s
-2. forward: the detector's loss dict                                                     forward_s
-3. collective loss check (comm.allreduce_small), then backward; Horovod averages every gradient
-   as soon as it is ready and ``synchronize()`` waits for all of them                   backward_allreduce_s
-4. AGVM (if on) rescales each module's lr; ``set_lr`` writes lr(t) * lr_scale; clipping
-   on the averaged gradients; ``step()`` inside ``skip_synchronize()``                  optimizer_s
+2. forward under autocast when AMP is on: the detector's loss dict                      forward_s
+3. collective loss check (comm.allreduce_small), then backward of the (AMP-scaled) loss; Horovod
+   averages every gradient as soon as it is ready; ``synchronize()`` waits for them     backward_allreduce_s
+4. ``apply_gradients``: AGVM (if on) on the still-scaled gradients, unscale, ``set_lr``
+   writes lr(t) * lr_scale, clipping of the averaged gradients, ``step()`` inside
+   ``skip_synchronize()``                                                               optimizer_s
 
 The lr is a pure function of the iteration (``hvdet.config.lr_at``), so resuming needs only the
 iteration. Time-to-accuracy is wall-clock from the start of training (after set-up, MLPerf's

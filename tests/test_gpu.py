@@ -80,6 +80,16 @@ def bn_pair(c, impl, dtype=torch.float32):
     return ref, cgbn
 
 
+def forward_backward(ref, cgbn, x):
+    """Both layers on copies of x with the same random cotangent: (y_ref, y_cgbn, x_ref, x_cgbn)."""
+    dy = torch.randn_like(x)
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yc = ref(xr), cgbn(xc)
+    (yr * dy).sum().backward()
+    (yc * dy).sum().backward()
+    return yr, yc, xr, xc
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("stats", ["chan", "two_pass"])
@@ -90,11 +100,7 @@ def test_cgbn_group_path_matches_batchnorm_on_cuda(impl, layout, stats):
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     for step in range(2):
         x = (torch.randn(4, 64, 17, 23, device=CUDA) * 3 + 2).to(memory_format=fmt)
-        dy = torch.randn_like(x)
-        xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yr, yc = ref(xr), cgbn(xc)
-        (yr * dy).sum().backward()
-        (yc * dy).sum().backward()
+        yr, yc, xr, xc = forward_backward(ref, cgbn, x)
         torch.testing.assert_close(yc, yr, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-4, atol=1e-4)
         for a, b in ((cgbn.weight.grad, ref.weight.grad), (cgbn.bias.grad, ref.bias.grad),
@@ -107,11 +113,7 @@ def test_cgbn_float64_large_mean_is_exact_on_cuda(impl):
     comm.init()
     ref, cgbn = bn_pair(8, impl, torch.float64)
     x = torch.randn(3, 8, 9, 11, device=CUDA, dtype=torch.float64) * 0.5 + 1e4  # |mean| / std = 2e4
-    dy = torch.randn_like(x)
-    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yc = ref(xr), cgbn(xc)
-    (yr * dy).sum().backward()
-    (yc * dy).sum().backward()
+    yr, yc, xr, xc = forward_backward(ref, cgbn, x)
     torch.testing.assert_close(yc, yr, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(cgbn.running_var, ref.running_var, rtol=1e-9, atol=1e-9)

@@ -24,8 +24,8 @@ the (n_i, m_i, M2_i), and every rank merges them with Chan, Golub and LeVeque's 
 
 This is MegDet's exact variance with half its forward latency (one collective instead of steps
 (2) and (4)). ``stats="two_pass"`` is Algorithm 1 as written (two collectives; the default on CPUs,
-where it measured as fast or 2-6% faster, benchmarks/bn_overhead.py: a collective there takes 10-15 us,
-so Chan's extra merge arithmetic is not paid back; ``stats="auto"`` picks per device); ``stats="one_pass"``
+where Chan's was not faster in benchmarks/bn_overhead.py: a shared-memory collective takes 10-15 us
+there, see docs/cross_gpu_bn.md; ``stats="auto"`` picks per device); ``stats="one_pass"``
 sends (sum x, sum x^2, count) and takes E[x^2] - mu^2: one collective, but it cancels
 catastrophically when |mu| >> sigma.
 
@@ -40,7 +40,7 @@ torch references, and Triton kernels on CUDA; ``impl`` picks one ("auto": the fa
 the tensor).
 
 Every rank of a group must run the same layers in the same order (forward and backward): each
-training forward is one collective (two with ``two_pass``), each backward one.
+training forward is one collective (``chan``, ``one_pass``) or two (``two_pass``), each backward one.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ STATS = ("auto", "chan", "two_pass", "one_pass")
 
 def resolve_stats(stats: str, x: torch.Tensor) -> str:
     """``auto``: ``chan`` for CUDA tensors (one collective, six fused Triton launches per layer), MegDet's
-    ``two_pass`` on CPU (measured as fast or faster there, see the module docstring)."""
+    ``two_pass`` on CPU (Chan's was not faster there, see the module docstring)."""
     if stats not in STATS:
         raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     if stats == "auto":
