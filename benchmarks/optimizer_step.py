@@ -187,7 +187,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and not lamb_cpp.kernel_available():
-        print("the fused kernel did not build; run: python -m hvdet.optim.fused --build --verbose", file=sys.stderr)
+        print("the fused kernel did not build; run: python -m hvdet.ops.lamb_cpp --build --verbose", file=sys.stderr)
         return 1
     shapes = detector_shapes()
     num_params = sum(s.numel() for s in shapes)
