@@ -5,6 +5,9 @@ import stat
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tests.harness import BIN, ROOT, rank_env, run_command
 
 CHECK = [sys.executable, "launch/allreduce_check.py"]
@@ -146,3 +149,16 @@ def test_dockerfile_lints_clean_and_builds_for_both_gpu_generations():
     assert "HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-" in (ROOT / "launch/build_horovod.sh").read_text()
     # The host's .venv (a different torch build) must never be copied over the image's.
     assert ".venv" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_gpu_check_without_a_gpu_says_so_and_runs_its_cpu_parts(tmp_path):
+    """`make gpu-check` on a machine without CUDA: it says so, measures nothing, and its code paths
+    (LAMB implementations agreeing, CGBN's group path == BatchNorm2d) still run as a smoke test."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: benchmarks/gpu_check.py measures instead (pytest -m gpu)")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out)], cwd=ROOT,
+                          env=rank_env(threads=1), capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no CUDA GPU found" in proc.stdout and "CPU smoke test passed" in proc.stdout
+    assert not out.exists()  # nothing measured, nothing written
