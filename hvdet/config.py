@@ -26,8 +26,6 @@ from pathlib import Path
 
 import yaml
 
-from hvdet.optim.schedules import linear_scaled_lr
-
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -386,6 +384,9 @@ def global_batch(cfg: Config, world_size: int) -> int:
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
     """The global lr for this world size: base_lr * global_batch / reference_batch."""
+    # Imported here: hvdet.optim needs torch, and reading or checking a config must not.
+    from hvdet.optim.schedules import linear_scaled_lr
+
     if cfg.solver.lr_scaling == "none":
         return cfg.solver.base_lr
     return linear_scaled_lr(cfg.solver.base_lr, global_batch(cfg, world_size), cfg.solver.reference_batch)

@@ -158,3 +158,10 @@ def test_train_py_reports_config_errors_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "hvdet: config error: override 'solver.base_lrr=0.1': unknown key 'solver.base_lrr'; did you mean "
         + "'solver.base_lr'?"]
+
+
+def test_loading_a_config_does_not_import_torch():
+    """A recipe is read and checked without torch (issue 12: config apart from planning)."""
+    code = ("import sys; import hvdet.config as c; c.load_config('configs/synthetic_demo.yaml');"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
