@@ -45,9 +45,12 @@ def _cpu_tag() -> str:
 
 
 def extension_name() -> str:
-    """Build name: changes with the source, the flags, the torch version and the CPU."""
+    """Build name: changes with the source, the flags, the torch version, the CPU and the source's path
+    (torch's build file records the path: two checkouts sharing ~/.cache/torch_extensions under one
+    name would rebuild over each other at every switch)."""
     digest = hashlib.sha1()
-    for part in (SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(), _cpu_tag().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(),
+                 _cpu_tag().encode(), str(SOURCE).encode()):
         digest.update(part)
     return f"hvdet_lamb_cpu_{digest.hexdigest()[:12]}"
 
