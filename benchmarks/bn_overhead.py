@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: tests.harness and hvdet from the checkout
 
+from benchmarks.provenance import provenance
 from tests.harness import run_ranks
 
 LAUNCHERS = ("horovodrun", "mpirun")
@@ -305,7 +306,7 @@ def main() -> int:
 
     report = {"machine": f"{os.cpu_count()}-core CPU VM, no GPU ({platform.processor() or platform.machine()}), "
                          "shared with other jobs",
-              "torch": torch.__version__, "np": args.np, "threads_per_rank": 1,
+              "provenance": provenance(), "torch": torch.__version__, "np": args.np, "threads_per_rank": 1,
               "model": "torchvision resnet_fpn_backbone('resnet50'), BatchNorm2d -> CrossGPUBatchNorm2d (53 layers)",
               "image_size": args.image_size, "images_per_gpu": args.images_per_gpu,
               "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(),

@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance
 from hvdet import comm
 from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn
 from hvdet.ops import lamb as ops_lamb
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     comm.init()
     torch.backends.cudnn.benchmark = True
-    result = {"machine": info, "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
+    result = {"machine": info, "provenance": provenance(), "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
     if not args.skip_tests:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()

@@ -26,6 +26,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.provenance import provenance
 from hvdet.models import FAST, build_detector
 
 NUM_CLASSES = 4  # 3 shape classes + background, as the synthetic dataset
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "detector forward+backward per training step", "images": args.images,
               "size_px": args.size, "threads": args.threads, "repeats": args.repeats,
               "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM, no GPU (shared)",
-              "torch": torch.__version__, "results": results}
+              "provenance": provenance(), "torch": torch.__version__, "results": results}
     print(f"{'variant':<24}{'median s/step':>14}{'min':>8}{'vs default':>12}")
     for name, r in results.items():
         print(f"{name:<24}{r['median_s']:>14.3f}{r['min_s']:>8.3f}{r['speedup_vs_default'] or float('nan'):>11.1f}x")

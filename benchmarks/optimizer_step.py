@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance
 from hvdet.ops import lamb_cpp
 from hvdet.optim import PMDLAMB
 
@@ -210,7 +211,8 @@ def main() -> int:
         "tensors": len(shapes), "parameters": num_params, "device": str(device),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1min_at_start": load_start},
-        "torch": torch.__version__, "block_elems": lamb_cpp.BLOCK_ELEMS, "repeats": args.repeats,
+        "provenance": provenance(), "torch": torch.__version__, "block_elems": lamb_cpp.BLOCK_ELEMS,
+        "repeats": args.repeats,
         "notes": "timm_lamb: max_grad_norm=None, bias_correction=False (hvdet_pmdlamb's LAMB update; timm has "
                  "no PMD decay, a per-step scalar); timm_lamb_clip: the same with timm's default max_grad_norm=1.0 "
                  "(as hvdet_pmdlamb_clip); repeats interleaved, medians",

@@ -393,8 +393,12 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
 
 
 def dump(cfg: Config, path: str | Path) -> None:
-    """The resolved config as YAML: a recipe that reproduces the run."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config as YAML: a recipe that reproduces the run (written atomically, as every file
+    of a run is)."""
+    from hvdet.atomic import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda f: f.write(text))
 
 
 # ---------------------------------------------------------------------------------------------
