@@ -182,13 +182,20 @@ def bench_lamb() -> dict:
 # 2-3. Cross-GPU BN's arithmetic vs cuDNN BatchNorm
 # ---------------------------------------------------------------------------------------------
 
+def group_path(module: nn.Module) -> nn.Module:
+    """Every CrossGPUBatchNorm2d in ``module`` runs CGBN's arithmetic with its group of one rank
+    instead of the cuDNN shortcut (what this check measures on one GPU)."""
+    for m in module.modules():
+        if isinstance(m, CrossGPUBatchNorm2d):
+            m.force_group_path = True
+    return module
+
+
 def bn_variants(c: int):
     """name -> a fresh BN layer: cuDNN, and CGBN's group path with a group of one (Triton / reference)."""
     def cgbn(impl):
         def make():
-            layer = CrossGPUBatchNorm2d(c, impl=impl)
-            layer.force_group_path = True
-            return layer
+            return group_path(CrossGPUBatchNorm2d(c, impl=impl))
         return make
     return {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "cgbn_triton": cgbn("triton"),
             "cgbn_reference": cgbn("reference")}
@@ -232,10 +239,7 @@ def bench_backbone() -> dict:
             net = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
                                       trainable_layers=5)
             if name != "cudnn_batchnorm":
-                net = convert_cross_gpu_bn(net, impl=name.split("_")[1])
-                for m in net.modules():
-                    if isinstance(m, CrossGPUBatchNorm2d):
-                        m.force_group_path = True
+                net = group_path(convert_cross_gpu_bn(net, impl=name.split("_")[1]))
             net = net.cuda().to(memory_format=fmt)
 
             def run(net=net, x=x, amp=amp):
@@ -270,10 +274,8 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
     for name, amp, fmt in (("fp32", False, torch.contiguous_format), ("amp_bf16", True, torch.contiguous_format),
                            ("amp_bf16_channels_last", True, torch.channels_last)):
         torch.manual_seed(0)
-        model = build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm="cross_gpu", min_size=size, max_size=size)
-        for m in model.modules():
-            if isinstance(m, CrossGPUBatchNorm2d):
-                m.force_group_path = True
+        model = group_path(build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm="cross_gpu", min_size=size,
+                                          max_size=size))
         model = model.cuda().to(memory_format=fmt).train()
         opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
 
@@ -331,8 +333,7 @@ def cpu_smoke() -> None:
     PMDLAMB(params, lr=0.1).step()
     PMDLAMB(ref, lr=0.1, impl="reference").step()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, ref)), "LAMB impls disagree"
-    layer = CrossGPUBatchNorm2d(8)
-    layer.force_group_path = True
+    layer = group_path(CrossGPUBatchNorm2d(8))
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     layer(x).square().sum().backward()

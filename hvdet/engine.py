@@ -144,10 +144,6 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     opt = build_optimizer(model, s.optimizer, plan.lr, s.weight_decay, momentum=s.momentum, betas=tuple(s.betas),
                           eps=s.eps, alpha=s.alpha, cycle_length=s.cycle_length,
                           per_module=s.per_module or a.enabled, norm_weight_decay=s.norm_weight_decay)
-    if s.optimizer in ("lamb", "pmdlamb") and comm.device().type == "cpu":
-        from hvdet.ops import lamb_cpp
-
-        lamb_cpp.kernel_available()  # a first-use build of the C++ step happens here, not in the timed loop
     opt = comm.distributed_optimizer(opt, model.named_parameters(), compression="fp16" if s.fp16_allreduce else "none",
                                      backward_passes_per_step=s.backward_passes_per_step)
     agvm = AGVM(opt, model, a.interval, a.start_iter, a.momentum, tuple(a.clamp)) if a.enabled else None

@@ -4,9 +4,8 @@ from hvdet.nn.cross_gpu_bn import (
     CrossGPUBatchNorm2d,
     bn_group_size,
     convert_cross_gpu_bn,
-    cross_gpu_batch_norm,
     group_moments,
 )
 
-__all__ = ["STATS", "CrossGPUBatchNorm2d", "bn_group_size", "convert_cross_gpu_bn", "cross_gpu_batch_norm",
+__all__ = ["STATS", "CrossGPUBatchNorm2d", "bn_group_size", "convert_cross_gpu_bn",
            "group_moments"]

@@ -54,6 +54,7 @@ from hvdet.ops import bn as ops
 
 BACKENDS = ("auto", *comm.GROUP_BACKENDS)
 STATS = ("auto", "chan", "two_pass", "one_pass")
+_DIMS = ops.DIMS  # everything but the channel
 
 
 def resolve_stats(stats: str, x: torch.Tensor) -> str:
@@ -64,7 +65,6 @@ def resolve_stats(stats: str, x: torch.Tensor) -> str:
     if stats == "auto":
         return "chan" if x.is_cuda else "two_pass"
     return stats
-_DIMS = ops.DIMS  # everything but the channel
 
 
 def bn_group_size(bn_size_images: int, images_per_gpu: int, world_size: int) -> int:
@@ -100,8 +100,9 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", sta
         parts = group.allgather(ops.moments_packed(x, how), backend)
         if parts.device.type == "cpu":  # raise before the running statistics move (free on the CPU)
             _check_count(parts[:, :1].sum(0))
+            return ops.group_stats(parts, stat_dtype, running_mean, running_var, factor, how)
         mean, var, n = ops.group_stats(parts, stat_dtype, running_mean, running_var, factor, how)
-        return mean, var, _check_count(n)
+        return mean, var, _check_count(n)  # on the device: no host sync
     xa = x.to(acc)
     n_local = float(x.numel() // x.shape[1])
     s = xa.sum(_DIMS).double()                                           # s_i
@@ -121,10 +122,7 @@ def group_moments(x: torch.Tensor, group: comm.Group, backend: str = "auto", sta
         # Sync point 2: the group variance (exact two-pass: no cancellation).
         var = group.allreduce(v, "sum", backend) / n                     # sigma^2
     if running_mean is not None:
-        with torch.no_grad():
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            unbiased = var * (n / (n - 1))  # torch's convention: the running variance is unbiased
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        ops.update_running(running_mean, running_var, factor, mean, var * (n / (n - 1)))
     return mean.to(acc).to(stat_dtype), var.to(acc).to(stat_dtype), n
 
 
@@ -165,14 +163,6 @@ class _CrossGPUBatchNormFn(torch.autograd.Function):
             dx = ops.input_grad_from_sums(dy, x, total, ctx.n, weight, mean, var, ctx.eps, ctx.impl)
         return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
                 None, None, None, None, None, None, None, None)
-
-
-def cross_gpu_batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                         group: comm.Group, backend: str = "auto", stats: str = "auto", impl: str = "auto"):
-    """Training-mode CGBN over ``group`` as a function; unlike the module it takes the group path
-    for a group of one too (how benchmarks/gpu_check.py times CGBN's own arithmetic on one GPU)."""
-    return _CrossGPUBatchNormFn.apply(x, weight, bias, running_mean, running_var, momentum, eps, group,
-                                      backend, stats, impl)
 
 
 class CrossGPUBatchNorm2d(nn.BatchNorm2d):

@@ -92,7 +92,6 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: 
     if x.numel() == 0:
         return mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
     how = choose(x, impl, "backward_reduce")
-    invstd = torch.rsqrt(var + eps)
     if how == "triton":
         packed, _, _ = _triton().grad_sums_packed(dy, x, mean, var, eps, mean.dtype)
         c = mean.numel()
@@ -107,7 +106,8 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: 
     dya = dy.to(acc)
     shape = (1, -1, 1, 1)
     sum_dy_xmu = (dya * (x.to(acc) - mean.to(acc).view(shape))).sum(DIMS)
-    return dya.sum(DIMS).to(mean.dtype), (sum_dy_xmu * invstd.to(acc)).to(mean.dtype)
+    invstd = torch.rsqrt(var + eps).to(acc)
+    return dya.sum(DIMS).to(mean.dtype), (sum_dy_xmu * invstd).to(mean.dtype)
 
 
 def input_grad(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -133,7 +133,7 @@ def resolve(x: torch.Tensor, impl: str) -> str:
     """triton or reference: the implementation of the packed steps for tensors like x."""
     if impl == "aten":  # the CPU backward reduction only; the other steps take the reference
         return "reference"
-    return "triton" if choose(x, "triton" if impl == "triton" else impl, "moments") == "triton" else "reference"
+    return "triton" if choose(x, impl, "moments") == "triton" else "reference"
 
 
 def moments_packed(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -155,11 +155,16 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean=None,
     n, mean, m2 = merge_moments(parts[:, :1], parts[:, 1:c + 1], parts[:, c + 1:])
     var = m2 / n.clamp(min=1)
     if running_mean is not None:
-        with torch.no_grad():
-            unbiased = m2 / (n - 1).clamp(min=1)  # torch's convention: the running variance is unbiased
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        update_running(running_mean, running_var, factor, mean, m2 / (n - 1).clamp(min=1))
     return mean.to(stat_dtype), var.to(stat_dtype), n
+
+
+@torch.no_grad()
+def update_running(running_mean, running_var, factor: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """torch's BatchNorm convention: running = (1 - factor) running + factor batch, with the unbiased
+    batch variance."""
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(unbiased_var.to(running_var.dtype), alpha=factor)
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
@@ -168,7 +173,7 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.
     its local parameter gradients (Horovod's gradient allreduce sums those)."""
     if x.numel() and resolve(x, impl) == "triton":
         return _triton().grad_sums_packed(dy, x, mean, var, eps, param_dtype)
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, var, eps, "auto" if impl == "triton" else impl)
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, var, eps, impl)
     return torch.cat([sum_dy, sum_dy_xhat]).double(), sum_dy_xhat.to(param_dtype), sum_dy.to(param_dtype)
 
 

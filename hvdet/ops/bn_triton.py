@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hvdet.ops.bn import acc_dtype
+
 TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
 PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU
 MERGE_BLOCK = 32                            # channels per program of the merge kernels ...
@@ -237,14 +239,10 @@ def _split(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def local_moments_packed(x: torch.Tensor) -> torch.Tensor:
     """This rank's float64 (n_i, mean_i[C], M2_i[C]) of x: launches 1 and 2."""
     grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
-    c, acc = x.shape[1], _acc(x)
+    c, acc = x.shape[1], acc_dtype(x)
     parts = [torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(3)]
     _moments[grid](x, *parts, units, n_hb, hw, c, *strides(x), per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
     local = torch.empty(2 * c + 1, device=x.device, dtype=torch.float64)
@@ -272,7 +270,7 @@ def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var:
                      param_dtype: torch.dtype):
     """Launches 4 and 5: float64 (sum dy[C], sum dy x_hat[C]) and the local (dgamma, dbeta)."""
     grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
-    c, acc = x.shape[1], _acc(x)
+    c, acc = x.shape[1], acc_dtype(x)
     sum_dy, sum_dy_xmu = (torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(2))
     _backward_reduce[grid](dy, x, mean.contiguous(), sum_dy, sum_dy_xmu, units, n_hb, hw, c, *strides(x), *strides(dy),
                            per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
@@ -287,7 +285,7 @@ def input_grad(dy: torch.Tensor, x: torch.Tensor, total: torch.Tensor, n: torch.
                eps: float) -> torch.Tensor:
     """Launch 6: dx from the group sums ``total`` (float64 [2C]) and count ``n`` (float64 [1])."""
     grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
-    acc = _acc(x)
+    acc = acc_dtype(x)
     dx = torch.empty_like(x)  # preserve_format: the same strides as x
     has_weight = weight is not None
     _input_grad[grid](dy, x, dx, total.contiguous(), n, weight if has_weight else mean, mean.contiguous(),

@@ -49,28 +49,15 @@ def _triton():
 
 def choose(quad: tuple, impl: str = "auto") -> str:
     """The implementation that updates one (param, grad, exp_avg, exp_avg_sq) quadruple."""
+    return _decide(_resolve(impl), quad)
+
+
+def _resolve(impl: str) -> str:
+    """``impl`` checked, with ``HVDET_LAMB_IMPL`` applied to ``auto``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     forced = os.environ.get("HVDET_LAMB_IMPL", "auto")
-    return _choose(_signature(quad), forced if impl == "auto" and forced != "auto" else impl, quad)
-
-
-def _signature(quad: tuple) -> tuple:
-    # What the choice depends on; this runs for every tensor at every step, so it stays cheap.
-    p, g, m, v = quad
-    aligned = not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) & 15
-    return (p.device, p.dtype, g.dtype, m.dtype, v.dtype, p.is_contiguous() and g.is_contiguous()
-            and m.is_contiguous() and v.is_contiguous(), aligned)
-
-
-_CHOICES: dict = {}
-
-
-def _choose(sig: tuple, impl: str, quad: tuple) -> str:
-    key = (sig, impl)
-    if key not in _CHOICES:
-        _CHOICES[key] = _decide(impl, quad)
-    return _CHOICES[key]
+    return forced if impl == "auto" else impl
 
 
 def _decide(impl: str, quad: tuple) -> str:
@@ -104,11 +91,7 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
                          f"{len(exp_avg_sqs)} exp_avg_sqs and coefs of shape {tuple(coefs.shape)} do not match")
     if n == 0:
         return torch.zeros(0, 2, dtype=torch.float64)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    forced = os.environ.get("HVDET_LAMB_IMPL", "auto")
-    impl = forced if impl == "auto" and forced != "auto" else impl
-    parts = _plan(params, grads, exp_avgs, exp_avg_sqs, impl)
+    parts = _plan(params, grads, exp_avgs, exp_avg_sqs, _resolve(impl))
     results = []
     for (how, *_), (ids, triton_plan) in parts.items():
         sub = [[t[i] for i in ids] for t in (params, grads, exp_avgs, exp_avg_sqs)] if how != "triton" else None
@@ -139,7 +122,7 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, impl: str) -> dict:
         return _PLANS[key]
     parts: dict[tuple, list[int]] = {}
     for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        how = _choose(_signature(quad), impl, quad)
+        how = _decide(impl, quad)
         # One call per implementation, device and dtype pair: foreach ops and kernels need one of each.
         parts.setdefault((how, params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
     plans = {}
@@ -150,6 +133,13 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, impl: str) -> dict:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[key] = plans
     return plans
+
+
+def prepare(params, impl: str = "auto") -> None:
+    """Load (building it once if need be) the C++ kernel that ``impl`` will use for CPU ``params``, so
+    that no first step pays for it (a build took minutes inside a timed run)."""
+    if _resolve(impl) in ("auto", "cpp") and any(p.device.type == "cpu" for p in params):
+        _cpp().kernel_available()
 
 
 def _host_scale(grad_scale) -> float:

@@ -51,6 +51,17 @@ def _update_dir(x, m, v, c):
 
 
 @triton.jit
+def _work_item(pid, item_tensor, item_block, numels, scale_ptr, BLOCK: tl.constexpr):
+    """Work item ``pid``: its tensor t, first element, offsets, the tensor's size and the clip factor.
+    A NaN factor (a non-finite gradient norm) makes the size 0: nothing is stored, the step is skipped."""
+    t = tl.load(item_tensor + pid)
+    start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
+    scale = tl.load(scale_ptr)
+    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    return t, start, start + tl.arange(0, BLOCK), numel, scale
+
+
+@triton.jit
 def _load(ptr, offs, mask, MASKED: tl.constexpr):
     # Full blocks load without a mask: with 16-byte aligned tensors (accepts()) they compile to wide
     # vector loads, which a mask of unknown period (a tensor's size) would split into scalar ones.
@@ -87,12 +98,7 @@ def _stage1_block(x_p, g_p, m_p, v_p, offs, mask, c, scale, MASKED: tl.constexpr
 def _stage1(ptrs, n_tensors, numels, coefs, item_tensor, item_block, partials, scale_ptr,
             G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr):
     pid = tl.program_id(0)
-    t = tl.load(item_tensor + pid)
-    start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr)
-    # A NaN scale (a non-finite gradient norm) stores nothing: the step is skipped.
-    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    t, start, offs, numel, scale = _work_item(pid, item_tensor, item_block, numels, scale_ptr, BLOCK)
     x_p, g_p = _typed(ptrs, t, tl.float32), _typed(ptrs, n_tensors + t, G_DTYPE)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
     c = coefs + t * NCOEF
@@ -134,12 +140,7 @@ def _stage2_block(x_p, m_p, v_p, offs, mask, c, factor, MASKED: tl.constexpr):
 @triton.jit
 def _stage2(ptrs, n_tensors, numels, coefs, item_tensor, item_block, factors, scale_ptr,
             BLOCK: tl.constexpr, NCOEF: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(item_tensor + pid)
-    start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr)
-    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    t, start, offs, numel, _ = _work_item(tl.program_id(0), item_tensor, item_block, numels, scale_ptr, BLOCK)
     x_p = _typed(ptrs, t, tl.float32)
     m_p, v_p = _typed(ptrs, 2 * n_tensors + t, tl.float32), _typed(ptrs, 3 * n_tensors + t, tl.float32)
     c, factor = coefs + t * NCOEF, tl.load(factors + t)
@@ -157,9 +158,9 @@ def accepts(quad: tuple) -> bool:
     """fp32 contiguous param and moments, an fp32/bf16/fp16 contiguous gradient, one device, every
     tensor 16-byte aligned (true of every tensor that owns its storage)."""
     p, g, m, v = quad
-    return (not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) & 15 and p.dtype is torch.float32 and m.dtype is torch.float32 and v.dtype is torch.float32
-            and g.dtype in _GDTYPES and all(t.is_contiguous() for t in quad)
-            and g.device == p.device == m.device == v.device)
+    aligned = not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) & 15
+    return (aligned and p.dtype is m.dtype is v.dtype is torch.float32 and g.dtype in _GDTYPES
+            and all(t.is_contiguous() for t in quad) and g.device == p.device == m.device == v.device)
 
 
 def _layout(numels: tuple, device) -> tuple:
@@ -219,12 +220,6 @@ class Plan:
             _stage2[(items,)](ptrs, n, numels, rows, item_tensor, item_block, factors, scale,
                               BLOCK=BLOCK, NCOEF=NCOEF, num_warps=NUM_WARPS)
         return norms.double()
-
-
-def step(params, grads, exp_avgs, exp_avg_sqs, coefs: torch.Tensor, grad_scale,
-         group_elems: int | None = None) -> torch.Tensor:
-    """One step over these tensors (one device, one gradient dtype): :meth:`Plan.run` of a new plan."""
-    return Plan(params, grads, exp_avgs, exp_avg_sqs, group_elems).run(coefs, grad_scale)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

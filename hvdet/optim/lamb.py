@@ -66,6 +66,7 @@ class PMDLAMB(torch.optim.Optimizer):
                     "cycle_length": cycle_length, "bias_correction": bias_correction, "trust": True, "lr_scale": 1.0,
                     "max_grad_norm": max_grad_norm, "impl": impl}
         super().__init__(params, defaults)
+        _ops().prepare([p for g in self.param_groups for p in g["params"]], impl)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
