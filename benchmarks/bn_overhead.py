@@ -228,7 +228,7 @@ def horovod_cycle(image_size: int, images_per_gpu: int, warmup: int, repeats: in
                                  repeats=repeats)
         finally:
             del os.environ["HOROVOD_CYCLE_TIME"]
-        out[f"two_ranks_cycle_{cycle_ms}ms_s"] = statistics.median(max(ts) for ts in zip(*per_rank))
+        out[f"two_ranks_cycle_{cycle_ms}ms_s"] = statistics.median(max(ts) for ts in zip(*per_rank, strict=True))
     return out
 
 
@@ -287,7 +287,7 @@ def summarize(per_rank: list[dict]) -> dict:
              for n in names}
     out = {}
     for n in names:
-        ratios = [a / b for a, b in zip(steps[n], steps["local"])]
+        ratios = [a / b for a, b in zip(steps[n], steps["local"], strict=True)]
         out[n] = {"median_step_s": statistics.median(steps[n]), "median_ratio_to_local": statistics.median(ratios),
                   "min_ratio_to_local": min(ratios), "max_ratio_to_local": max(ratios), "steps_s": steps[n]}
     return out

@@ -328,11 +328,11 @@ def cpu_smoke() -> None:
     for p in params:
         p.grad = torch.randn_like(p)
     ref = [nn.Parameter(p.detach().clone()) for p in params]
-    for p, q in zip(ref, params):
+    for p, q in zip(ref, params, strict=True):
         p.grad = q.grad.clone()
     PMDLAMB(params, lr=0.1).step()
     PMDLAMB(ref, lr=0.1, impl="reference").step()
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, ref)), "LAMB impls disagree"
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, ref, strict=True)), "LAMB impls disagree"
     layer = group_path(CrossGPUBatchNorm2d(8))
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     xr = x.detach().clone().requires_grad_()

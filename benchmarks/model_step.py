@@ -76,7 +76,7 @@ def make_batch(images: int, size_px: int, seed: int = 0):
         xy0 = torch.rand(n, 2, generator=g) * (size_px - side)
         boxes = torch.cat([xy0, xy0 + side], dim=1)
         masks = torch.zeros(n, size_px, size_px, dtype=torch.uint8)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist()):
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist(), strict=True):
             m[y0:y1, x0:x1] = 1
         labels = torch.randint(1, NUM_CLASSES, (n,), generator=g)
         batch.append(torch.rand(3, size_px, size_px, generator=g))

@@ -260,7 +260,7 @@ def train_step(run: Run, step: int, timer: StepTimer) -> dict:
     with timer.phase("optimizer_s"):
         apply_gradients(opt, run.model, scaler, step, lr, run.agvm, cfg.solver.clip_grad_norm)
     timer.step()
-    return dict(zip(loss_dict, (loss_sum / passes).tolist()))
+    return dict(zip(loss_dict, (loss_sum / passes).tolist(), strict=True))
 
 
 def check_losses(loss_dict: dict, step: int, lr: float) -> torch.Tensor:
@@ -274,7 +274,7 @@ def check_losses(loss_dict: dict, step: int, lr: float) -> torch.Tensor:
                                 op="mean", name="hvdet.losses")
     if not torch.isfinite(mean).all():
         raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
-                              f"{dict(zip(loss_dict, mean.tolist()))}")
+                              f"{dict(zip(loss_dict, mean.tolist(), strict=True))}")
     return mean
 
 

@@ -99,7 +99,7 @@ def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> 
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(METRICS, evaluator.stats)}
+    return {name: float(value) for name, value in zip(METRICS, evaluator.stats, strict=False)}
 
 
 def to_coco_detections(output: dict, image_id: int, contiguous_to_cat_id: dict, with_masks: bool = False) -> list[dict]:
@@ -108,11 +108,11 @@ def to_coco_detections(output: dict, image_id: int, contiguous_to_cat_id: dict, 
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     labels, scores = output["labels"].tolist(), output["scores"].tolist()
     detections = [{"image_id": image_id, "category_id": contiguous_to_cat_id[label], "bbox": box, "score": score}
-                  for box, label, score in zip(xywh, labels, scores)]
+                  for box, label, score in zip(xywh, labels, scores, strict=True)]
     if with_masks:
         if "masks" not in output:
             raise ValueError("the model's output has no 'masks': segm evaluation needs a Mask R-CNN")
-        for det, rle in zip(detections, _encode_masks(output["masks"])):
+        for det, rle in zip(detections, _encode_masks(output["masks"]), strict=True):
             det["segmentation"] = rle
     return detections
 
@@ -125,10 +125,10 @@ def _infer(model, loader, dataset, with_masks: bool, progress: bool) -> tuple[li
     with torch.inference_mode():
         for images, targets in bar:
             batch_ids = [int(t["image_id"]) for t in targets]
-            for image, image_id in zip(images, batch_ids):
+            for image, image_id in zip(images, batch_ids, strict=True):
                 _check_original_size(image, dataset.coco.imgs[image_id])
             outputs = model([image.to(device) for image in images])
-            for image_id, output in zip(batch_ids, outputs):
+            for image_id, output in zip(batch_ids, outputs, strict=True):
                 detections += to_coco_detections(output, image_id, dataset.contiguous_to_cat_id, with_masks)
             image_ids += batch_ids
     return image_ids, detections

@@ -213,7 +213,7 @@ class StepTimer:
 
             local = torch.tensor([out.get(name, 0.0) for name in max_over_ranks], dtype=torch.float64)
             largest = comm.allreduce(local, op="max") if comm.size() > 1 else local
-            out.update({f"max_{name}": float(v) for name, v in zip(max_over_ranks, largest)})
+            out.update({f"max_{name}": float(v) for name, v in zip(max_over_ranks, largest, strict=True)})
         out["window_s"] = time.perf_counter() - self._window_start
         out["iterations"] = self.iterations
         return out

@@ -94,7 +94,7 @@ def _duration(seconds) -> str:
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     def line(cells):
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -166,7 +166,7 @@ def _plot_map(run: Run, plt):
         pts = [(e["elapsed_s"] / 60, a) for e in run.evals if e.get("elapsed_s") is not None
                and (a := _ap(e, kind)) is not None]
         if pts:
-            ax.plot(*zip(*pts), "o-", color=colors[kind], label=f"{kind} AP@[.5:.95]")
+            ax.plot(*zip(*pts, strict=True), "o-", color=colors[kind], label=f"{kind} AP@[.5:.95]")
         if kind in run.targets:
             ax.axhline(run.targets[kind], color=colors[kind], ls="--", lw=1,
                        label=f"{kind} target {run.targets[kind]:.3g}")
@@ -194,7 +194,7 @@ def _plot_loss_lr(run: Run, plt):
         pts = [(r["iteration"], r["losses"][name]) for r in run.train
                if isinstance((r.get("losses") or {}).get(name), (int, float))]
         if pts:
-            ax_loss.plot(*zip(*pts), lw=0.9, label=name)
+            ax_loss.plot(*zip(*pts, strict=True), lw=0.9, label=name)
     ax_loss.set(ylabel="loss", title=_title(run, "training loss and learning rate"))
     ax_loss.grid(alpha=0.3)
     if run.train:

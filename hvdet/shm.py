@@ -79,7 +79,8 @@ def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | 
     if all(attached):
         return mine
     if error is not None:
-        warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend")
+        warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend",
+                      stacklevel=2)
     return None
 
 

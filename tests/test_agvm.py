@@ -58,7 +58,7 @@ def case_agvm(optimizer_name):
     base = build_optimizer(model, optimizer_name, lr=LR, weight_decay=0.0, momentum=0.0, per_module=True)
     before = [p.detach().clone() for p in model.parameters()]
     comm.broadcast_optimizer_state(base)  # fresh optimizer: must not take a step
-    out = {"moved_by_broadcast": any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))}
+    out = {"moved_by_broadcast": any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))}
     opt = comm.distributed_optimizer(base, model.named_parameters())
     agvm = AGVM(opt, model, interval=INTERVAL, start_iter=START)
     out["variances"], out["lrs"] = {}, []

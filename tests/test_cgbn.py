@@ -66,10 +66,10 @@ def reference(shapes, ranks, steps, momentum, affine, dtype=torch.float64, seed=
         cat = torch.cat([flat(x) for x in xs], 1)[None, :, :, None]
         y = bn(cat)[0, :, :, 0]
         parts = torch.split(y, [x.numel() // C for x in xs], 1)
-        ys = [p.reshape(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1) for p, x in zip(parts, xs)]
+        ys = [p.reshape(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1) for p, x in zip(parts, xs, strict=True)]
         if affine:
             bn.weight.grad = bn.bias.grad = None
-        sum(((yy * g).sum() for yy, g in zip(ys, gs)), torch.zeros((), dtype=torch.float64)).backward()
+        sum(((yy * g).sum() for yy, g in zip(ys, gs, strict=True)), torch.zeros((), dtype=torch.float64)).backward()
         results.append({"y": [yy.detach() for yy in ys], "dx": [x.grad for x in xs],
                         "dw": bn.weight.grad.clone() if affine else None,
                         "db": bn.bias.grad.clone() if affine else None,
@@ -167,7 +167,7 @@ TOL = {"float64": ({"rtol": 1e-9, "atol": 1e-9}, {"rtol": 1e-9, "atol": 1e-9}),
 
 def check_oracle(results, configs, world):
     """Compare every rank's results with the single-process reference of its group."""
-    for cfg, per_rank in zip(configs, zip(*results)):
+    for cfg, per_rank in zip(configs, zip(*results, strict=True), strict=True):
         group_size = cfg.get("group_size") or world
         dtype = cfg.get("dtype", "float64")
         tol, stat_tol = TOL[dtype]
@@ -180,7 +180,7 @@ def check_oracle(results, configs, world):
                             cfg.get("affine", True), getattr(torch, dtype), offset=cfg.get("offset", 0.0))
             for r in ranks:
                 res = per_rank[r]
-                for step, (got, want) in enumerate(zip(res["steps"], ref)):
+                for step, (got, want) in enumerate(zip(res["steps"], ref, strict=True)):
                     where = f"config {cfg}, rank {r}, step {step}"
                     assert got["n_fwd"] == COLLECTIVES_PER_FORWARD[stats], where
                     assert got["n_bwd"] == 1, where
@@ -333,13 +333,13 @@ def case_train_step(detector, backend="auto"):
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     batches = [classifier_batch(q) for q in range(world)]
     logits = ref(torch.cat([b[0] for b in batches]))
-    loss = sum(F.cross_entropy(part, b[1]) for part, b in zip(logits.split(2), batches)) / world
+    loss = sum(F.cross_entropy(part, b[1]) for part, b in zip(logits.split(2), batches, strict=True)) / world
     loss.backward()
     ref_opt.step()
     out["step_max_err"] = max((a - b).abs().max().item() for a, b in zip(net.state_dict().values(),
-                                                                          ref.state_dict().values())
+                                                                          ref.state_dict().values(), strict=True)
                               if a.is_floating_point())
-    out["step_max_change"] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), init.parameters()))
+    out["step_max_change"] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), init.parameters(), strict=True))
     return out
 
 

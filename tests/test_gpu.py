@@ -44,8 +44,8 @@ def test_triton_lamb_step_matches_the_reference_on_cuda(grad_dtype, group_elems,
     n_ref = ops_lamb.lamb_step(*ref, rows, 0.7, impl="reference")
     n_got = ops_lamb.lamb_step(*got, rows, torch.tensor([0.7], device=CUDA), impl="triton")
     torch.testing.assert_close(n_got, n_ref, rtol=1e-5, atol=1e-7)
-    for name, a, b in zip("xgmv", got, ref):
-        for i, (t, w) in enumerate(zip(a, b)):
+    for name, a, b in zip("xgmv", got, ref, strict=True):
+        for i, (t, w) in enumerate(zip(a, b, strict=True)):
             torch.testing.assert_close(t, w, rtol=1e-5, atol=1e-8, msg=f"{name}[{i}] {tuple(t.shape)}")
 
 
@@ -98,7 +98,7 @@ def test_cgbn_group_path_matches_batchnorm_on_cuda(impl, layout, stats):
     ref, cgbn = bn_pair(64, impl)
     cgbn.stats = stats
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    for step in range(2):
+    for _ in range(2):
         x = (torch.randn(4, 64, 17, 23, device=CUDA) * 3 + 2).to(memory_format=fmt)
         yr, yc, xr, xc = forward_backward(ref, cgbn, x)
         torch.testing.assert_close(yc, yr, rtol=1e-4, atol=1e-4)
@@ -176,4 +176,4 @@ def test_detector_training_step_amp_channels_last_cgbn_on_cuda():
         sum(losses.values()).backward()
         opt.step()
     assert all(torch.isfinite(v) for v in losses.values())
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -29,7 +29,7 @@ def batch(n_images=2, size_px=128, seed=0):
     for i in range(n_images):
         boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 40.0, 100.0, 64.0]])[: 1 + i % 2]
         masks = torch.zeros(len(boxes), size_px, size_px, dtype=torch.uint8)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist(), strict=True):
             m[y0:y1, x0:x1] = 1
         images.append(torch.rand(3, size_px, size_px, generator=g))
         targets.append({"boxes": boxes, "labels": torch.tensor([1, 3])[: len(boxes)], "masks": masks})

@@ -40,7 +40,7 @@ def lamb_problem(grad_dtype=torch.float32, seed=0):
 def reference_update(tensors, rows, scale):
     """The update of hvdet.ops.lamb's docstring, in float64, one tensor at a time."""
     out = []
-    for x, g, m, v, c in zip(*tensors, rows.tolist()):
+    for x, g, m, v, c in zip(*tensors, rows.tolist(), strict=True):
         b1, omb1, b2, omb2, bc1, bc2, eps, wd, step, trust = c
         x, g, m, v = (t.double() for t in (x, g, m, v))
         g = g * scale
@@ -62,7 +62,7 @@ def test_triton_lamb_matches_reference_and_float64_oracle(grad_dtype, group_elem
     oracle = reference_update(ref, rows, 0.5)
     n_ref = ops_lamb.lamb_step(*ref, rows, 0.5, impl="reference")
     n_got = ops_lamb.lamb_step(*got, rows, torch.tensor([0.5]), impl="triton")
-    for i, (x, m, v, xn, un) in enumerate(oracle):
+    for i, (x, _m, _v, xn, un) in enumerate(oracle):
         # m is the same fp32 arithmetic in the same order: bit-exact; v and x round within an ulp or
         # two (addcmul, and per-block partial norms summed in another order).
         assert torch.equal(got[2][i], ref[2][i]), f"m[{i}]"
@@ -77,8 +77,8 @@ def test_triton_lamb_skips_the_step_on_a_nan_clip_factor():
     tensors, rows = lamb_problem()
     before = [[t.clone() for t in ts] for ts in tensors]
     ops_lamb.lamb_step(*tensors, rows, torch.tensor([math.nan]), impl="triton")
-    for ts, bs in zip(tensors, before):
-        assert all(torch.equal(t, b) for t, b in zip(ts, bs))
+    for ts, bs in zip(tensors, before, strict=True):
+        assert all(torch.equal(t, b) for t, b in zip(ts, bs, strict=True))
     with pytest.raises(FloatingPointError, match="clipping factor is nan"):
         ops_lamb.lamb_step(*tensors, rows, torch.tensor([math.nan]), impl="reference")
 
@@ -96,7 +96,7 @@ def test_lamb_plans_follow_the_tensors_addresses():
     expect[1] = [g * 2 for g in expect[1]]
     ops_lamb.lamb_step(*fresh, rows, 1.0, impl="triton")
     ops_lamb.lamb_step(*expect, rows, 1.0, impl="reference")
-    for a, b in zip(fresh[0], expect[0]):
+    for a, b in zip(fresh[0], expect[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -148,7 +148,7 @@ def test_bn_triton_backward_matches_reference(shape, layout, dtype):
     tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     ref = ops_bn.grad_sums(dy, x, mean, var, 1e-5, acc, "reference")
     got = ops_bn.grad_sums(dy, x, mean, var, 1e-5, acc, "triton")
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, **tol)
     total, n = ref[0] * 2, torch.tensor([2.0 * (x.numel() // shape[1])], dtype=torch.float64)  # a "group" of two
     weight = torch.rand(shape[1], dtype=acc) + 0.5

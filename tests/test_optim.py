@@ -93,7 +93,7 @@ def run_optimizer(opt_factory, params, grad_steps):
             p.grad_dtype = None  # torch >= 2.10 otherwise refuses a gradient of another dtype
     opt = opt_factory(ps)
     for grads in grad_steps:
-        for p, g in zip(ps, grads):
+        for p, g in zip(ps, grads, strict=True):
             p.grad = None if g is None else g.clone()
         opt.step()
     return ps, opt
@@ -131,7 +131,7 @@ def test_fused_matches_reference_loop(impl, config, monkeypatch):
     got, opt = run_optimizer(lambda ps: split_groups(ps, 0.5, impl=impl, **kw), params, grad_steps)
     want = reference_pmdlamb(params, grad_steps, ref_groups(params, 0.5, **kw),
                              max_grad_norm=kw.get("max_grad_norm"))
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(g.detach().double(), w, rtol=2e-5, atol=2e-6, msg=f"tensor {i} {tuple(g.shape)}")
     assert opt.state[got[1]]["step"] == 60 - 12  # skipped on every 5th step from step 3
     assert not torch.equal(got[0], params[0])   # the scalar moved
@@ -154,7 +154,7 @@ def test_kernel_is_used_and_agrees_with_foreach_on_mixed_tensors():
         lamb_cpp._kernel = saved
     ref, _ = run_optimizer(lambda ps: PMDLAMB(ps, lr=0.3, cycle_length=4, impl="reference"), params, grad_steps)
     assert len(calls) == 12 and set(calls) <= {len(params) - 1, len(params) - 2}  # one call per step
-    for a, b in zip(auto, ref):
+    for a, b in zip(auto, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -172,7 +172,7 @@ def test_kernel_result_does_not_depend_on_the_thread_count(monkeypatch):
         finally:
             torch.set_num_threads(1)
         results.append(got)
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
@@ -182,7 +182,7 @@ def test_half_precision_gradients_take_the_foreach_path():
     groups = [{"lr": 0.2, "betas": (0.9, 0.999), "eps": 1e-6, "wd": 5e-4, "alpha": 0.012, "T": 6, "trust": True,
                "bias_correction": False}] * len(params)
     want = reference_pmdlamb(params, grad_steps, groups)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.detach().double(), w, rtol=2e-5, atol=2e-6)
 
 
@@ -210,10 +210,10 @@ def test_state_dict_round_trip_continues_identically():
     opt2.load_state_dict(saved["opt"])
     for live, again in ((ps, opt), (resumed, opt2)):
         for grads in second:
-            for p, g in zip(live, grads):
+            for p, g in zip(live, grads, strict=True):
                 p.grad = None if g is None else g.clone()
             again.step()
-    for a, b in zip(ps, resumed):
+    for a, b in zip(ps, resumed, strict=True):
         assert torch.equal(a, b)
     assert opt2.state[resumed[0]]["step"] == 30
 
@@ -242,7 +242,7 @@ def test_options_survive_a_rebuild_from_param_groups():
 
 def test_lars_matches_reference_loop():
     params, grad_steps = make_problem(steps=25)
-    grad_steps = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(gs, params)] for gs in grad_steps]
+    grad_steps = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(gs, params, strict=True)] for gs in grad_steps]
     lr, mom, wd, eta, eps = 0.5, 0.9, 1e-3, 0.01, 1e-8
 
     def factory(ps):
@@ -260,7 +260,7 @@ def test_lars_matches_reference_loop():
             local = eta * w_norm / (g_norm + beta * w_norm + eps) if trust and w_norm > 0 and g_norm > 0 else 1.0
             buf[i] = mom * buf[i] + lr * local * (g + beta * x[i])
             x[i] = x[i] - buf[i]
-    for g, w in zip(got, x):  # fp32 against fp64: the 1-d tensors are plain momentum SGD and grow to |x| ~ 10
+    for g, w in zip(got, x, strict=True):  # fp32 against fp64: the 1-d tensors are plain momentum SGD and grow to |x| ~ 10
         torch.testing.assert_close(g.detach().double(), w, rtol=1e-5, atol=2e-5)
 
 

@@ -18,7 +18,7 @@ from hvdet.data.samplers import EpochBatchSampler, eval_shard
 
 def collate_lists(batch):
     """Detection images differ in size: keep ``(images, targets)`` as lists (the model pads them)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 

@@ -104,7 +104,7 @@ def lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, coef
     if len(parts) == 1:
         return results[0]  # stays on its device: no host sync on CUDA
     norms = torch.zeros(n, 2, dtype=torch.float64)
-    for (ids, _), result in zip(parts.values(), results):
+    for (ids, _), result in zip(parts.values(), results, strict=True):
         norms[torch.tensor(ids)] = result.cpu()
     return norms
 
@@ -121,7 +121,7 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, impl: str) -> dict:
     if key in _PLANS:
         return _PLANS[key]
     parts: dict[tuple, list[int]] = {}
-    for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+    for i, quad in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
         how = _decide(impl, quad)
         # One call per implementation, device and dtype pair: foreach ops and kernels need one of each.
         parts.setdefault((how, params[i].device, params[i].dtype, grads[i].dtype), []).append(i)
@@ -155,7 +155,7 @@ def reference_step(params, grads, exp_avgs, exp_avg_sqs, coefs, grad_scale: floa
     b1, omb1, b2, omb2, bc1, bc2, eps, wd, _, _ = coefs.t().tolist()  # host floats: no device traffic
     on_device = coefs.to(device, non_blocking=True)
     step_size, use_trust = on_device[:, COEFS.index("step_size")], on_device[:, COEFS.index("trust")] != 0
-    g = [gr.to(p.dtype) for gr, p in zip(grads, params)] if grads[0].dtype != params[0].dtype else list(grads)
+    g = [gr.to(p.dtype) for gr, p in zip(grads, params, strict=True)] if grads[0].dtype != params[0].dtype else list(grads)
     if grad_scale != 1.0:
         g = torch._foreach_mul(g, grad_scale)
     torch._foreach_mul_(exp_avgs, b1)                              # xi beta1 m_{t-1}

@@ -57,7 +57,7 @@ def _work_item(pid, item_tensor, item_block, numels, scale_ptr, BLOCK: tl.conste
     t = tl.load(item_tensor + pid)
     start = tl.multiple_of(tl.load(item_block + pid).to(tl.int64) * BLOCK, BLOCK)
     scale = tl.load(scale_ptr)
-    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124
+    numel = tl.where(scale == scale, tl.load(numels + t), 0)  # noqa: PLR0124 - x == x is the NaN test
     return t, start, start + tl.arange(0, BLOCK), numel, scale
 
 

@@ -138,7 +138,7 @@ class AGVM:
         # Synchronization point: one tiny allreduce instead of a broadcast plus a check.
         stats = comm.allreduce(stats, op="sum")
         self._check_world_mean(stats, world, iteration)
-        self.last_variances = dict(zip(self._layout, stats[:, 1].tolist()))
+        self.last_variances = dict(zip(self._layout, stats[:, 1].tolist(), strict=True))
         if all(math.isfinite(v) for v in self.last_variances.values()):
             self._update_scales()  # else (an AMP step with inf/NaN gradients, which the scaler skips): keep the scales
         return dict(self.last_variances)

@@ -33,7 +33,7 @@ def trust_ratios(model: torch.nn.Module) -> dict[str, float]:
         w_norm = torch.stack(torch._foreach_norm(params)).double()
         g_norm = torch.stack(torch._foreach_norm(grads)).double()
         ratio = torch.where(g_norm > 0, w_norm / g_norm, torch.full_like(w_norm, float("inf")))
-        ratios.update(zip((n for n, _ in items), ratio.tolist()))
+        ratios.update(zip((n for n, _ in items), ratio.tolist(), strict=True))
     return ratios
 
 
