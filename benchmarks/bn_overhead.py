@@ -152,7 +152,7 @@ def try_horovod_sync_bn() -> str:
     from hvdet import comm
 
     try:
-        comm.hvd.SyncBatchNorm(8).train()(torch.randn(2, 8, 4, 4))
+        comm.world.hvd.SyncBatchNorm(8).train()(torch.randn(2, 8, 4, 4))
     except Exception as err:  # noqa: BLE001 - recorded verbatim
         return f"{type(err).__name__}: {err}"
     return "ran"

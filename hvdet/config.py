@@ -3,34 +3,28 @@
     cfg = load_config("configs/largedet_fast_320.yaml", ["solver.base_lr=0.03", "output_dir=runs/x"])
 
 A recipe is validated against the dataclasses below: an unknown or mistyped key is an error that names
-the key, the file and the closest valid key (difflib); a value of the wrong type is an error too. No
-registries, no inheritance: a recipe is the whole run.
-
-**Linear scaling rule (MegDet 3.2, Goyal et al.).** A recipe states ``images_per_gpu`` and the
-reference point of its learning rate (``solver.base_lr`` at ``solver.reference_batch`` images); the
-global batch and the global lr follow from the number of ranks at run time:
-
-    global_batch = images_per_gpu * world_size * backward_passes_per_step
-    lr = base_lr * global_batch / reference_batch         (e.g. 0.02 * 320 / 16 = 0.4, LargeDet Table 4)
+the key, the file and the closest valid key (difflib); a value of the wrong type is an error too; a
+name (optimizer, architecture, norm, group backend, dataset format) must be one of
+:mod:`hvdet.registry`'s, the same tables the builders use. No inheritance: a recipe is the whole run.
+Loading and checking a recipe needs neither torch nor Horovod (``hvdet.plan`` turns it into a run's
+batch, lr and length).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+from hvdet import dataclass_yaml, registry
+from hvdet.dataclass_yaml import ConfigError, build, unknown_key
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and where it came from."""
+__all__ = ["Config", "ConfigError", "apply_override", "data_path", "dump", "from_dict", "load_config", "to_dict",
+           "validate"]
 
 
 @dataclass
@@ -44,6 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    format: str = "coco"                      # hvdet.registry.DATASETS (the synthetic set is written as COCO)
     root: str = "data/coco"                   # relative paths below are under root (COCO 2017 layout)
     train_images: str = "train2017"
     train_ann: str = "annotations/instances_train2017.json"
@@ -59,7 +54,8 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    optimizer: str = "sgd"                    # sgd | adamw | lamb | pmdlamb | lars
+    optimizer: str = "sgd"                    # sgd | adamw | lamb | pmdlamb | lars (hvdet.registry.OPTIMIZERS)
+    optimizer_args: dict = field(default_factory=dict)  # more constructor kwargs, e.g. {trust_coefficient: 0.02}
     base_lr: float = 0.02                     # lr at reference_batch images: the linear scaling rule's anchor
     reference_batch: int = 16
     lr_scaling: str = "linear"                # linear | none (base_lr is then the global lr)
@@ -148,14 +144,17 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# The allowed values of the keys that name a part: the registries' names, which the builders use.
 CHOICES = {
-    "model.norm": ("frozen", "local", "cross_gpu"),
-    "solver.optimizer": ("sgd", "adamw", "lamb", "pmdlamb", "lars"),
+    "model.arch": tuple(registry.ARCHS),
+    "model.norm": tuple(registry.NORMS),
+    "data.format": tuple(registry.DATASETS),
+    "solver.optimizer": tuple(registry.OPTIMIZERS),
+    "bn.backend": ("auto", *registry.GROUP_BACKENDS),
+    "bn.stats": registry.BN_STATS,
+    "bn.impl": registry.BN_IMPLS,
     "solver.lr_scaling": ("linear", "none"),
     "solver.schedule": ("step", "cosine"),
-    "bn.backend": ("auto", "horovod", "torch", "mpi", "shm"),
-    "bn.stats": ("auto", "chan", "two_pass", "one_pass"),
-    "bn.impl": ("auto", "reference", "triton"),
     "solver.amp_dtype": ("float16", "bfloat16"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
     "target_metric": ("AP", "AP50", "AP75"),
@@ -184,137 +183,18 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
-    cfg = _build(Config, raw, "", source)
+    cfg = build(Config, raw, "", source)
     validate(cfg, source)
     return cfg
 
 
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw recipe dict, checked against :class:`Config`."""
+    dataclass_yaml.apply_override(raw, item, Config)
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as a YAML scalar or flow collection) to a raw recipe dict."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. solver.base_lr=0.1")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: cannot parse the value {text!r}: {err}") from None
-    parts = key.split(".")
-    hint = _check_path(parts, f"override {item!r}")
-    if hint is not typing.Any:
-        value = _check_type(value, hint, key, f"override {item!r}")  # name the override, not the file
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def _check_path(parts: list[str], where: str):
-    """The type a dotted key's value must have; every component must name a field (a free-form
-    dict accepts any sub-key, whose value has the dict's value type)."""
-    cls = Config
-    for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(_unknown_key(".".join(parts[:i + 1]), part, names, where))
-        hint = typing.get_type_hints(cls)[part]
-        if dataclasses.is_dataclass(hint):
-            cls = hint
-        elif i == len(parts) - 1:
-            return hint
-        elif not _is_dict(hint):
-            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is a {_type_name(hint)}, it has no sub-keys")
-        else:
-            args = typing.get_args(hint)
-            return args[1] if args and i == len(parts) - 2 else typing.Any
-    return dict  # a whole section, e.g. solver={...}
-
-
-def _unknown_key(full_key: str, key: str, names: typing.Iterable[str], where: str) -> str:
-    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
-    if close:
-        parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-        return f"{where}: unknown key {full_key!r}; did you mean '{parent}{close[0]}'?"
-    return f"{where}: unknown key {full_key!r} (valid keys here: {', '.join(sorted(names))})"
-
-
-def _build(cls, raw, prefix: str, source: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(_unknown_key(prefix + str(key), str(key), names, source))
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value if value is not None else {}, f"{prefix}{key}.", source)
-        else:
-            kwargs[key] = _check_type(value, hints[key], prefix + key, source)
-    return cls(**kwargs)
-
-
-def _check_type(value, hint, key: str, source: str):
-    """``value`` as ``hint`` (int is accepted for float); anything else is a ConfigError."""
-    ok, converted = _convert(value, hint)
-    if not ok:
-        tip = ""
-        if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
-            tip = " (YAML needs a space after the colon: {bbox: 0.5})"
-        raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__}){tip}")
-    return converted
-
-
-def _convert(value, hint):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            ok, out = _convert(value, arg)
-            if ok:
-                return True, out
-        return False, None
-    if hint is type(None):
-        return value is None, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-            return True, float(value)  # PyYAML (YAML 1.1) reads 1e6 or 5e-4, without a dot, as strings
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else None
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is list or hint is list:
-        if not isinstance(value, (list, tuple)):
-            return False, None
-        items = [_convert(v, args[0]) if args else (True, v) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            return False, None
-        items = {k: _convert(v, args[1]) if args else (True, v) for k, v in value.items()}
-        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
-    raise TypeError(f"unsupported config type {hint}")
-
-
-def _is_dict(hint) -> bool:
-    return hint is dict or typing.get_origin(hint) is dict
-
-
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +239,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                           "one backward pass's gradients across ranks)")
     for key, value in cfg.target.items():
         if key not in TARGET_KEYS:
-            raise ConfigError(_unknown_key(f"target.{key}", key, TARGET_KEYS, source))
+            raise ConfigError(unknown_key(f"target.{key}", key, TARGET_KEYS, source))
         if not 0 < value <= 1:
             raise ConfigError(f"{source}: target.{key} is an AP in (0, 1], got {value}")
         if key not in cfg.eval.iou_types:
@@ -369,27 +249,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The linear scaling rule and the run length
+# Paths and the resolved recipe
 # ---------------------------------------------------------------------------------------------
 
 def data_path(cfg: Config, name: str) -> str:
     """``data.<name>`` under ``data.root`` (an absolute path stays as it is)."""
     return os.path.join(cfg.data.root, getattr(cfg.data, name))
-
-
-def global_batch(cfg: Config, world_size: int) -> int:
-    """Images per optimizer step over all ranks."""
-    return cfg.data.images_per_gpu * world_size * cfg.solver.backward_passes_per_step
-
-
-def scaled_lr(cfg: Config, world_size: int) -> float:
-    """The global lr for this world size: base_lr * global_batch / reference_batch."""
-    # Imported here: hvdet.optim needs torch, and reading or checking a config must not.
-    from hvdet.optim.schedules import linear_scaled_lr
-
-    if cfg.solver.lr_scaling == "none":
-        return cfg.solver.base_lr
-    return linear_scaled_lr(cfg.solver.base_lr, global_batch(cfg, world_size), cfg.solver.reference_batch)
 
 
 def dump(cfg: Config, path: str | Path) -> None:
@@ -399,46 +264,3 @@ def dump(cfg: Config, path: str | Path) -> None:
 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     atomic_write(path, lambda f: f.write(text))
-
-
-# ---------------------------------------------------------------------------------------------
-# The run for a world size: batch, lr, length
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Plan:
-    world_size: int
-    global_batch: int
-    lr: float          # peak lr: base_lr * global_batch / reference_batch (linear scaling rule)
-    max_iters: int
-    steps: list[int]
-
-
-def plan_run(cfg: Config, world_size: int, dataset_size: int) -> Plan:
-    """Global batch, lr and iterations on ``world_size`` ranks (epoch schedules need ``dataset_size``)."""
-    # Imported here: loading and validating a config must not need torch or Horovod.
-    from hvdet.optim.schedules import epochs_to_iters, scale_iterations
-
-    s, batch = cfg.solver, global_batch(cfg, world_size)
-    if s.max_epochs:
-        max_iters = epochs_to_iters(s.max_epochs, dataset_size, batch)
-        steps = [epochs_to_iters(e, dataset_size, batch) for e in s.step_epochs]
-    else:
-        max_iters, steps = s.max_iters, list(s.steps)
-    if s.iters_at_batch:  # fewer iterations of a larger batch: the same epochs
-        max_iters = scale_iterations(max_iters, s.iters_at_batch / batch)
-        steps = [scale_iterations(x, s.iters_at_batch / batch) for x in steps]
-    if s.iterations_scale != 1.0:  # the "1.4x" policy stretches the whole schedule
-        max_iters = scale_iterations(max_iters, s.iterations_scale)
-        steps = [scale_iterations(x, s.iterations_scale) for x in steps]
-    return Plan(world_size, batch, scaled_lr(cfg, world_size), max_iters, steps)
-
-
-def lr_at(cfg: Config, plan: Plan, step: int) -> float:
-    """The global lr of 0-based iteration ``step``: linear warmup, then step or cosine decay."""
-    from hvdet.optim.schedules import cosine_lr, step_lr
-
-    s = cfg.solver
-    if s.schedule == "cosine":
-        return cosine_lr(step, plan.lr, plan.max_iters, s.warmup_iters, s.warmup_start_factor, s.final_lr)
-    return step_lr(step, plan.lr, plan.steps, s.gamma, s.warmup_iters, s.warmup_start_factor)

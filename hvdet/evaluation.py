@@ -51,26 +51,27 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
         image_ids, detections, failure = [], [], err
     finally:
         model.train(was_training)
-    # Synchronization point: rank 0 needs every rank's detections. Horovod has no gather, so all
-    # ranks receive them; only rank 0 scores them (COCOeval is single-process and slow).
-    gathered = comm.allgather_object((image_ids, detections, failure and f"{type(failure).__name__}: {failure}"))
-    if failure is not None:
-        raise failure
-    errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
-    if errors:
-        raise RuntimeError("evaluation failed on another rank; " + "; ".join(errors))
+    # Synchronization point: rank 0 alone receives every rank's detections (COCOeval is single-process
+    # and slow) and a failure message from any rank that failed.
+    gathered = comm.gather_object((image_ids, detections, failure and f"{type(failure).__name__}: {failure}"))
     metrics, error = None, None
     if comm.is_main_process():
-        try:
-            _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
-            merged = [d for _, dets, _ in gathered for d in dets]
-            metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
-        except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
-            error = f"{type(err).__name__}: {err}"
+        errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
+        if errors:
+            error = "evaluation failed on another rank; " + "; ".join(errors)
+        else:
+            try:
+                _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
+                merged = [d for _, dets, _ in gathered for d in dets]
+                metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+            except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
+                error = f"scoring the detections on rank 0 failed: {type(err).__name__}: {err}"
     # ...and every rank returns them, so any rank can decide "target reached, stop".
     metrics, error = comm.broadcast_object((metrics, error), root_rank=0)
+    if failure is not None:
+        raise failure  # this rank's own error, with its traceback
     if error:
-        raise RuntimeError(f"scoring the detections on rank 0 failed: {error}")
+        raise RuntimeError(error)
     return metrics
 
 

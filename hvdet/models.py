@@ -35,27 +35,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-NORMS = ("frozen", "local", "cross_gpu")
-
-
-@dataclass(frozen=True)
-class Arch:
-    depth: int  # ResNet depth
-    mask: bool  # Mask R-CNN (else Faster R-CNN)
-    fast: bool  # the CPU variant of FastDesign
-
-
-ARCHS = {
-    "fasterrcnn_resnet50_fpn": Arch(50, mask=False, fast=False),
-    "fasterrcnn_resnet101_fpn": Arch(101, mask=False, fast=False),
-    "maskrcnn_resnet50_fpn": Arch(50, mask=True, fast=False),
-    "maskrcnn_resnet101_fpn": Arch(101, mask=True, fast=False),
-    "fasterrcnn_resnet18_fpn_fast": Arch(18, mask=False, fast=True),
-    "maskrcnn_resnet18_fpn_fast": Arch(18, mask=True, fast=True),
-}
+from hvdet.registry import ARCHS, NORMS, Arch
 
 
 @dataclass(frozen=True)
@@ -112,19 +95,16 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
     stages from the top that train; the others are frozen as in torchvision. ``fast_design`` replaces
     the ``_fast`` archs' :class:`FastDesign` (benchmarks use it for ablations).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    spec = ARCHS[arch]  # an unknown arch or norm: ValueError naming the closest
+    NORMS[norm]
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background class too and must be >= 2, got {num_classes}")
     if bn_group_size is not None and norm != "cross_gpu":
         raise ValueError(f"bn_group_size={bn_group_size} only applies to norm='cross_gpu', not {norm!r}")
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
-    spec = ARCHS[arch]
     # cross_gpu starts from ordinary BN layers and converts them below, keeping their parameters.
-    norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    norm_layer = NORMS.load("local" if norm == "cross_gpu" else norm)
     if spec.fast:
         model = _build_fast(spec, fast_design, num_classes, norm_layer, trainable_backbone_layers, min_size, max_size,
                             overrides)

@@ -3,7 +3,7 @@
     python -m hvdet.report runs/demo            # prints the table, writes runs/demo/plots/*.png
 
 Reads ``metrics.jsonl`` and, when the run has finished, ``summary.json`` (both written by
-:class:`hvdet.metrics.RunLogger`); a run still in progress is reported from its metrics alone.
+:class:`hvdet.runlog.RunLogger`); a run still in progress is reported from its metrics alone.
 Plots: box (and mask) AP vs wall-clock time with the target and the time-to-target marked, loss and
 lr vs iteration, and throughput with the per-phase step time.
 """
@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvdet.metrics import METRICS_FILE, SUMMARY_FILE, SUMMARY_KEYS, read_jsonl
+from hvdet.runlog import METRICS_FILE, SUMMARY_FILE, SUMMARY_KEYS, read_jsonl
 
 IOU_TYPES = ("bbox", "segm")
 PHASES = ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")

@@ -1,7 +1,7 @@
 """Mixed precision on CPU: the AMP step order with AGVM, clipping and Cross-GPU BN on 2 real ranks, and a
 bf16-autocast training run through train.py.
 
-The step under test is hvdet.engine.apply_gradients, the optimizer half of every training step, with
+The step under test is hvdet.step.apply_gradients, the optimizer half of every training step, with
 an enabled ``GradScaler("cpu")`` (the loss scaled, the gradients unscaled before clipping) and bf16
 autocast, as a CUDA run does with fp16. AGVM compares the world-mean gradients with the ones it
 captured in backward, which carry the loss scale: it must run before unscaling. The negative control
@@ -18,9 +18,9 @@ from tests.test_cgbn import detection_batch, tiny_detector
 
 def case_amp_agvm_cgbn_step(steps: int = 3, old_order: bool = False):
     from hvdet import comm
-    from hvdet.engine import apply_gradients
     from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn
     from hvdet.optim import AGVM, build_optimizer
+    from hvdet.step import apply_gradients
 
     model = convert_cross_gpu_bn(tiny_detector())
     assert sum(isinstance(m, CrossGPUBatchNorm2d) for m in model.modules()) > 10

@@ -24,7 +24,14 @@ def case_collectives():
         "objects": comm.allgather_object({"rank": r}),
         "mixed": comm.allgather_object(None if r == 0 else f"r{r}"),  # different types must not hang
         "bcast": comm.broadcast_object(f"from {r}", root_rank=n - 1),
+        # Only the root receives: an uneven payload (rank 1 sends 100 kB) and None from the others.
+        "gathered": comm.gather_object({"rank": r, "pad": "x" * (100_000 * r)}, root_rank=n - 1),
     }
+    # After reset the next group use opens its backends again, collectively, and still works.
+    before = comm.consecutive_groups(None)
+    comm.reset()
+    out["after_reset"] = (comm.consecutive_groups(None) is not before,
+                          comm.consecutive_groups(None).allreduce(torch.ones(2), "sum", "horovod").tolist())
     comm.barrier()
     model = torch.nn.Linear(3, 2)
     torch.nn.init.constant_(model.weight, float(r))
@@ -34,7 +41,8 @@ def case_collectives():
 
 
 def case_groups(backends):
-    from hvdet import comm, shm
+    from hvdet import comm
+    from hvdet.comm import shm
 
     r, n = comm.rank(), comm.size()
     out = {}
@@ -53,7 +61,7 @@ def case_groups(backends):
     x32 = torch.tensor([float(r), -float(r)], dtype=torch.float32)
     g = comm.consecutive_groups(n)
     out["shm_ops"] = {op: g.allreduce(x32, op, "shm") for op in ("max", "min")}
-    out["segments_left"] = [os.path.exists(group._handle("shm").path) for group in (g, comm.consecutive_groups(2))]
+    out["segments_left"] = [os.path.exists(group._backend("shm").segment.path) for group in (g, comm.consecutive_groups(2))]
     return out
 
 
@@ -83,9 +91,12 @@ def test_world_collectives(launcher):
         assert o["objects"] == [{"rank": 0}, {"rank": 1}]
         assert o["mixed"] == [None, "r1"]
         assert o["bcast"] == "from 1"
+        assert o["after_reset"] == (True, [2.0, 2.0])
         assert o["weight_after_broadcast"] == 0.0
         assert o["controller"] == ("gloo" if launcher == "horovodrun" else "mpi")
     assert [o["main"] for o in res] == [True, False]
+    assert res[0]["gathered"] is None
+    assert [(g["rank"], len(g["pad"])) for g in res[1]["gathered"]] == [(0, 0), (1, 100_000)]
 
 
 @pytest.mark.parametrize("launcher,backends", [("horovodrun", ["horovod", "torch", "shm"]),
@@ -163,7 +174,7 @@ def test_broken_horovod_says_what_to_run(tmp_path, fake, message):
 
 
 def test_shm_names_the_rank_that_never_arrives(tmp_path):
-    from hvdet import shm
+    from hvdet.comm import shm
 
     seg = shm.ShmAllreduce(str(tmp_path / "seg"), 0, 3, create=True, timeout_s=0.2)
     with pytest.raises(TimeoutError, match=r"group ranks \[1, 2\] did not arrive"):
@@ -177,7 +188,7 @@ def test_shm_names_the_rank_that_never_arrives(tmp_path):
 
 def test_shm_is_all_groups_or_none():
     """A member that cannot map its creator's file (another host, another container): no rank uses shm."""
-    from hvdet import shm
+    from hvdet.comm import shm
 
     # What rank 1 of a group of 2 sees: rank 0's path (not on this host), then the attach flags.
     answers = iter([["/nonexistent/hvdet-elsewhere", None], [True, False]])

@@ -1,17 +1,12 @@
-"""hvdet.config: recipes, validation errors, key=value overrides, the linear scaling rule, run length."""
+"""hvdet.config and hvdet.plan: recipes, validation errors, key=value overrides, the linear scaling rule,
+run length."""
 import subprocess
 import sys
 
 import pytest
 
-from hvdet.config import (
-    ConfigError,
-    apply_override,
-    from_dict,
-    load_config,
-    lr_at,
-    plan_run,
-)
+from hvdet.config import ConfigError, apply_override, from_dict, load_config
+from hvdet.plan import lr_at, plan_run
 from tests.harness import ROOT
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -132,7 +132,7 @@ def test_cgbn_bf16_input_on_cuda():
 
 
 def test_amp_step_order_with_fp16_scaler_clipping_and_cgbn_on_cuda():
-    from hvdet.engine import apply_gradients
+    from hvdet.step import apply_gradients
 
     comm.init()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""hvdet.metrics (RunLogger, StepTimer, MLPerf events) and hvdet.report (table + PNG plots)."""
+"""hvdet.runlog (RunLogger, StepTimer, MLPerf events) and hvdet.report (table + PNG plots)."""
 import json
 import math
 import subprocess
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from hvdet.metrics import MLLOG, RunLogger, StepTimer, read_jsonl
 from hvdet.report import load_run, main, summary_table
+from hvdet.runlog import MLLOG, RunLogger, StepTimer, read_jsonl
 from tests.harness import ROOT, rank_env, run_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -172,7 +172,7 @@ def test_missing_checkpoint_is_a_clear_error(data, tmp_path):
 
 
 def test_resume_on_another_batch_continues_at_the_same_images_consumed():
-    from hvdet.checkpoint import loader_state_for, resumed_iteration
+    from hvdet.run import loader_state_for, resumed_iteration
 
     state = {"iteration": 2000, "global_batch": 256, "loader": {"epoch": 3, "position": 40},
              "config": {"solver": {"backward_passes_per_step": 1}}}

@@ -1,13 +1,13 @@
 """Parameter groups for torchvision detectors and the optimizer factory."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from hvdet.optim.lamb import LAMB, PMDLAMB
-from hvdet.optim.lars import LARS
+from hvdet.registry import OPTIMIZERS
 
 MODULES = ("backbone", "fpn", "rpn", "roi_box", "roi_mask", "other")
-OPTIMIZERS = ("sgd", "adamw", "lamb", "pmdlamb", "lars")
 # Name prefixes of torchvision's FasterRCNN / MaskRCNN (first match wins, so fpn precedes backbone).
 _PREFIXES = (("backbone.fpn.", "fpn"), ("backbone.", "backbone"), ("rpn.", "rpn"),
              ("roi_heads.box_head.", "roi_box"), ("roi_heads.box_predictor.", "roi_box"),
@@ -66,32 +66,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, *, momentum: float = 0.9,
                     betas=(0.9, 0.999), eps: float = 1e-6, alpha: float = 0.012, cycle_length: int | None = 200,
-                    per_module: bool = False, norm_weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """An optimizer over :func:`param_groups`; ``name`` in sgd | adamw | lamb | pmdlamb | lars.
+                    per_module: bool = False, norm_weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+    """An optimizer over :func:`param_groups`; ``name`` in :data:`hvdet.registry.OPTIMIZERS`.
 
     sgd is MegDet's baseline (momentum SGD; pair it with the linear scaling rule and warmup), adamw
     uses PyTorch's fused kernel where the parameters allow it, lamb/pmdlamb are LargeDet's and lars
-    is You et al.'s.
+    is You et al.'s. The optimizer gets those of the hyperparameters above that its constructor
+    takes (SGD has no betas, LAMB no cycle) and every ``kwargs`` entry (a recipe's
+    ``solver.optimizer_args``, e.g. LARS's ``trust_coefficient``), which it must take.
     """
     groups = param_groups(model, weight_decay, norm_weight_decay, per_module)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return _adamw(groups, lr, betas, eps, weight_decay)
-    if name == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha)
-    if name == "pmdlamb":
-        return PMDLAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
-                       cycle_length=cycle_length)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    factory = OPTIMIZERS.load(name)
+    accepted = inspect.signature(factory).parameters
+    common = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": tuple(betas), "eps": eps,
+              "alpha": alpha, "cycle_length": cycle_length}
+    unknown = sorted(set(kwargs) - set(accepted) - {"params"})
+    if unknown:
+        raise ValueError(f"optimizer {name!r} takes no argument {', '.join(unknown)} (solver.optimizer_args); "
+                         f"it takes {', '.join(k for k in accepted if k not in ('params', 'self'))}")
+    return factory(groups, **{k: v for k, v in common.items() if k in accepted}, **kwargs)
 
 
-def _adamw(groups: list[dict], lr: float, betas, eps: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for g in groups for p in g["params"]]
+def adamw(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+          **kwargs) -> torch.optim.Optimizer:
+    """torch.optim.AdamW, with its fused kernel where the parameters allow it."""
+    groups = list(params)
+    tensors = [p for g in groups for p in g["params"]] if isinstance(groups[0], dict) else groups
     # The fused kernel takes floating-point tensors on one supported device kind.
-    fusable = len({p.device.type for p in params}) == 1 and params[0].device.type in ("cpu", "cuda") and all(
-        p.is_floating_point() for p in params)
+    fusable = len({p.device.type for p in tensors}) == 1 and tensors[0].device.type in ("cpu", "cuda") and all(
+        p.is_floating_point() for p in tensors)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             **({"fused": True} if fusable else {}))
+                             **({"fused": True} if fusable else {}), **kwargs)

@@ -1,4 +1,4 @@
-"""A shared-memory allreduce for the ranks of one host: the low-latency CPU path of Cross-GPU BN.
+"""Group backend ``shm``: a shared-memory allreduce for the ranks of one host (Cross-GPU BN on CPUs).
 
 A ResNet-50 CGBN step makes 159 small allreduces in sequence, so their latency is its cost. On a
 CPU host, torch's Gloo allreduce of 257 doubles over loopback TCP took 0.6-1.7 ms here (a ping-pong
@@ -34,6 +34,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from hvdet.comm import world
 
 LINE = 64                                    # bytes per sequence number: no false sharing
 CAPACITY = 8192                              # float64 per slot: 2 x 2048 channels + count fits
@@ -82,6 +84,28 @@ def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | 
         warnings.warn(f"hvdet: no shared-memory group collective ({error}); using the next backend",
                       stacklevel=2)
     return None
+
+
+class ShmBackend:
+    """The group backend over :class:`ShmAllreduce` (CPU tensors of up to :data:`CAPACITY` elements)."""
+
+    name = "shm"
+    max_numel = CAPACITY
+
+    def __init__(self, segment: ShmAllreduce):
+        self.segment = segment
+
+    @classmethod
+    def open(cls, group_size: int) -> ShmBackend | None:
+        """Collective over the world; None on every rank unless every group's ranks share a host."""
+        segment = open_group_segment(world.rank(), group_size, world.allgather_object)
+        return cls(segment) if segment is not None else None
+
+    def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        return self.segment.allreduce(tensor, op)
+
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.segment.allgather(tensor)
 
 
 class ShmAllreduce:

@@ -1,0 +1,115 @@
+"""From a recipe to the parts of a run: dataset, detector, optimizer, and the whole :class:`Run`.
+
+Each part is looked up by its recipe name in :mod:`hvdet.registry` (dataset format, architecture,
+norm, optimizer, group backend) and built with the recipe's values; :func:`build_run` puts them
+together on every rank and continues a checkpoint when asked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hvdet import checkpoint, comm
+from hvdet.config import Config, ConfigError, data_path, dump
+from hvdet.data.protocol import DetectionDataset
+from hvdet.plan import plan_run
+from hvdet.registry import DATASETS
+from hvdet.run import Run, seed_rank
+from hvdet.runlog import MLLOG, RunLogger
+from hvdet.step import autocast_dtype, grad_scaler
+
+
+def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
+    from hvdet.data import build_transforms
+
+    d = cfg.data
+    # Evaluation images are not resized here: the model resizes them and maps boxes back to the
+    # original size that COCO's ground truth is in.
+    transforms = build_transforms(train, min_sizes=tuple(d.min_sizes), max_size=d.max_size,
+                                  flip_prob=d.flip_prob if train else 0.0)
+    split = "train" if train else "val"
+    images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_ann")
+    # (segm scoring reads the masks from the JSON: decoding them for every val image would be wasted)
+    with_masks = train and cfg.model.arch.startswith("maskrcnn")
+    return DATASETS.load(d.format)(images, ann, transforms=transforms, with_masks=with_masks)
+
+
+def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
+    from hvdet.models import build_detector
+
+    m, d, norm = cfg.model, cfg.data, norm or cfg.model.norm
+    # Sizes: the train loader already resized each image to its random scale from data.min_sizes,
+    # so the model must not resize again in training (_skip_resize, a GeneralizedRCNNTransform
+    # option for training mode only); at evaluation the model resizes to the test scale.
+    sizes = {"min_size": max(d.min_sizes), "max_size": d.max_size, "_skip_resize": True}
+    # Cross-GPU BN is converted here rather than by build_detector so that the BN group's backend
+    # and statistics apply: plain BatchNorm2d layers first, then MegDet's CGBN in their place.
+    model = build_detector(m.arch, num_classes, norm="local" if norm == "cross_gpu" else norm,
+                           pretrained_backbone=m.pretrained_backbone,
+                           trainable_backbone_layers=m.trainable_backbone_layers, **{**sizes, **m.overrides})
+    if norm == "cross_gpu":
+        from hvdet.nn import bn_group_size, convert_cross_gpu_bn
+
+        b = cfg.bn  # MegDet's BN size in images -> ranks per BN group (None: all ranks)
+        group = bn_group_size(b.size_images, cfg.data.images_per_gpu, world_size) if b.size_images else None
+        model = convert_cross_gpu_bn(model, group_size=group, backend=b.backend, stats=b.stats, impl=b.impl)
+    model = model.to(comm.device())
+    if cfg.solver.channels_last and comm.device().type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # tensor cores want NHWC convolutions
+    return model
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float):
+    """The recipe's optimizer over ``model``, wrapped by Horovod to average gradients over the ranks."""
+    from hvdet.optim import build_optimizer as optimizer_over
+
+    s = cfg.solver
+    opt = optimizer_over(model, s.optimizer, lr, s.weight_decay, momentum=s.momentum, betas=tuple(s.betas),
+                         eps=s.eps, alpha=s.alpha, cycle_length=s.cycle_length,
+                         per_module=s.per_module or cfg.agvm.enabled, norm_weight_decay=s.norm_weight_decay,
+                         **s.optimizer_args)
+    return comm.distributed_optimizer(opt, model.named_parameters(),
+                                      compression="fp16" if s.fp16_allreduce else "none",
+                                      backward_passes_per_step=s.backward_passes_per_step)
+
+
+def build_run(cfg: Config, resume: str | None = None) -> Run:
+    """Every part of a training run, identical on every rank; continued from ``resume`` if given."""
+    from hvdet.data import TrainLoader
+    from hvdet.optim import AGVM
+
+    comm.init()
+    world, rank = comm.size(), comm.rank()
+    # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create.
+    used = comm.broadcast_object((Path(cfg.output_dir) / "metrics.jsonl").exists() if rank == 0 else None)
+    if used and not resume:
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds a run (metrics.jsonl); continue it with "
+                          f"--resume {cfg.output_dir}, or choose another output_dir=...")
+    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())
+    logger.mllog(MLLOG.INIT_START)
+    state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
+    torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
+    train_set, val_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    plan = plan_run(cfg, world, len(train_set))
+    model = build_model(cfg, train_set.num_classes, world)
+    opt = build_optimizer(cfg, model, plan.lr)
+    a = cfg.agvm
+    agvm = AGVM(opt, model, a.interval, a.start_iter, a.momentum, tuple(a.clamp)) if a.enabled else None
+    loader = TrainLoader(train_set, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
+                         num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
+    s, device = cfg.solver, comm.device()
+    scaler = grad_scaler(autocast_dtype(s.amp, s.amp_dtype, s.amp_on_cpu, device), device)
+    run = Run(cfg, plan, model, opt, loader, val_set, logger, scaler, agvm)
+    if comm.is_main_process():
+        dump(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved recipe, overrides applied
+    if state is not None:
+        run.load_state_dict(state, str(checkpoint.resolve(resume)))
+    else:
+        seed_rank(cfg.seed, rank)
+    # Every rank starts from rank 0's weights. A fresh optimizer has no state to send, and Horovod
+    # would first create it by a zero-gradient step: weight decay on the weights, a PMD-LAMB step.
+    comm.broadcast_parameters(model.state_dict(), root_rank=0)
+    if opt.state_dict()["state"]:
+        comm.broadcast_optimizer_state(opt, root_rank=0)
+    return run

@@ -1,0 +1,43 @@
+"""Communication: everything distributed in hvdet goes through this package, so the rest of the code
+reads like single-process PyTorch.
+
+* :mod:`hvdet.comm.world`: the world of ranks over Horovod (init, rank/size, gradient averaging,
+  broadcasts, gathers); the only module in hvdet that imports Horovod.
+* :mod:`hvdet.comm.groups`: collectives over groups of consecutive ranks (Cross-GPU BN, AGVM), with
+  one module per backend: ``horovod_group``, ``torch_group``, ``mpi_group``, ``shm``.
+
+The names below are the API; ``from hvdet import comm; comm.init(); comm.allreduce(t)``.
+"""
+from hvdet.comm.groups import AUTO_ORDER, Group, allreduce_small, consecutive_groups, reset
+from hvdet.comm.mpi_group import mpi_available
+from hvdet.comm.world import (
+    OPS,
+    HorovodUnavailableError,
+    allgather_object,
+    allreduce,
+    barrier,
+    broadcast_object,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+    build_info,
+    controller,
+    device,
+    distributed_optimizer,
+    gather_object,
+    horovod_available,
+    init,
+    is_initialized,
+    is_main_process,
+    local_rank,
+    local_size,
+    rank,
+    shutdown,
+    size,
+)
+from hvdet.registry import GROUP_BACKENDS
+
+__all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableError", "allgather_object",
+           "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
+           "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
+           "distributed_optimizer", "gather_object", "horovod_available", "init", "is_initialized",
+           "is_main_process", "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size"]

@@ -1,0 +1,232 @@
+"""The world of ranks, over Horovod: the only module in hvdet that imports Horovod.
+
+The same calls work in three settings:
+
+* one plain process (``python train.py``): Horovod is initialized as a world of size 1 (where
+  Horovod is not installed, a world of one without it: the kernels, CGBN's group path and the GPU
+  check run; Horovod's optimizer wrapper, and with it training, raise HorovodUnavailableError);
+* ``horovodrun -np N`` (Gloo or MPI controller) and ``mpirun -np N``;
+* a laptop CPU, where Gloo/MPI carry the tensors, or a DGX node, where NCCL does.
+
+World collectives (gradient averaging, metric reduction, broadcasts, gathers) use Horovod; groups of
+consecutive ranks are :mod:`hvdet.comm.groups`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+
+_FIX = ("run `make venv` in the hvdet checkout (or `PYTHON=<your python> launch/build_horovod.sh`), "
+        "which builds Horovod 0.28.1 with PyTorch, Gloo and MPI support")
+
+
+class HorovodUnavailableError(ImportError):
+    """Horovod is missing or unusable; the message says what to run."""
+
+
+def _import_horovod():
+    try:
+        import horovod
+    except ImportError as err:
+        raise HorovodUnavailableError(f"hvdet needs Horovod, which is not installed ({err}); {_FIX}") from err
+    try:
+        import horovod.torch as hvd_torch
+    except (ImportError, OSError) as err:
+        # A Horovod built before torch was installed (or against another torch) has no working
+        # horovod.torch extension; pip then happily reports it installed.
+        raise HorovodUnavailableError(
+            f"Horovod {getattr(horovod, '__version__', '?')} is installed but its PyTorch extension does not "
+            f"load ({err}); it was built without PyTorch or against another torch version; {_FIX}") from err
+    return hvd_torch
+
+
+try:
+    hvd = _import_horovod()
+    OPS = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
+    _COMPRESSION = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    _HOROVOD_ERROR: HorovodUnavailableError | None = None
+except HorovodUnavailableError as _err:
+    # One plain process still works without Horovod (a world of one: CGBN groups of one, the
+    # optimizers, the kernels, evaluation), e.g. on a GPU box that only checks kernels. Anything that
+    # needs other ranks, or Horovod's optimizer wrapper, raises this error with the fix.
+    hvd, OPS, _COMPRESSION, _HOROVOD_ERROR = None, {}, {"none": None, "fp16": None}, _err
+_SINGLE = False  # initialized as a world of one without Horovod
+
+
+def horovod_available() -> bool:
+    return hvd is not None
+
+
+def _need_horovod(what: str):
+    if hvd is None:
+        raise HorovodUnavailableError(f"{what} needs Horovod: {_HOROVOD_ERROR}") from _HOROVOD_ERROR
+    return hvd
+
+
+def _launched() -> bool:
+    """True when a launcher (horovodrun, mpirun, srun) started this process."""
+    keys = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+    return any(k in os.environ for k in keys)
+
+
+def init() -> None:
+    """Initialize Horovod (idempotent). Dynamic process sets are enabled so groups can be made later.
+
+    Without Horovod, a process that no launcher started becomes a world of one; a launched one raises.
+    """
+    global _SINGLE
+    if hvd is None:
+        if _launched():
+            _need_horovod("a job started by horovodrun/mpirun")
+        _SINGLE = True
+        return
+    if hvd.is_initialized():
+        return
+    if not _launched():
+        # A plain process: OpenMPI's singleton init refuses to run as root without these.
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if not torch.cuda.is_available():
+        # Horovod's background thread negotiates every cycle (1 ms by default) even with nothing to
+        # send. On a CPU host that thread shares the cores with the math: at 1 ms it made a 2-rank
+        # ResNet-50 step 55% slower than one process, at 20 ms 10% (docs/cross_gpu_bn.md). An op
+        # waits at most one cycle longer; the user's own setting wins.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
+    hvd.init(process_sets="dynamic")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+
+
+def is_initialized() -> bool:
+    return _SINGLE if hvd is None else hvd.is_initialized()
+
+
+def _hvd_up() -> bool:
+    return hvd is not None and hvd.is_initialized()
+
+
+def check_init() -> None:
+    if not is_initialized():
+        raise RuntimeError("hvdet.comm.init() must be called first")
+
+
+def rank() -> int:
+    return hvd.rank() if _hvd_up() else 0
+
+
+def size() -> int:
+    return hvd.size() if _hvd_up() else 1
+
+
+def local_rank() -> int:
+    return hvd.local_rank() if _hvd_up() else 0
+
+
+def local_size() -> int:
+    return hvd.local_size() if _hvd_up() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's device: its local GPU when CUDA is present, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def controller() -> str:
+    """'mpi' or 'gloo': how Horovod's ranks talk to each other."""
+    check_init()
+    return "mpi" if _need_horovod("controller()").mpi_enabled() else "gloo"
+
+
+def build_info() -> dict:
+    hvd = _need_horovod("build_info()")
+    return {"gloo": hvd.gloo_built(), "mpi": hvd.mpi_built(), "nccl": hvd.nccl_built(),
+            "cuda": hvd.cuda_built()}
+
+
+# ---------------------------------------------------------------------------------------------
+# World collectives (Horovod)
+# ---------------------------------------------------------------------------------------------
+
+def allreduce(tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> torch.Tensor:
+    """Allreduce over all ranks; returns a new tensor. op: sum | mean | max | min."""
+    if size() == 1:
+        return tensor.clone()
+    return hvd.allreduce(tensor, name=name, op=OPS[op])
+
+
+def allgather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (pickled)."""
+    if size() == 1:
+        return [obj]
+    # An explicit name, as in broadcast_object: ranks passing objects of different types (None and a
+    # str, say) would otherwise submit differently named collectives that never match.
+    return hvd.allgather_object(obj, name="hvdet.allgather_object")
+
+
+def gather_object(obj, root_rank: int = 0) -> list | None:
+    """Every rank's ``obj``, in rank order, on ``root_rank`` only (None elsewhere); pickled.
+
+    Horovod has no gather; an alltoall in which every rank sends its bytes to the root alone is one
+    (each rank's data crosses the network once, instead of to every rank as in an allgather).
+    """
+    if size() == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    splits = torch.zeros(size(), dtype=torch.int32)
+    splits[root_rank] = data.numel()
+    received, counts = hvd.alltoall(data, splits=splits, name="hvdet.gather_object")
+    if rank() != root_rank:
+        return None
+    return [pickle.loads(part.numpy().tobytes()) for part in torch.split(received, counts.tolist())]
+
+
+def broadcast_object(obj, root_rank: int = 0):
+    """Root's ``obj`` on every rank (pickled); the others may pass anything, e.g. None."""
+    if size() == 1:
+        return obj
+    # An explicit name: Horovod's default is type(obj).__name__, which differs between the root's
+    # object and the others' placeholders, and collectives with different names never match (hang).
+    return hvd.broadcast_object(obj, root_rank=root_rank, name="hvdet.broadcast_object")
+
+
+def broadcast_parameters(state, root_rank: int = 0) -> None:
+    """Overwrite every rank's parameters/buffers (a state_dict or named_parameters) with root's."""
+    if size() > 1:
+        hvd.broadcast_parameters(state, root_rank=root_rank)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+    """Root's optimizer state (moments, step counters, hyper-parameters) on every rank."""
+    if size() > 1:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+
+
+def barrier() -> None:
+    if size() > 1:
+        hvd.barrier()
+
+
+def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *, compression: str = "none",
+                          backward_passes_per_step: int = 1, op: str = "mean"):
+    """Wrap ``optimizer`` so ``step()`` applies gradients ring-allreduced over all ranks.
+
+    Gradients are allreduced asynchronously as backward produces them; ``synchronize()`` waits for
+    them (call it before clipping, then step inside ``skip_synchronize()``).
+    """
+    if compression not in _COMPRESSION:
+        raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
+    hvd = _need_horovod("distributed_optimizer (hvdet's training loop)")
+    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
+                                    compression=_COMPRESSION[compression],
+                                    backward_passes_per_step=backward_passes_per_step, op=OPS[op])
+
+
+def shutdown() -> None:
+    if _hvd_up():
+        hvd.shutdown()
