@@ -135,6 +135,34 @@ def test_divergence_stops_every_rank_with_the_iteration(data, tmp_path):
     assert f"diverged at iteration {summary['iterations'] + 1} " in summary["failure"]
 
 
+def test_a_failing_final_evaluation_keeps_the_checkpoint_and_says_why(data, tmp_path):
+    """Nothing is lost at the end: the final checkpoint is written before the final evaluation; a
+    truncated validation image fails that evaluation, summary.json records why, and a resume after
+    the image is repaired only evaluates."""
+    import shutil
+
+    source, root = Path(data["train_ann"]).parent.parent, tmp_path / "data"
+    shutil.copytree(source, root)
+    copy = {key: str(root / Path(path).relative_to(source)) for key, path in data.items()}
+    image = sorted(Path(copy["val_images"]).glob("*"))[0]
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "run"
+    args = [*tiny_overrides(copy, out, iterations=2), "checkpoint.interval=0"]
+    with pytest.raises(LaunchError) as info:
+        train_py(args, np=2)
+    assert image.name in str(info.value)
+    assert (out / "checkpoints" / "iter_0000002.pt").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop"] == "eval_failed" and summary["iterations"] == 2
+    assert "evaluation at iteration 2 failed" in summary["failure"] and image.name in summary["failure"]
+    image.write_bytes(good)
+    train_py([*args, "--resume", str(out)], np=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop"] == "max_iters" and summary["iterations"] == 2 and summary["evaluations"] == 1
+    assert summary["best"]["bbox"] >= 0.0
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from hvdet import checkpoint
 

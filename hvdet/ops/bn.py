@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from hvdet.ops.triton_support import runs_on
+from hvdet.ops.triton_support import acc_dtype, runs_on
 
 IMPLS = ("auto", "reference", "aten", "triton")
 DIMS = (0, 2, 3)  # everything but the channel
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _triton():

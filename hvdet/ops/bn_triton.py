@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hvdet.ops.bn import acc_dtype
+from hvdet.ops.triton_support import acc_dtype
 
 TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
 PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU

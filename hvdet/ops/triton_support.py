@@ -1,4 +1,5 @@
-"""Whether Triton kernels can run here, and on which tensors.
+"""Whether Triton kernels can run here, on which tensors, and the precision kernels and references
+accumulate in.
 
 Triton ships with torch's CUDA wheels (not with the CPU or aarch64 ones). Compiled kernels need a
 CUDA device; ``TRITON_INTERPRET=1`` (read when the kernels are defined, so set it before importing
@@ -40,3 +41,8 @@ def _supported_gpu(index: int) -> bool:
     # Triton's supported NVIDIA GPUs start at compute capability 8.0 (A100); a DGX-2's V100 (7.0)
     # takes the torch reference implementations instead.
     return torch.version.hip is not None or torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of statistics over ``x``: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
