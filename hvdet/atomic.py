@@ -3,10 +3,15 @@ complete new one, never a truncated one. Every file a run writes goes through he
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, a lost mount); the message names it."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> Path:
@@ -24,7 +29,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one file system
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise WriteError(f"cannot write {path}: {_first_line(err)}{_free_space(path.parent)}") from err
         raise
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that writes killed mid-way left in ``folder`` (call it when no write is
+    running there: rank 0 at the start of a run)."""
+    found = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.0f} MiB free on its file system)"

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from hvdet import checkpoint, comm
+from hvdet.atomic import remove_stale_temps
 from hvdet.config import Config, ConfigError, data_path, dump
 from hvdet.data.protocol import DetectionDataset
 from hvdet.plan import plan_run
 from hvdet.registry import DATASETS
 from hvdet.run import Run, seed_rank
-from hvdet.runlog import MLLOG, RunLogger
+from hvdet.runlog import METRICS_FILE, MLLOG, RunLogger, read_jsonl
 from hvdet.step import autocast_dtype, grad_scaler
 
 
@@ -74,18 +75,33 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float):
                                       backward_passes_per_step=s.backward_passes_per_step)
 
 
+def holds_a_run(output_dir: str) -> str | None:
+    """What makes ``output_dir`` a run that a new one must not overwrite (a checkpoint or a logged
+    iteration), or None: a run that failed before its first iteration leaves nothing to protect."""
+    folder = Path(output_dir)
+    if checkpoint.latest(folder) is not None:
+        return "checkpoints"
+    metrics = folder / METRICS_FILE
+    if metrics.is_file() and any(r.get("type") == "train" for r in read_jsonl(metrics)):
+        return "metrics.jsonl"
+    return None
+
+
 def build_run(cfg: Config, resume: str | None = None) -> Run:
     """Every part of a training run, identical on every rank; continued from ``resume`` if given."""
     from hvdet.data import TrainLoader
     from hvdet.optim import AGVM
 
-    comm.init()
+    comm.init(timeout_s=cfg.comm.timeout_s)
     world, rank = comm.size(), comm.rank()
     # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create.
-    used = comm.broadcast_object((Path(cfg.output_dir) / "metrics.jsonl").exists() if rank == 0 else None)
+    used = comm.broadcast_object(holds_a_run(cfg.output_dir) if rank == 0 else None)
     if used and not resume:
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds a run (metrics.jsonl); continue it with "
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({used}); continue it with "
                           f"--resume {cfg.output_dir}, or choose another output_dir=...")
+    if rank == 0:  # temp files of writes that a killed run left (no write runs now)
+        for folder in (Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"):
+            remove_stale_temps(folder)
     logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())
     logger.mllog(MLLOG.INIT_START)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
@@ -105,6 +121,7 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
         dump(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved recipe, overrides applied
     if state is not None:
         run.load_state_dict(state, str(checkpoint.resolve(resume)))
+        logger.truncate_after(run.iteration)  # records after the checkpoint are about to be redone
     else:
         seed_rank(cfg.seed, rank)
     # Every rank starts from rank 0's weights. A fresh optimizer has no state to send, and Horovod

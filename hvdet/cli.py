@@ -6,18 +6,33 @@
     hvdet report RUN_DIR                                    # = python -m hvdet.report RUN_DIR
     hvdet make-synthetic OUT_DIR [...]                      # = python -m hvdet.data.synthetic OUT_DIR
 
-The same command runs as one plain process, under ``horovodrun`` and under ``mpirun``. Known
-failures (a bad config, an unusable checkpoint, a diverged run) print one line naming the cause and
-exit non-zero; a launched rank then exits at once, so the launcher stops the others instead of
-leaving them waiting in a collective.
+The same command runs as one plain process, under ``horovodrun`` and under ``mpirun``. A failure
+prints one line on the rank that hit it, naming the cause and the file, rank or iteration; the full
+traceback goes to ``output_dir/errors/rank<N>.log``. A launched rank then exits at once (without
+Horovod's shutdown, which would wait for peers that may be gone), so the launcher stops the others
+instead of leaving them waiting in a collective. Exit codes:
+
+====  ==========================================================================================
+0     done (target reached or max_iters)
+1     failed: data, checkpoint, divergence, evaluation, disk, or a peer rank failed
+2     configuration error (also a usage error)
+3     stalled: a collective waited ``comm.timeout_s`` for a peer (hvdet.comm.watchdog)
+75    preempted by SIGTERM / SIGINT / SIGUSR1: checkpoint written, continue with ``--resume``
+====  ==========================================================================================
+
+``horovodrun`` turns every rank failure into exit 1; ``launch/horovodrun.sh`` and
+``launch/mpirun.sh`` pass the first failing rank's code through (ranks append it to the file named
+by ``HVDET_EXIT_FILE``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
+from pathlib import Path
 
-EXIT_CONFIG, EXIT_FAILED = 2, 1
+EXIT_FAILED, EXIT_CONFIG, EXIT_STALLED, EXIT_PREEMPTED = 1, 2, 3, 75
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -43,8 +58,8 @@ def _run(config_path: str, overrides: list[str], resume: str | None = None, eval
         cfg = load_config(config_path, overrides)
     except ConfigError as err:
         print(f"hvdet: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    from hvdet import checkpoint, comm, engine
+        return _exit_code(EXIT_CONFIG)
+    from hvdet import comm, engine
 
     try:
         if eval_only:
@@ -53,12 +68,64 @@ def _run(config_path: str, overrides: list[str], resume: str | None = None, eval
         else:
             summary = engine.train(cfg, resume=resume)
             _print_main(comm, _summary_line(summary, cfg.output_dir))
-    except (checkpoint.CheckpointError, engine.DivergenceError, ConfigError) as err:
-        print(f"hvdet: rank {comm.rank()}: {err}", file=sys.stderr)
-        _exit_now(comm, EXIT_FAILED)
-        return EXIT_FAILED
+            if summary["stop"] == "preempted":
+                _print_main(comm, f"hvdet: {summary['failure']}")
+                _exit_now(comm, _exit_code(EXIT_PREEMPTED))
+                return EXIT_PREEMPTED
+    except BaseException as err:  # noqa: BLE001 - every failure becomes one line, a log and an exit code
+        code = _report(err, comm, cfg.output_dir)
+        _exit_now(comm, code)
+        return code
     comm.shutdown()
     return 0
+
+
+def _report(err: BaseException, comm, output_dir: str) -> int:
+    """One line on stderr naming the cause, the traceback in ``output_dir/errors/rank<N>.log``;
+    returns the exit code (recorded in ``HVDET_EXIT_FILE`` for the launch scripts)."""
+    from hvdet.config import ConfigError
+
+    rank = comm.rank() if comm.is_initialized() else 0
+    code, cause = _classify(err, ConfigError)
+    where = ""
+    if code != EXIT_CONFIG:  # a config error needs no traceback (and its output_dir may be another run's)
+        log = Path(output_dir) / "errors" / f"rank{rank}.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(err)))
+            where = f" (traceback: {log})"
+        except OSError:  # the disk may be the problem: the traceback goes to stderr instead
+            traceback.print_exception(err)
+    print(f"hvdet: rank {rank}: {cause}{where}", file=sys.stderr, flush=True)
+    return _exit_code(code)
+
+
+def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
+    name = type(err).__name__
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else name
+    if isinstance(err, config_error):
+        return EXIT_CONFIG, f"config error: {text}"
+    if isinstance(err, TimeoutError):
+        return EXIT_STALLED, text
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_PREEMPTED, "interrupted (Ctrl-C twice): no checkpoint written"
+    if name == "HorovodInternalError":  # a peer died or left: its own line names the cause
+        return EXIT_FAILED, f"a peer rank failed or left ({name}: {text[:200]}); see the other ranks' messages"
+    known = ("CheckpointError", "DivergenceError", "DataError", "WriteError")
+    return EXIT_FAILED, text if name in known else f"{name}: {text[:500]}"
+
+
+def _exit_code(code: int) -> int:
+    """``code``, also appended to ``HVDET_EXIT_FILE`` when a launch script asked for it."""
+    path = os.environ.get("HVDET_EXIT_FILE")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+    return code
 
 
 def _exit_now(comm, code: int) -> None:

@@ -123,6 +123,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class CommConfig:
+    timeout_s: float = 600.0                  # how long any collective waits for a peer before the job ends
+    #   (one policy: Horovod's Gloo time-out and stall shutdown, BN group collectives, the watchdog);
+    #   it must exceed rank 0's COCO scoring, which the other ranks wait for
+
+
+@dataclass
 class LogConfig:
     interval: int = 20                        # iterations per metrics.jsonl train record
     progress: bool = True                     # tqdm bar on rank 0
@@ -142,6 +149,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
 
 # The allowed values of the keys that name a part: the registries' names, which the builders use.
@@ -232,6 +240,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "eval.images_per_gpu", "log.interval"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {_get(cfg, key)}")
+    if cfg.comm.timeout_s <= 0:
+        raise ConfigError(f"{source}: comm.timeout_s must be > 0, got {cfg.comm.timeout_s}")
     if s.base_lr <= 0:
         raise ConfigError(f"{source}: solver.base_lr must be > 0, got {s.base_lr}")
     if cfg.agvm.enabled and s.backward_passes_per_step > 1:

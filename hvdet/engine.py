@@ -21,8 +21,10 @@ from tqdm import tqdm
 from hvdet import checkpoint, comm
 from hvdet.atomic import atomic_write
 from hvdet.builders import build_dataset, build_model, build_run
+from hvdet.comm.watchdog import Watchdog
 from hvdet.config import Config
 from hvdet.plan import lr_at
+from hvdet.preempt import StopRequest
 from hvdet.run import Run
 from hvdet.runlog import MLLOG, StepTimer
 from hvdet.step import DivergenceError, autocast_dtype, train_step
@@ -39,10 +41,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     Nothing is lost at the end: the last checkpoint is written before the final evaluation, and a
     failed evaluation ends the run with a checkpoint of its iteration and ``stop: eval_failed`` (and
-    the cause) in summary.json before the error is raised.
+    the cause) in summary.json before the error is raised. A preemption signal on any rank
+    (:mod:`hvdet.preempt`) ends every rank after the same iteration with a checkpoint and ``stop:
+    preempted``. A rank that makes no progress for ``comm.timeout_s`` exits (:mod:`hvdet.comm.watchdog`).
     """
     run = build_run(cfg, resume)
-    log, plan, clock = run.logger, run.plan, run.clock
+    with StopRequest() as stop, Watchdog(comm.timeout_s(), comm.rank()) as watchdog:
+        return _loop(run, stop, watchdog)
+
+
+def _loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
+    cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
     clock.start = time.perf_counter()
     log.mllog(MLLOG.INIT_STOP)
     log.mllog(MLLOG.RUN_START, metadata={"resumed_at": run.iteration})
@@ -52,32 +61,39 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     timer, window = StepTimer(cuda_sync=torch.cuda.is_available()), Window()
     bar = tqdm(total=plan.max_iters, initial=run.iteration, desc="train", dynamic_ncols=True,
                disable=not (comm.is_main_process() and cfg.log.progress))
+    beat = watchdog.beat
     try:
         while run.iteration < plan.max_iters and not clock.reached:
             step = run.iteration
+            beat(f"in iteration {step + 1}")
             lr = lr_at(cfg, plan, step)
             start = time.perf_counter()
-            losses = _train_step(run, step, lr, timer)
+            losses = _train_step(run, step, lr, timer, stop)
             run.iteration = iteration = step + 1
             window.add(losses, time.perf_counter() - start)
             clock.train_s += time.perf_counter() - start
             clock.images += plan.global_batch
             bar.update(1)
             last = iteration == plan.max_iters
-            if iteration % cfg.log.interval == 0 or last:
+            if iteration % cfg.log.interval == 0 or last or stop.agreed:
                 record = log_train(run, timer, window, lr)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}")
                 timer.reset()
                 window = Window()
-            checkpointed = last or bool(cfg.checkpoint.interval) and iteration % cfg.checkpoint.interval == 0
+            checkpointed = last or stop.agreed or bool(cfg.checkpoint.interval) and iteration % cfg.checkpoint.interval == 0
             if checkpointed:
+                beat(f"writing the checkpoint of iteration {iteration}")
                 save_checkpoint(run)  # before the final evaluation: a failing one loses nothing
+            if stop.agreed:  # every rank agreed at this step's loss check: all leave here together
+                bar.close()
+                return finish(run, iteration, stop="preempted", failure=f"stopped by {stop.name()} after iteration "
+                              f"{iteration}; continue with --resume {cfg.output_dir}")
             if cfg.eval.interval and iteration % cfg.eval.interval == 0 and iteration >= cfg.eval.start:
-                _evaluate_or_stop(run, bar, checkpointed)
+                _evaluate_or_stop(run, bar, checkpointed, beat)
                 if clock.reached and not last:  # metrics broadcast from rank 0: every rank leaves together
                     save_checkpoint(run)
         if cfg.eval.at_end and clock.evaluated_at != run.iteration and not clock.reached:
-            _evaluate_or_stop(run, bar, checkpointed=True)  # also a resumed run whose final evaluation failed
+            _evaluate_or_stop(run, bar, True, beat)  # also a resumed run whose final evaluation failed
     except DivergenceError as err:
         bar.close()
         finish(run, run.iteration, stop="diverged", failure=str(err))
@@ -86,19 +102,19 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     return finish(run, run.iteration, stop="target" if clock.reached else "max_iters")
 
 
-def _train_step(run: Run, step: int, lr: float, timer: StepTimer) -> dict:
+def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequest) -> dict:
     s = run.cfg.solver
     return train_step(run.model, run.optimizer, run.scaler, run.loader, step=step, lr=lr,
                       passes=s.backward_passes_per_step,
                       amp_dtype=autocast_dtype(s.amp, s.amp_dtype, s.amp_on_cpu, comm.device()),
-                      agvm=run.agvm, clip_grad_norm=s.clip_grad_norm, timer=timer)
+                      agvm=run.agvm, clip_grad_norm=s.clip_grad_norm, timer=timer, stop=stop)
 
 
-def _evaluate_or_stop(run: Run, bar, checkpointed: bool) -> None:
+def _evaluate_or_stop(run: Run, bar, checkpointed: bool, beat) -> None:
     """Evaluate; on failure keep the work (a checkpoint unless one was just written), record the
     cause in summary.json and re-raise. Every rank raises alike (hvdet.evaluation tells them)."""
     try:
-        evaluate_and_log(run, run.iteration)
+        evaluate_and_log(run, run.iteration, beat)
     except Exception as err:
         bar.close()
         if not checkpointed:
@@ -140,10 +156,10 @@ def log_train(run: Run, timer: StepTimer, window: Window, lr: float) -> dict:
     return record
 
 
-def evaluate_and_log(run: Run, iteration: int) -> dict:
+def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
     clock, log = run.clock, run.logger
     log.mllog(MLLOG.EVAL_START, metadata={"iteration": iteration, "epoch_num": run.loader.epoch})
-    metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg)
+    metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg, beat)
     clock.eval_s += eval_s
     clock.evaluations += 1
     clock.evaluated_at = iteration
@@ -191,13 +207,14 @@ def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> 
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
-def run_evaluation(model, dataset, cfg: Config) -> tuple[dict, float]:
+def run_evaluation(model, dataset, cfg: Config, beat=None) -> tuple[dict, float]:
     """COCO metrics of ``model`` on ``dataset`` (every rank its shard) and the seconds it took."""
     from hvdet.evaluation import evaluate
 
     start = time.perf_counter()
     metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
-                       iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress)  # eval mode, then restored
+                       iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress,
+                       heartbeat=beat)  # eval mode, then restored
     return metrics, time.perf_counter() - start
 
 
@@ -208,7 +225,7 @@ def target_met(target: dict, metrics: dict, key: str = "AP") -> bool:
 
 def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     """``--eval-only``: COCO metrics of a checkpoint's model, written to ``output_dir/eval.json``."""
-    comm.init()
+    comm.init(timeout_s=cfg.comm.timeout_s)
     val_set = build_dataset(cfg, train=False)
     # Inference normalizes with the BN running statistics: no cross-GPU group is needed, nor must it
     # fit the number of ranks evaluating. Plain BatchNorm2d has the same state_dict keys.

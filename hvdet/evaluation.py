@@ -29,7 +29,7 @@ MASK_THRESHOLD = 0.5
 
 
 def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, iou_types=("bbox",),
-             progress: bool = True) -> dict:
+             progress: bool = True, heartbeat=None) -> dict:
     """COCO metrics of ``model`` on ``dataset`` (a :class:`hvdet.data.CocoDetection`), on every rank.
 
     Collective: every rank must call it. The model is put in eval mode and restored afterwards.
@@ -45,7 +45,7 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     model.eval()
     failure = None
     try:
-        image_ids, detections = _infer(model, loader, dataset, "segm" in iou_types, progress)
+        image_ids, detections = _infer(model, loader, dataset, "segm" in iou_types, progress, heartbeat)
     except Exception as err:  # noqa: BLE001 -- any failure still joins the gather below, so the
         # other ranks fail too instead of waiting in it forever; it is re-raised right after.
         image_ids, detections, failure = [], [], err
@@ -118,14 +118,16 @@ def to_coco_detections(output: dict, image_id: int, contiguous_to_cat_id: dict, 
     return detections
 
 
-def _infer(model, loader, dataset, with_masks: bool, progress: bool) -> tuple[list[int], list[dict]]:
-    """This rank's image ids and detections."""
+def _infer(model, loader, dataset, with_masks: bool, progress: bool, heartbeat=None) -> tuple[list[int], list[dict]]:
+    """This rank's image ids and detections; ``heartbeat(where)`` after every batch (the watchdog's)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     image_ids, detections = [], []
     bar = tqdm(loader, desc="eval", unit="batch", disable=not (progress and comm.is_main_process()))
     with torch.inference_mode():
         for images, targets in bar:
             batch_ids = [int(t["image_id"]) for t in targets]
+            if heartbeat is not None:
+                heartbeat(f"evaluating images {batch_ids}")
             for image, image_id in zip(images, batch_ids, strict=True):
                 _check_original_size(image, dataset.coco.imgs[image_id])
             outputs = model([image.to(device) for image in images])

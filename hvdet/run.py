@@ -87,6 +87,7 @@ class Run:
         """Continue from ``state`` (every rank reads the same checkpoint, ``source`` names it)."""
         world, plan, cfg = comm.size(), self.plan, self.cfg
         factor = resume_policy(state, source, world, plan.global_batch, cfg.checkpoint.on_world_size_change)
+        check_model_fits(state, source, self.model, cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -102,6 +103,24 @@ class Run:
         if comm.is_main_process() and factor != 1.0:
             print(f"resuming {source}: {state['world_size']} -> {world} ranks, global batch {state['global_batch']} "
                   f"-> {plan.global_batch}, lr x{factor:g} by the linear scaling rule", flush=True)
+
+
+def check_model_fits(state: dict, source, model: torch.nn.Module, cfg: Config) -> None:
+    """A checkpoint of another architecture or norm is a one-line CheckpointError naming both (not
+    torch's thousands of characters of missing and unexpected keys)."""
+    mine, theirs = model.state_dict(), state["model"]
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    shapes = [k for k in mine if k in theirs and tuple(mine[k].shape) != tuple(theirs[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    old = state.get("config", {}).get("model", {})
+    first = (missing or unexpected or shapes)[0]
+    raise CheckpointError(
+        f"checkpoint {source} holds another model (model.arch={old.get('arch', '?')}, "
+        f"model.norm={old.get('norm', '?')}) than this run's (model.arch={cfg.model.arch}, "
+        f"model.norm={cfg.model.norm}): {len(missing)} weights missing, {len(unexpected)} unexpected, "
+        f"{len(shapes)} of another shape (first: {first}); resume with the recipe that wrote it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,6 +125,21 @@ class RunLogger:
         # stack_offset=2: MLPerf records the file:line that called *this* method, not this wrapper.
         log(key=key, value=_jsonable(value), metadata=_jsonable(metadata), stack_offset=2)
 
+    def truncate_after(self, iteration: int) -> int:
+        """Drop the records of iterations after ``iteration`` (a resume from its checkpoint repeats
+        them; keeping both would duplicate them, and their ``elapsed_s`` would run backwards).
+        Returns how many were dropped."""
+        if not self.enabled:
+            return 0
+        path = self.output_dir / METRICS_FILE
+        records = read_jsonl(path)
+        kept = [r for r in records if r.get("iteration", 0) <= iteration]
+        if len(kept) < len(records):
+            self._metrics.close()
+            atomic_write(path, lambda f: f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+            self._metrics = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return len(records) - len(kept)
+
     # -- summary -------------------------------------------------------------------------------
     def write_summary(self, summary: dict) -> Path | None:
         """``summary.json``, written to a temp file in the same folder and renamed over the old one."""

@@ -53,9 +53,12 @@ class _NoTimer:
 
 def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, batches: Iterator, *,
                step: int, lr: float, passes: int = 1, amp_dtype: torch.dtype | None = None, agvm=None,
-               clip_grad_norm: float | None = None, timer=None, device: torch.device | None = None) -> dict:
+               clip_grad_norm: float | None = None, timer=None, device: torch.device | None = None,
+               stop=None) -> dict:
     """One optimizer step over ``passes`` batches of ``batches``; returns the rank-averaged losses
-    (each the mean over the passes). ``step`` is the 0-based iteration, ``lr`` its learning rate."""
+    (each the mean over the passes). ``step`` is the 0-based iteration, ``lr`` its learning rate.
+    ``stop`` (a :class:`hvdet.preempt.StopRequest`) rides on the loss check: its ``agreed`` is set
+    on every rank alike when any rank's ``requested`` is."""
     timer = timer or _NoTimer()
     device = device or comm.device()
     optimizer.zero_grad()
@@ -69,7 +72,7 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
         with timer.phase("forward_s"), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         with timer.phase("backward_allreduce_s"):
-            mean = check_losses(loss_dict, step, lr)
+            mean = check_losses(loss_dict, step, lr, stop)
             loss_sum = mean if loss_sum is None else loss_sum + mean
             if agvm is not None:
                 agvm.before_backward(step)  # local gradients, before Horovod replaces them by means
@@ -85,15 +88,21 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
     return dict(zip(loss_dict, (loss_sum / passes).tolist(), strict=True))
 
 
-def check_losses(loss_dict: dict, step: int, lr: float) -> torch.Tensor:
+def check_losses(loss_dict: dict, step: int, lr: float, stop=None) -> torch.Tensor:
     """The losses averaged over ranks; raises DivergenceError on every rank if any is not finite.
 
     Collective, before backward: the mean over ranks is non-finite on every rank when any rank's
     loss is, so all ranks stop here together; a rank that stopped alone would leave the others
-    waiting forever in the gradient allreduce.
+    waiting forever in the gradient allreduce. One more element carries ``stop.requested`` (a
+    preemption signal on this rank) to every rank, at no extra collective.
     """
-    mean = comm.allreduce_small(torch.stack([v.detach().float() for v in loss_dict.values()]),
+    values = [v.detach().float() for v in loss_dict.values()]
+    flag = float(stop is not None and stop.requested)
+    both = comm.allreduce_small(torch.stack([*values, torch.tensor(flag, device=values[0].device)]),
                                 op="mean", name="hvdet.losses")
+    mean = both[:-1]
+    if stop is not None and both[-1].item() > 0:
+        stop.agreed = True
     if not torch.isfinite(mean).all():
         raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
                               f"{dict(zip(loss_dict, mean.tolist(), strict=True))}")

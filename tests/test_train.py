@@ -144,7 +144,7 @@ def test_a_failing_final_evaluation_keeps_the_checkpoint_and_says_why(data, tmp_
     source, root = Path(data["train_ann"]).parent.parent, tmp_path / "data"
     shutil.copytree(source, root)
     copy = {key: str(root / Path(path).relative_to(source)) for key, path in data.items()}
-    image = sorted(Path(copy["val_images"]).glob("*"))[0]
+    image = min(Path(copy["val_images"]).glob("*"))
     good = image.read_bytes()
     image.write_bytes(good[: len(good) // 3])
     out = tmp_path / "run"
@@ -187,8 +187,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_used_output_dir_and_missing_checkpoint_are_clear_errors(run_a, data, tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", RECIPE, *tiny_overrides(data, run_a[0])],
                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, check=False)
-    assert out.returncode == 1
-    assert f"output_dir {run_a[0]} already holds a run (metrics.jsonl); continue it with --resume" in out.stderr
+    assert out.returncode == 2  # a configuration error
+    assert f"output_dir {run_a[0]} already holds a run (checkpoints); continue it with --resume" in out.stderr
 
 
 def test_missing_checkpoint_is_a_clear_error(data, tmp_path):

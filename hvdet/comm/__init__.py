@@ -33,6 +33,7 @@ from hvdet.comm.world import (
     rank,
     shutdown,
     size,
+    timeout_s,
 )
 from hvdet.registry import GROUP_BACKENDS
 
@@ -40,4 +41,4 @@ __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableEr
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
            "distributed_optimizer", "gather_object", "horovod_available", "init", "is_initialized",
-           "is_main_process", "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size"]
+           "is_main_process", "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size", "timeout_s"]

@@ -18,15 +18,22 @@ Why two parities: a rank that finished op k may start op k+1 while a slower one 
 slots; op k+1 writes the other parity, and op k+2 (which reuses op k's) cannot start before every
 rank has published k+1, that is, finished reading op k.
 
-A rank that never arrives (a dead or diverged peer) makes the others raise after ``timeout_s`` with
-the missing ranks named, instead of hanging. Only x86-64 is supported: step 2 relies on its store
+A rank that never arrives (a dead or stalled peer) makes the others raise after ``timeout_s``
+(``comm.timeout_s``) with the missing ranks named, instead of hanging; while waiting they back off
+from spinning to yielding to sleeping, so a stalled peer does not cost the host its cores.
+
+No segment outlives its job by name: the creator unlinks it once every member has mapped it, or when
+setting up fails; a segment whose creator was killed before either (its name carries the creator's
+pid) is removed by the next job on the host that opens a segment. Only x86-64 is supported: step 2 relies on its store
 order (ARM would need a fence that Python cannot express).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import platform
+import re
 import tempfile
 import time
 import uuid
@@ -40,6 +47,8 @@ from hvdet.comm import world
 LINE = 64                                    # bytes per sequence number: no false sharing
 CAPACITY = 8192                              # float64 per slot: 2 x 2048 channels + count fits
 SPIN = 200                                   # polls before the waiting rank starts yielding its core
+YIELD_S = 0.002                              # then yields the core for this long, then sleeps
+MAX_SLEEP_S = 0.001                          # at most this long between polls
 OPS = {"sum": np.sum, "mean": np.sum, "max": np.max, "min": np.min}
 
 
@@ -51,8 +60,35 @@ def segment_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+_NAME = re.compile(r"^hvdet-(\d+)-[0-9a-f]{32}$")
+
+
 def new_path() -> str:
-    return os.path.join(segment_dir(), f"hvdet-{uuid.uuid4().hex}")
+    return os.path.join(segment_dir(), f"hvdet-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def sweep_stale(folder: str | None = None) -> list[str]:
+    """Unlink segments whose creating process is gone (killed between creating and unlinking)."""
+    folder = folder or segment_dir()
+    removed = []
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another job swept it first
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | None:
@@ -66,18 +102,22 @@ def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | 
     mine, error = None, None
     if rank == first and supported():
         try:
+            sweep_stale()
             mine = ShmAllreduce(new_path(), 0, group_size, create=True)
         except OSError as err:
             error = err
-    paths = allgather(mine.path if mine else None)
-    if rank != first and paths[first] is not None:
-        try:
-            mine = ShmAllreduce(paths[first], rank - first, group_size)
-        except OSError as err:  # the creator is on another host (or in another container)
-            error = err
-    attached = allgather(mine is not None)
-    if rank == first and mine is not None:
-        mine.unlink()
+    try:
+        paths = allgather(mine.path if mine else None)
+        if rank != first and paths[first] is not None:
+            try:
+                mine = ShmAllreduce(paths[first], rank - first, group_size)
+            except OSError as err:  # the creator is on another host (or in another container)
+                error = err
+        attached = allgather(mine is not None)
+    finally:
+        # Every member has mapped it, or one failed before (a dead rank): the name goes either way.
+        if rank == first and mine is not None:
+            mine.unlink()
     if all(attached):
         return mine
     if error is not None:
@@ -116,8 +156,9 @@ class ShmAllreduce:
     :meth:`unlink`, so the file never outlives the job, even one that crashes.
     """
 
-    def __init__(self, path: str, index: int, size: int, create: bool = False, timeout_s: float = 300.0):
-        self.path, self.index, self.size, self.timeout_s = path, index, size, timeout_s
+    def __init__(self, path: str, index: int, size: int, create: bool = False, timeout_s: float | None = None):
+        self.path, self.index, self.size = path, index, size
+        self.timeout_s = world.timeout_s() if timeout_s is None else timeout_s
         header = size * LINE
         nbytes = header + 2 * size * CAPACITY * 8
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -135,7 +176,8 @@ class ShmAllreduce:
         self._count = 0
 
     def unlink(self) -> None:
-        os.unlink(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """The group's reduction of ``tensor`` (CPU, at most CAPACITY elements); a new tensor."""
@@ -169,11 +211,18 @@ class ShmAllreduce:
         for _ in range(SPIN):  # a peer a few microseconds behind: do not give the core away
             if seq.min() >= count:
                 return
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline, pause = start + self.timeout_s, YIELD_S
         while seq.min() < count:
-            # A peer still computing: let other threads (Horovod's, the peer on a shared core) run.
-            os.sched_yield()
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start < YIELD_S:
+                # A peer still computing: let other threads (Horovod's, the peer on a shared core) run.
+                os.sched_yield()
+            else:
+                # Longer: sleep, doubling up to 1 ms, so a stalled peer does not cost a core.
+                time.sleep(pause)
+                pause = min(2 * pause, MAX_SLEEP_S)
+            if now > deadline:
                 missing = [j for j in range(self.size) if seq[j] < count]
                 raise TimeoutError(f"shm allreduce #{count}: group ranks {missing} did not arrive within "
                                    f"{self.timeout_s:.0f} s (dead or stuck, or running other layers)")

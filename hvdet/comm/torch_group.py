@@ -71,4 +71,4 @@ def init_torch_distributed() -> None:
         raise addr
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     torch.distributed.init_process_group(backend, init_method=addr, rank=world.rank(), world_size=world.size(),
-                                         timeout=datetime.timedelta(seconds=300))
+                                         timeout=datetime.timedelta(seconds=world.timeout_s()))

@@ -71,12 +71,31 @@ def _launched() -> bool:
     return any(k in os.environ for k in keys)
 
 
-def init() -> None:
+DEFAULT_TIMEOUT_S = 600.0
+_TIMEOUT_S = DEFAULT_TIMEOUT_S
+
+
+def timeout_s() -> float:
+    """How long any collective may wait for a peer before this rank gives up (``comm.timeout_s``)."""
+    return _TIMEOUT_S
+
+
+def init(timeout_s: float | None = None) -> None:
     """Initialize Horovod (idempotent). Dynamic process sets are enabled so groups can be made later.
+
+    ``timeout_s`` (a recipe's ``comm.timeout_s``; default 600 s) is the one stall policy: Horovod's
+    Gloo time-out and its stall shutdown (which also covers the MPI controller, which has no time-out
+    of its own), the shared-memory and torch.distributed group collectives, and the training watchdog
+    all give up after it. It must exceed the longest legitimate wait: rank 0 scoring COCO alone
+    while the others wait for its metrics.
 
     Without Horovod, a process that no launcher started becomes a world of one; a launched one raises.
     """
-    global _SINGLE
+    global _SINGLE, _TIMEOUT_S
+    if timeout_s is not None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        _TIMEOUT_S = float(timeout_s)
     if hvd is None:
         if _launched():
             _need_horovod("a job started by horovodrun/mpirun")
@@ -94,6 +113,11 @@ def init() -> None:
         # ResNet-50 step 55% slower than one process, at 20 ms 10% (docs/cross_gpu_bn.md). An op
         # waits at most one cycle longer; the user's own setting wins.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
+    # Set, not defaulted: horovodrun always exports its own --gloo-timeout-seconds (30 s), which would
+    # kill a job whose rank 0 scores COCO for longer; one policy, from the recipe.
+    os.environ["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
+    os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, min(60, round(_TIMEOUT_S / 2))))
+    os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
     hvd.init(process_sets="dynamic")
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())

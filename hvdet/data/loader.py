@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hvdet.data.coco import DataError
 from hvdet.data.samplers import EpochBatchSampler, eval_shard
 
 
@@ -53,7 +54,11 @@ class TrainLoader:
     def __init__(self, dataset, images_per_gpu: int, rank: int, world_size: int, seed: int = 0,
                  num_workers: int = 2, aspect_grouping: bool = True):
         aspect_ratios = getattr(dataset, "aspect_ratios", None) or [1.0] * len(dataset)
-        self.sampler = EpochBatchSampler(aspect_ratios, images_per_gpu, rank, world_size, seed, aspect_grouping)
+        try:
+            self.sampler = EpochBatchSampler(aspect_ratios, images_per_gpu, rank, world_size, seed, aspect_grouping)
+        except ValueError as err:  # too few images (or none): name the file they came from
+            source = getattr(dataset, "ann_file", None)
+            raise DataError(f"{source}: {err}" if source else str(err)) from None
         # Not persistent: each epoch starts fresh workers for the new sampler state; no stale prefetch.
         # Its own generator: DataLoader draws a worker base seed from it at every iter(); from the
         # global RNG that draw would shift the training loop's random stream (RPN/RoI sampling)
