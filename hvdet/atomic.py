@@ -47,6 +47,13 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 def _first_line(err: BaseException) -> str:
+    """The operating system's reason where the chain has one (torch.save reports a full disk as
+    "unexpected pos ...", caused by the OSError that says so), else the error's first line."""
+    cause = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 

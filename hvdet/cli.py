@@ -111,7 +111,7 @@ def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
     if isinstance(err, KeyboardInterrupt):
         return EXIT_PREEMPTED, "interrupted (Ctrl-C twice): no checkpoint written"
     if name == "HorovodInternalError":  # a peer died or left: its own line names the cause
-        return EXIT_FAILED, f"a peer rank failed or left ({name}: {text[:200]}); see the other ranks' messages"
+        return EXIT_FAILED, f"a peer rank failed or left ({name}: {text.split('. ')[0]}); see its own message"
     known = ("CheckpointError", "DivergenceError", "DataError", "WriteError")
     return EXIT_FAILED, text if name in known else f"{name}: {text[:500]}"
 
