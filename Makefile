@@ -7,7 +7,7 @@ NP    ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup system venv horovod kernels test demo bench gpu-check lint clean
+.PHONY: setup system venv horovod kernels test test-fast demo bench gpu-check lint clean
 
 setup: system venv horovod kernels
 
@@ -36,6 +36,12 @@ kernels: venv
 
 test: setup
 	bash launch/run_tests.sh
+
+# The edit-test loop (under a minute on 2 cores): no set-up step, no multi-process launches, no multi-second
+# end-to-end tests, no GPU tests (markers in pytest.ini; `multirank` is applied by tests/conftest.py).
+test-fast:
+	@test -x $(PY) || { echo "test-fast: no .venv here; run 'make setup' (or 'make test') once first"; exit 1; }
+	bash launch/run_tests.sh -m "not multirank and not slow and not gpu"
 
 demo: setup
 	bash launch/demo.sh

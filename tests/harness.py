@@ -24,6 +24,9 @@ LAUNCHERS = ("horovodrun", "horovodrun-mpi", "mpirun")
 # OpenMPI inside containers: no CMA single-copy (ptrace is usually denied), no InfiniBand probing.
 MPIRUN_FLAGS = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                 "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "btl", "^openib"]
+# False while pytest runs a test without the `multirank` marker (tests/conftest.py), so that a launch the
+# marker scan missed fails loudly instead of making `make test-fast` slow. True outside pytest.
+LAUNCH_ALLOWED = True
 
 
 class LaunchError(RuntimeError):
@@ -56,6 +59,10 @@ def launch_command(np: int, launcher: str, program: list[str]) -> list[str]:
 
 def run_command(cmd: list[str], timeout_s: float, env: dict | None = None, cwd: Path = ROOT) -> str:
     """Run a launcher command; on failure or time-out raise LaunchError with its output."""
+    if not LAUNCH_ALLOWED:
+        raise LaunchError("this test launches processes but is not marked `multirank`, so it would run in "
+                          "`make test-fast`: mark it (pytest.mark.multirank) or call the launch helpers where "
+                          f"tests/conftest.py's scan finds them: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or rank_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -1,12 +1,18 @@
 """The launch/ scripts, the Horovod build and the Dockerfile, exercised for real on localhost."""
+import itertools
+import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.harness import BIN, ROOT, rank_env, run_command
 
@@ -48,15 +54,23 @@ def test_slurm_script_builds_hostfile_and_launches(tmp_path):
     fake.mkdir()
     (fake / "scontrol").write_text("#!/bin/sh\necho localhost\n")
     (fake / "scontrol").chmod(stat.S_IRWXU)
+    # The script works in the submission directory (runs/ for the hostfile, .venv, launch/): a checkout-like
+    # one under tmp_path, so that the test writes nothing into this checkout's runs/.
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    for name in ("launch", ".venv"):
+        (submit / name).symlink_to(ROOT / name)
     env = _env(PATH=f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="t1",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2",
-               SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=str(ROOT), HVDET_IN_CONTAINER="1",
+               SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=str(submit), HVDET_IN_CONTAINER="1",
                HVDET_ENTRY="launch/allreduce_check.py")
     out = run_command(["bash", "launch/slurm.sbatch", "configs/none.yaml"], timeout_s=300, env=env)
     _assert_two_ranks_ok(out)
-    assert (ROOT / "runs" / "hostfile-t1").read_text() == "localhost slots=2\n"
+    assert (submit / "runs" / "hostfile-t1").read_text() == "localhost slots=2\n"
+    assert "--hostfile runs/hostfile-t1" in out  # mpirun.sh's command line (set -x), relative to the submit dir
 
 
+@pytest.mark.slow  # horovodrun --check-build imports torch and Horovod's frameworks: 6-7 s
 def test_horovod_build_lists_frameworks_and_controllers():
     out = subprocess.run([str(BIN / "horovodrun"), "--check-build"], capture_output=True, text=True, check=True).stdout
     for line in ("[X] PyTorch", "[X] MPI", "[X] Gloo"):
@@ -72,84 +86,226 @@ def test_build_script_is_idempotent():
     assert "already installed" in out
 
 
-def _dockerfile_stages(text):
-    """The Dockerfile as (ARGs before the first FROM, [(FROM image, stage alias, [instructions])])."""
-    lines, buf = [], ""
-    for raw in text.splitlines():
-        raw = raw.strip()
-        if raw.startswith("#"):  # comments (and hadolint pragmas), also inside a continued instruction
+# -- Dockerfile: hadolint, and what each documented build resolves to and installs ------------------
+# docs/docker.md's table says, per `--build-arg GPU=...`, which base image, which torch build and which
+# Horovod kernels an image gets. The Dockerfile is parsed into instructions and resolved for each value
+# (ARG, FROM through the stage aliases, ENV); its RUN steps are then executed by /bin/sh with PATH holding
+# only logging stand-ins for the programs they call (apt-get, rm, python3, make, the venv's pip/python),
+# in an empty directory, so the test sees the commands the build would run in order, with the build's
+# variables expanded, and nothing is installed or removed.
+
+DOCS = ROOT / "docs" / "docker.md"
+STUB = r"""#!/bin/sh
+case "$0" in "$STUBS"/*) name=${0##*/} ;; *) name=$0 ;; esac
+{ printf '%s' "$name"; for a in "$@"; do printf '\t%s' "$a"; done; printf '\n'; } >> "$STUB_LOG"
+venv=
+[ "$name" = python3 ] && [ "$1" = -m ] && [ "$2" = venv ] && venv=$3
+[ "$name" = make ] && for a in "$@"; do [ "$a" = venv ] && venv=.venv; done  # as `make venv` does
+if [ -n "$venv" ] && [ ! -e "$venv/bin/python" ]; then
+  /bin/mkdir -p "$venv/bin" && for t in python pip horovodrun; do /bin/cp "$STUBS/python3" "$venv/bin/$t"; done
+fi
+exit 0
+"""
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """[(INSTRUCTION, arguments)] as Docker reads them: continuation lines joined, comment lines (also
+    inside a continued instruction, where hadolint pragmas sit) and blank lines dropped."""
+    instructions, buf = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped:
             continue
-        if raw.endswith("\\"):
-            buf += raw[:-1] + " "
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
             continue
-        if (buf + raw).strip():
-            lines.append((buf + raw).strip())
+        word, _, rest = (buf + stripped).partition(" ")
+        instructions.append((word.upper(), rest.strip()))
         buf = ""
-    global_args, stages = [], []
-    for line in lines:
-        word, _, rest = line.partition(" ")
-        if word.upper() == "FROM":
-            image, _, alias = rest.partition(" AS ")
-            stages.append((image.strip(), alias.strip(), []))
-        elif stages:
-            stages[-1][2].append(line)
-        elif word.upper() == "ARG":
-            global_args.append(rest.strip())
-    return global_args, stages
+    return instructions
 
 
-def _env_of(instructions):
-    env = {}
-    for line in instructions:
-        if line.upper().startswith("ENV "):
-            env.update(re.findall(r"(\w+)=(\S*)", line[4:]))
-    return env
+def _expand(text: str, variables: dict) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m[1] or m[2], m[0]), text)
 
 
-def test_dockerfile_lints_clean_and_builds_for_both_gpu_generations():
-    hadolint = BIN / "hadolint"
-    subprocess.run([str(hadolint), "Dockerfile"], cwd=ROOT, check=True)
-    docker = (ROOT / "Dockerfile").read_text()
-    global_args, stages = _dockerfile_stages(docker)
-    by_alias = {alias: (image, body) for image, alias, body in stages}
+@dataclass
+class Image:
+    base: str  # the registry image the build starts from, after FROM aliases
+    env: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)  # (shell command, the ENV in force at that RUN)
+    entrypoint: list | None = None
 
-    # The build argument GPU picks the base stage; the default is the A100/H100/H200 image.
-    assert "GPU=hopper" in global_args, global_args
-    assert stages[-1][0] == "base-${GPU}", stages[-1][0]
-    assert set(by_alias) >= {"base-hopper", "base-v100"}, list(by_alias)
 
-    def cuda_tag(alias):
-        m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu[\d.]+", by_alias[alias][0])
-        assert m, by_alias[alias][0]
-        return int(m.group(1)), int(m.group(2))
+def resolve(instructions, build_args: dict) -> Image:
+    """The final stage of a `docker build --build-arg K=V ...`, followed through the FROM stage aliases."""
+    args, stages, image = {}, {}, None
+    for word, rest in instructions:
+        if word == "ARG" and image is None:  # a global ARG: the only kind FROM lines can use
+            name, _, default = rest.partition("=")
+            args[name] = build_args.get(name, default)
+        elif word == "FROM":
+            ref, *alias = re.split(r"\s+AS\s+", _expand(rest, args), flags=re.IGNORECASE)
+            if ref in stages:
+                parent = stages[ref]
+                image = Image(parent.base, dict(parent.env), list(parent.runs), parent.entrypoint)
+            elif re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", ref):  # a namespaced, tagged registry image
+                image = Image(ref)
+            else:  # docker would look for docker.io/library/<ref>:latest, which is no image of ours
+                raise ValueError(f"FROM {ref}: neither a stage of this Dockerfile nor a tagged image")
+            if alias:
+                stages[alias[0]] = image
+        elif word == "ENV":
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                image.env[key] = _expand(value, image.env)
+        elif word == "RUN":
+            image.runs.append((rest, dict(image.env)))
+        elif word == "ENTRYPOINT":
+            image.entrypoint = json.loads(rest)
+    return image
 
-    hopper, v100 = _env_of(by_alias["base-hopper"][1]), _env_of(by_alias["base-v100"][1])
-    # DGX A100/H100/H200: CUDA 13 toolkit, torch from PyPI (no index override), kernels for sm_80 + sm_90.
-    assert cuda_tag("base-hopper")[0] == 13
-    assert hopper["HOROVOD_BUILD_CUDA_CC_LIST"] == "80,90" and hopper["HVDET_TORCH_CUDA"] == ""
-    # DGX-2 (V100): CUDA 13 has no sm_70, so a CUDA 12 toolkit, sm_70 kernels, and the PyTorch wheels
-    # built for the same CUDA release as the toolkit (cu126 is PyTorch 2.14's only build with sm_70).
-    major, minor = cuda_tag("base-v100")
-    assert major == 12
-    assert v100["HOROVOD_BUILD_CUDA_CC_LIST"] == "70"
-    assert v100["HVDET_TORCH_CUDA"] == f"cu{major}{minor}" == "cu126"
 
-    # The v100 pre-install names exactly setup.py's pins (plus the +cu126 label), so `make venv`
-    # finds them satisfied instead of pulling the PyPI (CUDA 13) builds over them.
-    setup_pins = dict(re.findall(r'"(torch|torchvision)==([\d.]+)"', (ROOT / "setup.py").read_text()))
-    docker_pins = dict(re.findall(r'"(torch|torchvision)==([\d.]+)\+\$HVDET_TORCH_CUDA"', docker))
-    assert setup_pins and docker_pins == setup_pins, (docker_pins, setup_pins)
-    assert 'https://download.pytorch.org/whl/$HVDET_TORCH_CUDA' in docker
+def simulate_runs(image: Image, workdir) -> list[list[str]]:
+    """Execute the image's RUN steps with stand-ins (see above); return every command called, as argv lists."""
+    stubs = workdir / "stubs"
+    stubs.mkdir()
+    for name in ("apt-get", "rm", "python3", "make"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    log, build = workdir / "calls.log", workdir / "build"
+    build.mkdir()
+    for command, env in image.runs:
+        proc = subprocess.run(["/bin/sh", "-c", command], cwd=build, capture_output=True, text=True, check=False,
+                              env={**env, "PATH": str(stubs), "HOME": str(workdir), "STUBS": str(stubs),
+                                   "STUB_LOG": str(log)})
+        assert proc.returncode == 0, f"RUN {command}\n{proc.stdout}{proc.stderr}"
+    return [line.split("\t") for line in log.read_text().splitlines()]
 
-    # Same install steps as a local checkout: `make venv`, then `make horovod` (the build script, which
-    # must take the image's arch list rather than its own default), then `make setup`.
-    assert re.search(r"make system venv .*torch\.cuda\.get_arch_list\(\).*make horovod", docker, re.DOTALL)
-    assert "RUN make setup" in docker and 'ENTRYPOINT ["horovodrun"]' in docker
-    assert "launch/build_horovod.sh" in (ROOT / "Makefile").read_text()
-    assert "HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-" in (ROOT / "launch/build_horovod.sh").read_text()
-    # The host's .venv (a different torch build) must never be copied over the image's.
-    assert ".venv" in (ROOT / ".dockerignore").read_text().split()
 
+def documented_builds() -> dict:
+    """docs/docker.md's first table, one row per GPU value: base image, torch, Horovod's arch list."""
+    lines = DOCS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    torch_column = next(c for c in header if c.startswith("torch "))
+    builds = {}
+    for row in rows[2:]:
+        cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
+        wheel = re.fullmatch(r"`([\d.]+)\+(cu\d+)` from `([^`]+)`", cells[torch_column])
+        pypi = re.fullmatch(r"PyPI \(a CUDA (\d+\.\d+) build\)", cells[torch_column])
+        assert wheel or pypi, cells[torch_column]
+        builds[re.search(r"GPU=(\w+)", cells["Build"])[1]] = {
+            "default": "(the default)" in cells["Build"], "gpus": cells["GPUs"],
+            "base": cells["Base image"].strip("`"),
+            "torch": torch_column.split()[1],  # the header names the version every row installs
+            "wheel": wheel and {"version": wheel[1], "tag": wheel[2], "index": "https://" + wheel[3]},
+            "pypi_cuda": pypi and pypi[1],
+            "cc_list": re.fullmatch(r"`HOROVOD_BUILD_CUDA_CC_LIST=([\d,]+)`", cells["Horovod kernels"])[1],
+        }
+    return builds
+
+
+def _cuda_of_base(base: str) -> tuple[int, int]:
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu[\d.]+", base)
+    assert m, base
+    return int(m[1]), int(m[2])
+
+
+def _setup_pins() -> dict:
+    return {Requirement(r).name: Requirement(r).specifier
+            for r in re.findall(r'"((?:torch|torchvision)==[\d.]+)"', (ROOT / "setup.py").read_text())}
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run([str(BIN / "hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_documented_builds_are_the_dockerfile_builds():
+    """Every GPU value of docs/docker.md's table, and only those, builds; no build argument is the default row."""
+    instructions = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    builds = documented_builds()
+    assert set(builds) >= {"hopper", "v100"} and [g for g, b in builds.items() if b["default"]] == ["hopper"]
+    assert resolve(instructions, {}).base == builds["hopper"]["base"]
+    for gpu, doc in builds.items():
+        assert resolve(instructions, {"GPU": gpu}).base == doc["base"], gpu
+    with pytest.raises(ValueError, match="FROM base-ampere: neither a stage"):  # as docs/docker.md says
+        resolve(instructions, {"GPU": "ampere"})
+
+
+@pytest.mark.parametrize("gpu", sorted(documented_builds()))
+def test_dockerfile_build_installs_what_docs_say(gpu, tmp_path):
+    doc = documented_builds()[gpu]
+    image = resolve(dockerfile_instructions((ROOT / "Dockerfile").read_text()), {"GPU": gpu})
+    cuda = _cuda_of_base(image.base)
+    cc_list = image.env["HOROVOD_BUILD_CUDA_CC_LIST"]
+    assert cc_list == doc["cc_list"]
+    if "sm_70" in doc["gpus"] or "V100" in doc["gpus"]:
+        # DESIGN.md: CUDA 13 dropped sm_70, so a V100 image needs a CUDA 12 toolkit and Horovod kernels for 70.
+        assert cuda[0] == 12 and "70" in cc_list.split(","), (image.base, cc_list)
+    if "70" in cc_list.split(","):
+        assert cuda[0] < 13, f"{gpu}: CUDA {cuda} cannot compile the sm_70 kernels it is asked for"
+
+    calls = simulate_runs(image, tmp_path)
+
+    def first(what, match):
+        found = [i for i, c in enumerate(calls) if match(c)]
+        assert found, f"{gpu}: the build never runs {what}; it runs {calls}"
+        return found[0]
+
+    make_venv = first("make venv", lambda c: c[0] == "make" and "venv" in c[1:])
+    arch_check = first("the torch arch check", lambda c: c[:2] == [".venv/bin/python", "-c"])
+    make_horovod = first("make horovod", lambda c: c[0] == "make" and "horovod" in c[1:])
+    make_setup = first("make setup", lambda c: c == ["make", "setup"])
+    # The order a local checkout uses, with the arch check before the long Horovod build.
+    assert make_venv < arch_check < make_horovod < make_setup, calls
+    assert calls[-1] == [".venv/bin/horovodrun", "--check-build"] and image.entrypoint == ["horovodrun"]
+
+    pins = _setup_pins()
+    assert str(pins["torch"]) == f"=={doc['torch']}"
+    installs = [c for c in calls if c[0].endswith("pip") and "install" in c[1:]]
+    early_installs = [c for c in calls[:make_venv] if c[:2] == [".venv/bin/pip", "install"]]
+    assert installs == early_installs, installs  # nothing is installed over `make venv`'s choice afterwards
+    if doc["wheel"]:
+        # PyTorch's cuXYZ wheels go into .venv first, from PyTorch's index for that CUDA release ...
+        assert len(early_installs) == 1, early_installs
+        pip = early_installs[0]
+        assert pip[pip.index("--index-url") + 1] == doc["wheel"]["index"]
+        wanted = {Requirement(a).name: Version(str(Requirement(a).specifier).lstrip("=")) for a in pip[2:]
+                  if not a.startswith("-") and a != doc["wheel"]["index"]}
+        assert set(wanted) == set(pins) == {"torch", "torchvision"}
+        assert str(wanted["torch"]) == f"{doc['wheel']['version']}+{doc['wheel']['tag']}"
+        for name, version in wanted.items():
+            assert version.local == doc["wheel"]["tag"] == f"cu{cuda[0]}{cuda[1]}", (name, version, image.base)
+            # ... and satisfy setup.py's pins (PEP 440 ignores the local label), so `make venv` keeps them.
+            assert pins[name].contains(version), (name, version, pins[name])
+    else:
+        # No early install: `make venv` installs setup.py's pins from PyPI, whose torch build is the CUDA
+        # release the docs name, which must be the base image's.
+        assert early_installs == [], early_installs
+        assert doc["pypi_cuda"] == f"{cuda[0]}.{cuda[1]}", (doc["pypi_cuda"], image.base)
+
+    # The build's arch check, run with this machine's torch: it passes exactly when torch has kernels for
+    # every arch in the list (so a wheel without sm_70 stops the v100 build before Horovod is compiled).
+    code = calls[arch_check][2]
+    have = torch.cuda.get_arch_list()
+    proc = subprocess.run([sys.executable, "-c", code], env={**rank_env(), "HOROVOD_BUILD_CUDA_CC_LIST": cc_list},
+                          capture_output=True, text=True, check=False)
+    missing = [f"sm_{c}" for c in cc_list.split(",") if f"sm_{c}" not in have]
+    assert (proc.returncode == 0) == (not missing), proc.stdout + proc.stderr
+    if missing:
+        assert f"has no kernels for {missing}" in proc.stderr, proc.stderr
+
+
+def test_docker_context_leaves_out_the_host_venv():
+    # `COPY . .` after the image built its .venv: the host's .venv (another torch build) must not replace it.
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored
+    copies = [rest.split() for word, rest in dockerfile_instructions((ROOT / "Dockerfile").read_text())
+              if word == "COPY"]
+    assert [".", "."] in copies
 
 def test_gpu_check_without_a_gpu_says_so_and_runs_its_cpu_parts(tmp_path):
     """`make gpu-check` on a machine without CUDA: it says so, measures nothing, and its code paths

@@ -1,10 +1,10 @@
-"""hvdet.models: every arch builds, full-size models equal torchvision's, fast variants train, norm modes,
-local backbone weights."""
+"""hvdet.models: full-size models equal torchvision's own builders, fast variants have torchvision's ResNet-18 body
+and train, norm modes, local backbone weights. The oracles are torchvision's public constructors, never the
+functions hvdet.models itself calls to assemble a model."""
 import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 from hvdet.models import ARCHS, FastDesign, build_detector, load_backbone
@@ -41,39 +41,83 @@ def norm_types(model):
 
 
 # -- full-size archs: torchvision's models, unchanged --------------------------------------------
+# The oracle is torchvision's public builders (fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn), not the
+# parts hvdet assembles. They build FrozenBatchNorm2d and honour trainable_backbone_layers only when given
+# backbone weights, which would be downloaded: ResNet50_Weights.get_state_dict is patched to hand them a
+# random local ResNet-50 state dict, so they take their pretrained-backbone path offline. Without weights
+# they build nn.BatchNorm2d with every stage trainable: the norm="local", 5-stage case.
 
-@pytest.mark.parametrize("arch,reference", [
-    ("fasterrcnn_resnet50_fpn", torchvision.models.detection.fasterrcnn_resnet50_fpn),
-    ("maskrcnn_resnet50_fpn", torchvision.models.detection.maskrcnn_resnet50_fpn),
-])
-def test_r50_equals_torchvision_builder(arch, reference):
-    # Oracle: torchvision's own builder without weights (BatchNorm2d, all 5 stages trainable).
-    theirs = reference(weights=None, weights_backbone=None, num_classes=5, min_size=64, max_size=64).eval()
-    ours = build_detector(arch, 5, norm="local", trainable_backbone_layers=5, min_size=64, max_size=64).eval()
+TORCHVISION_BUILDERS = {"fasterrcnn_resnet50_fpn": torchvision.models.detection.fasterrcnn_resnet50_fpn,
+                        "maskrcnn_resnet50_fpn": torchvision.models.detection.maskrcnn_resnet50_fpn}
+
+
+def resnet_state(depth, seed=0):
+    """A torchvision ResNet's state dict with random, non-default BN affine parameters and statistics."""
+    torch.manual_seed(seed)
+    resnet = torchvision.models.__dict__[f"resnet{depth}"](weights=None)
+    with torch.no_grad():
+        for bn in (m for m in resnet.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
+    return resnet.state_dict()
+
+
+def torchvision_detector(arch, norm, trainable, monkeypatch, **kwargs):
+    builder = TORCHVISION_BUILDERS[arch]
+    if norm == "local":
+        assert trainable == 5, "torchvision builds BatchNorm2d only without backbone weights, all stages trainable"
+        return builder(weights=None, weights_backbone=None, **kwargs)
+    state = resnet_state(50)
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights, "get_state_dict", lambda self, *a, **k: state)
+    return builder(weights=None, weights_backbone=torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                   trainable_backbone_layers=trainable, **kwargs)
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_BUILDERS))
+@pytest.mark.parametrize(("norm", "trainable"), [("frozen", 3), ("frozen", 0), ("local", 5)])
+def test_r50_equals_torchvision_builder(arch, norm, trainable, monkeypatch):
+    theirs = torchvision_detector(arch, norm, trainable, monkeypatch, num_classes=5, min_size=64, max_size=64).eval()
+    ours = build_detector(arch, 5, norm=norm, trainable_backbone_layers=trainable, min_size=64, max_size=64).eval()
     ref_state = theirs.state_dict()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref_state.items()}
-    assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in theirs.parameters()]
-    for attr in ("pre_nms_top_n", "post_nms_top_n", "nms_thresh", "score_thresh"):
-        assert getattr(ours.rpn, f"_{attr}" if attr.endswith("top_n") else attr) == \
-            getattr(theirs.rpn, f"_{attr}" if attr.endswith("top_n") else attr)
-    assert ours.roi_heads.fg_bg_sampler.batch_size_per_image == 512
-    ours.load_state_dict(ref_state)
+    assert norm_types(ours) == norm_types(theirs) == {FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d}
+    # The same frozen set, tensor by tensor (a frozen stem and stages under FrozenBatchNorm2d, the heads train).
+    assert trainable_names(ours) == trainable_names(theirs)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    for attr in ("_pre_nms_top_n", "_post_nms_top_n", "nms_thresh", "score_thresh"):
+        assert getattr(ours.rpn, attr) == getattr(theirs.rpn, attr), attr
+    assert ours.roi_heads.fg_bg_sampler.batch_size_per_image == theirs.roi_heads.fg_bg_sampler.batch_size_per_image
+    ours.load_state_dict(ref_state)  # strict: the same tensors by name
+    for model in (ours, theirs):  # fewer proposals than at 800 px, the same on both: the CPU is slow
+        model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 200, 50
     image = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1))]
     with torch.no_grad():
         out_ours, out_theirs = ours(image)[0], theirs(image)[0]
-    assert out_ours.keys() == out_theirs.keys()
+    assert out_ours.keys() == out_theirs.keys() and len(out_theirs["boxes"]) > 0
     for key in out_ours:
-        torch.testing.assert_close(out_ours[key], out_theirs[key])
+        torch.testing.assert_close(out_ours[key], out_theirs[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_resnet101_fpn", "maskrcnn_resnet101_fpn"])
-def test_r101_builds_and_runs(arch):
+def test_r101_is_torchvision_r101_under_torchvisions_r50_heads(arch, monkeypatch):
+    """torchvision has no R101 detector builder: the body must be torchvision's resnet101 (without fc) and
+    everything else the R50 builder's (the FPN sees the same C2-C5 widths), with the same frozen stages."""
     model = build_detector(arch, 3, min_size=64, max_size=64).eval()
-    reference = resnet_fpn_backbone(backbone_name="resnet101", weights=None)
-    assert {k: v.shape for k, v in model.backbone.state_dict().items()} == \
-        {k: v.shape for k, v in reference.state_dict().items()}
+    r50 = torchvision_detector(arch.replace("101", "50"), "frozen", 3, monkeypatch, num_classes=3)
+    body = torchvision.models.resnet101(weights=None, norm_layer=FrozenBatchNorm2d)
+    want = {k: v.shape for k, v in r50.state_dict().items() if not k.startswith("backbone.body.")}
+    want.update({f"backbone.body.{k}": v.shape for k, v in body.state_dict().items() if not k.startswith("fc.")})
+    assert {k: v.shape for k, v in model.state_dict().items()} == want
+    stages = {n.split(".")[2] for n in trainable_names(r50) if n.startswith("backbone.body.")}
+    assert {n.split(".")[2] for n in trainable_names(model) if n.startswith("backbone.body.")} == stages
     assert norm_types(model) == {FrozenBatchNorm2d}
     assert model.transform.min_size == (64,) and model.transform.max_size == 64
+    model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 200, 50
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])[0]
     assert {"boxes", "scores", "labels"} <= out.keys()
@@ -120,10 +164,44 @@ def test_fast_overrides_and_frozen_stages():
     assert not hasattr(model.backbone.body, "layer4")
 
 
+FAST_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3")  # the fast body stops at C4: no layer4, no fc
+
+
+@pytest.mark.parametrize("norm", ["frozen", "local"])
+@pytest.mark.parametrize("trainable", [0, 2, 3, 5])
+def test_fast_body_is_torchvisions_resnet18_with_its_frozen_stages(norm, trainable):
+    """Oracle: torchvision's resnet18 with the same norm layer, cut after layer3, frozen by torchvision's
+    own backbone extractor (backbone_utils._resnet_fpn_extractor, which hvdet's fast path does not call):
+    the same tensors and shapes, the same trainable set, and the same C3/C4 features from the same weights."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    model = build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm=norm, trainable_backbone_layers=trainable).eval()
+    body = model.backbone.body
+    resnet18 = torchvision.models.resnet18(weights=None, norm_layer=norm_layer).eval()
+    resnet18.load_state_dict(resnet_state(18), strict=norm == "local")  # FrozenBatchNorm2d: no num_batches_tracked
+    want = {k: v for k, v in resnet18.state_dict().items() if k.split(".")[0] in FAST_STAGES}
+    assert {k: v.shape for k, v in body.state_dict().items()} == {k: v.shape for k, v in want.items()}
+    reference = _resnet_fpn_extractor(torchvision.models.resnet18(weights=None, norm_layer=norm_layer), trainable)
+    assert trainable_names(body) == {n for n in trainable_names(reference.body) if n.split(".")[0] in FAST_STAGES}
+    body.load_state_dict(want)
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = body(x)
+        c2 = resnet18.layer1(resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(x)))))
+        c3 = resnet18.layer2(c2)
+        c4 = resnet18.layer3(c3)
+    assert [f.shape for f in features.values()] == [c3.shape, c4.shape]
+    for got, expected in zip(features.values(), (c3, c4), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # The FPN's lateral 1x1 convs take exactly the widths of torchvision's layer2 and layer3 outputs.
+    assert [b[0].in_channels for b in model.backbone.fpn.inner_blocks] == [c3.shape[1], c4.shape[1]]
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown arch 'resnet9'"):
+    with pytest.raises(ValueError, match=r"arch\b.*'resnet9'"):
         build_detector("resnet9", 3)
-    with pytest.raises(ValueError, match="unknown norm 'group'"):
+    with pytest.raises(ValueError, match=r"norm\b.*'group'"):
         build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm="group")
     with pytest.raises(ValueError, match="num_classes"):
         build_detector("fasterrcnn_resnet18_fpn_fast", 1)
