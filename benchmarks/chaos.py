@@ -14,6 +14,8 @@ kill-<launcher>    SIGKILL rank 1 mid-run, then resume from the last checkpoint
 preempt-<launcher> SIGTERM to the launch script mid-run (SLURM's preemption), then resume
 data-rank1         rank 1's first images are truncated: it fails before the BN segment is shared
 disk-full          the run directory is a 1 MiB tmpfs (root only): the first checkpoint cannot fit
+elastic-kill       Horovod elastic on 3 ranks ("localhost:2" and "127.0.0.1:1", one host to Horovod
+                   each), SIGKILL the rank on the second: the job goes on with 2, no restart
 =================  ===========================================================================
 
 tests/test_faults.py runs the same functions with assertions.
@@ -34,7 +36,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.provenance import ROOT, provenance  # noqa: E402
+import itertools
+
+from benchmarks.provenance import ROOT, provenance
 
 RECIPE = "configs/synthetic_demo.yaml"
 TIMEOUT_S = 10  # comm.timeout_s of the stall experiments
@@ -186,7 +190,7 @@ def kill(launcher: str, data: dict, workdir: Path, reference: Path) -> dict:
     wait_for_iteration(out, 5, launch)
     launch.ranks()[1].kill()
     t0 = time.monotonic()
-    code, log = launch.wait(120)
+    code, _log = launch.wait(120)
     lost = logged_iteration(out) - _last_checkpoint(out)
     result = {"fault": "SIGKILL rank 1", "launcher_exit_code": code, "seconds_to_exit": round(time.monotonic() - t0, 1),
               "iterations_lost": lost, "leaked_segments": len(segments() - before), "temp_files": temp_files(out)}
@@ -200,7 +204,7 @@ def preempt(launcher: str, data: dict, workdir: Path, reference: Path) -> dict:
     wait_for_iteration(out, 3, launch)
     launch.signal_launcher(signal.SIGTERM)
     t0 = time.monotonic()
-    code, log = launch.wait(120)
+    code, _log = launch.wait(120)
     summary = _summary(out)
     result = {"fault": "SIGTERM to the launch script", "launcher_exit_code": code,
               "seconds_to_exit": round(time.monotonic() - t0, 1), "stop": summary.get("stop"),
@@ -250,6 +254,76 @@ def disk_full(data: dict, workdir: Path) -> dict:
     return result
 
 
+def elastic_kill(data: dict, workdir: Path, iterations: int = 30, kill_at: int = 7, commit_interval: int = 3,
+                 demo: bool = False) -> dict:
+    """3 elastic ranks on two host names of this machine; the one on 127.0.0.1 is killed (Horovod
+    then blacklists that host) and the other two continue from the last commit. ``demo``: the demo
+    recipe as it is (its data, 8 images per rank, its target), else shrunk like the others."""
+    out, before = workdir / f"elastic-{time.monotonic_ns()}", segments()
+    hosts = workdir / "hosts.elastic"
+    hosts.write_text("localhost:2\n127.0.0.1:1\n")
+    keys = {"elastic.enabled": "true", "elastic.commit_interval": commit_interval, "comm.timeout_s": 30}
+    if demo:
+        root = Path(data["train_ann"]).parent.parent
+        args = [f"{k}={v}" for k, v in {"data.root": root, "output_dir": out, "log.interval": 1,
+                                          "log.progress": "false", **keys}.items()]
+    else:
+        args = overrides(data, out, iterations, **keys)
+    program = [sys.executable, "train.py", "--config", RECIPE, *args]
+    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3",
+           "--host-discovery-script", "launch/discover_hosts.sh", *program]
+    log_path = workdir / f"elastic-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), "HVDET_HOSTS_FILE": str(hosts)}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        killed_at, t_kill = None, None
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if killed_at is None and logged_iteration(out) >= kill_at:
+                victim = _rank_on_host(proc.pid, "127.0.0.1")
+                if victim is not None:
+                    killed_at, t_kill = logged_iteration(out), time.monotonic()
+                    victim.kill()
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    records = _records(out)
+    change = next((r for r in records if r["type"] == "world"), None)
+    train_its = [r["iteration"] for r in records if r["type"] == "train"]
+    return {"fault": "SIGKILL 1 of 3 elastic ranks", "launcher_exit_code": code, "killed_at_iteration": killed_at,
+            "continued_from_commit": change and change["iteration"], "world_sizes": change and
+            [change["previous_world_size"], change["world_size"]],
+            "iterations_lost": None if change is None or killed_at is None else killed_at - change["iteration"],
+            "seconds_to_continue": _seconds_to_continue(out, change, t_kill), "summary": _summary(out),
+            "duplicate_records": len(train_its) - len(set(train_its)), "leaked_segments": len(segments() - before),
+            "log_tail": log_path.read_text()[-1500:] if code else ""}
+
+
+def _rank_on_host(launcher_pid: int, host: str):
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "train.py" in " ".join(p.cmdline()) and p.name().startswith("python") \
+                    and p.environ().get("HOROVOD_HOSTNAME") == host:
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def _seconds_to_continue(out: Path, change: dict | None, t_kill: float | None) -> float | None:
+    """From the kill to the first iteration logged after the world change (metrics.jsonl's mtime
+    would be coarse: this reads elapsed_s, which runs on through the recovery)."""
+    if change is None:
+        return None
+    records = _records(out)
+    after = [r for r in records[records.index(change) + 1:] if r["type"] == "train"]
+    before = [r for r in records[:records.index(change)] if r["type"] == "train"]
+    if not after or not before:
+        return None
+    return round(after[0]["elapsed_s"] - before[-1]["elapsed_s"], 1)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def reference_run(data: dict, workdir: Path) -> Path:
@@ -263,7 +337,7 @@ def reference_run(data: dict, workdir: Path) -> Path:
 
 
 def _resume(launcher: str, args: list[str], out: Path, workdir: Path, reference: Path) -> dict:
-    code, log = Launch(launcher, [*args, "--resume", str(out)], workdir).wait(300)
+    code, _log = Launch(launcher, [*args, "--resume", str(out)], workdir).wait(300)
     final = out / "checkpoints" / "iter_0000008.pt"
     return {"resume_exit_code": code, "resumed_equals_uninterrupted": final.exists() and same_weights(final, reference),
             "elapsed_s_monotonic": _monotonic_elapsed(out), "duplicate_records": _duplicates(out)}
@@ -285,7 +359,7 @@ def _records(out: Path) -> list[dict]:
 
 def _monotonic_elapsed(out: Path) -> bool:
     t = [r["elapsed_s"] for r in _records(out) if r["type"] == "train"]
-    return all(a <= b for a, b in zip(t, t[1:], strict=False))
+    return all(a <= b for a, b in itertools.pairwise(t))
 
 
 def _duplicates(out: Path) -> int:
@@ -303,7 +377,7 @@ def _names_rank(log: str, rank: int) -> bool:
 
 
 EXPERIMENTS = ("stall-horovodrun", "stall-mpirun", "kill-horovodrun", "kill-mpirun", "preempt-horovodrun",
-               "preempt-mpirun", "data-rank1", "disk-full")
+               "preempt-mpirun", "data-rank1", "disk-full", "elastic-kill")
 
 
 def run(names, workdir: Path) -> dict:
@@ -320,6 +394,8 @@ def run(names, workdir: Path) -> dict:
             results[name] = preempt(launcher, data, workdir, reference)
         elif name == "data-rank1":
             results[name] = data_rank1("horovodrun", data, workdir)
+        elif name == "elastic-kill":
+            results[name] = elastic_kill(data, workdir)
         else:
             results[name] = disk_full(data, workdir)
         print(f"{name}: {json.dumps(results[name])}", flush=True)

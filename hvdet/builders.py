@@ -94,8 +94,13 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
 
     comm.init(timeout_s=cfg.comm.timeout_s)
     world, rank = comm.size(), comm.rank()
-    # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create.
-    used = comm.broadcast_object(holds_a_run(cfg.output_dir) if rank == 0 else None)
+    # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create. (A rank
+    # that joins an elastic job late must not start collectives of its own: the rank 0 of an elastic
+    # job checks alone, and the committed state reaches every rank by the elastic runner's sync.)
+    elastic = cfg.elastic.enabled and comm.elastic_launch()
+    used = holds_a_run(cfg.output_dir) if rank == 0 else None
+    if not elastic:
+        used = comm.broadcast_object(used)
     if used and not resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({used}); continue it with "
                           f"--resume {cfg.output_dir}, or choose another output_dir=...")
@@ -126,7 +131,48 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
         seed_rank(cfg.seed, rank)
     # Every rank starts from rank 0's weights. A fresh optimizer has no state to send, and Horovod
     # would first create it by a zero-gradient step: weight decay on the weights, a PMD-LAMB step.
-    comm.broadcast_parameters(model.state_dict(), root_rank=0)
-    if opt.state_dict()["state"]:
-        comm.broadcast_optimizer_state(opt, root_rank=0)
+    if not elastic:
+        comm.broadcast_parameters(model.state_dict(), root_rank=0)
+        if opt.state_dict()["state"]:
+            comm.broadcast_optimizer_state(opt, root_rank=0)
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic training: the parts that depend on the world, rebuilt when it changes
+# ---------------------------------------------------------------------------------------------
+
+def elastic_bn_group(cfg: Config, world_size: int) -> int | None:
+    """Ranks per Cross-GPU BN group in a world of ``world_size``: the recipe's (MegDet's BN size /
+    images per GPU) when it divides the world, else the largest group size below it that does (a
+    BN size as close to the recipe's as the world allows); None (all ranks) stays None."""
+    from hvdet.nn import bn_group_size
+
+    b = cfg.bn
+    if not b.size_images:
+        return None
+    wanted = bn_group_size(b.size_images, cfg.data.images_per_gpu, b.size_images // cfg.data.images_per_gpu)
+    return max(g for g in range(1, min(wanted, world_size) + 1) if world_size % g == 0)
+
+
+def rebuild_for_world(run: Run) -> None:
+    """After the world changed (Horovod elastic): this rank's loader shard, the plan (global batch =
+    images_per_gpu x ranks x passes, lr by the linear scaling rule), BN group sizes, the logger (rank
+    0 may be another process now). The committed state is loaded afterwards (Run.load_state_dict
+    converts the loader position and the iteration to the new global batch)."""
+    from hvdet.data import TrainLoader
+    from hvdet.nn import CrossGPUBatchNorm2d
+
+    cfg, world, rank = run.cfg, comm.size(), comm.rank()
+    dataset = run.loader.dataset
+    run.loader.close()
+    run.plan = plan_run(cfg, world, len(dataset))
+    run.loader = TrainLoader(dataset, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
+    group = elastic_bn_group(cfg, world)
+    for m in run.model.modules():
+        if isinstance(m, CrossGPUBatchNorm2d):
+            m.group_size = group
+    if run.logger.enabled != comm.is_main_process():
+        run.logger.close()
+        run.logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())

@@ -130,6 +130,12 @@ class CommConfig:
 
 
 @dataclass
+class ElasticConfig:
+    enabled: bool = False                     # Horovod elastic: horovodrun --min-np/--max-np --host-discovery-script
+    commit_interval: int = 10                 # iterations between in-memory commits: the most work a lost rank costs
+
+
+@dataclass
 class LogConfig:
     interval: int = 20                        # iterations per metrics.jsonl train record
     progress: bool = True                     # tqdm bar on rank 0
@@ -150,6 +156,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 # The allowed values of the keys that name a part: the registries' names, which the builders use.
@@ -240,6 +247,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "eval.images_per_gpu", "log.interval"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {_get(cfg, key)}")
+    if cfg.elastic.enabled:
+        if cfg.elastic.commit_interval < 1:
+            raise ConfigError(f"{source}: elastic.commit_interval must be >= 1, got {cfg.elastic.commit_interval}")
+        if cfg.agvm.enabled:
+            raise ConfigError(f"{source}: elastic.enabled with agvm.enabled is not supported (AGVM's half-world "
+                              "groups are fixed when it is built)")
+        if cfg.checkpoint.on_world_size_change != "rescale":
+            raise ConfigError(f"{source}: elastic.enabled needs checkpoint.on_world_size_change=rescale (the world "
+                              "changes while the run goes on)")
     if cfg.comm.timeout_s <= 0:
         raise ConfigError(f"{source}: comm.timeout_s must be > 0, got {cfg.comm.timeout_s}")
     if s.base_lr <= 0:

@@ -47,17 +47,58 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     """
     run = build_run(cfg, resume)
     with StopRequest() as stop, Watchdog(comm.timeout_s(), comm.rank()) as watchdog:
-        return _loop(run, stop, watchdog)
+        if not cfg.elastic.enabled:
+            return _loop(run, stop, watchdog)
+        if not comm.elastic_launch():
+            if comm.is_main_process():
+                print("hvdet: elastic.enabled, but not launched by horovodrun --min-np/--max-np: training "
+                      "without elastic recovery", flush=True)
+            return _loop(run, stop, watchdog)
+        return _elastic_loop(run, stop, watchdog)
 
 
-def _loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
+def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
+    """The loop under Horovod elastic: commits every ``elastic.commit_interval`` iterations, and
+    after a world change continues from the last commit in the new world (hvdet.comm.elastic)."""
+    from hvdet.builders import rebuild_for_world
+    from hvdet.comm import elastic
+
+    resets = []
+
+    def load(state: dict) -> None:
+        elapsed = run.clock.elapsed_s()
+        run.load_state_dict(state, "the last elastic commit")
+        if resets:  # time-to-accuracy goes on through the failure and the recovery (lost work included)
+            run.clock.elapsed_offset_s = elapsed
+        run.logger.truncate_after(run.iteration)  # iterations after the commit are redone
+        if state["world_size"] != comm.size():
+            run.logger.log_event("world", {"iteration": run.iteration, "world_size": comm.size(),
+                                           "previous_world_size": state["world_size"],
+                                           "global_batch": run.plan.global_batch, "lr": run.plan.lr})
+            if comm.is_main_process():
+                print(f"hvdet: the world changed from {state['world_size']} to {comm.size()} ranks; continuing "
+                      f"from the commit of iteration {run.iteration} at global batch {run.plan.global_batch}, "
+                      f"lr {run.plan.lr:.4g}", flush=True)
+
+    def on_reset() -> None:
+        resets.append(comm.size())
+        rebuild_for_world(run)
+        watchdog.rank = comm.rank()
+
+    return elastic.run(lambda state: _loop(run, stop, watchdog, state.commit), save=run.state_dict, load=load,
+                       on_reset=on_reset)
+
+
+def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
     clock.start = time.perf_counter()
-    log.mllog(MLLOG.INIT_STOP)
-    log.mllog(MLLOG.RUN_START, metadata={"resumed_at": run.iteration})
-    for key, value in ((MLLOG.GLOBAL_BATCH_SIZE, plan.global_batch), (MLLOG.OPT_BASE_LR, plan.lr),
-                       (MLLOG.OPT_LR_WARMUP_STEPS, cfg.solver.warmup_iters), (MLLOG.MAX_STEPS, plan.max_iters)):
-        log.mllog(key, value)
+    if not log.started:  # once per run, also when an elastic world change calls the loop again
+        log.started = True
+        log.mllog(MLLOG.INIT_STOP)
+        log.mllog(MLLOG.RUN_START, metadata={"resumed_at": run.iteration})
+        for key, value in ((MLLOG.GLOBAL_BATCH_SIZE, plan.global_batch), (MLLOG.OPT_BASE_LR, plan.lr),
+                           (MLLOG.OPT_LR_WARMUP_STEPS, cfg.solver.warmup_iters), (MLLOG.MAX_STEPS, plan.max_iters)):
+            log.mllog(key, value)
     timer, window = StepTimer(cuda_sync=torch.cuda.is_available()), Window()
     bar = tqdm(total=plan.max_iters, initial=run.iteration, desc="train", dynamic_ncols=True,
                disable=not (comm.is_main_process() and cfg.log.progress))
@@ -84,6 +125,9 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
             if checkpointed:
                 beat(f"writing the checkpoint of iteration {iteration}")
                 save_checkpoint(run)  # before the final evaluation: a failing one loses nothing
+            if commit is not None and iteration % cfg.elastic.commit_interval == 0:
+                beat(f"committing iteration {iteration}")
+                commit()  # in memory; raises HostsUpdatedInterrupt on every rank when the hosts changed
             if stop.agreed:  # every rank agreed at this step's loss check: all leave here together
                 bar.close()
                 return finish(run, iteration, stop="preempted", failure=f"stopped by {stop.name()} after iteration "

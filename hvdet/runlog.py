@@ -73,6 +73,7 @@ class RunLogger:
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
+        self.started = False  # run_start logged (the engine's loop may start again after an elastic reset)
         self._metrics = None
         self._ml = None
         if not enabled:
@@ -100,6 +101,10 @@ class RunLogger:
     def log_eval(self, record: dict) -> None:
         """One evaluation line: ``iteration``, ``elapsed_s``, ``eval_s`` and ``bbox`` / ``segm`` metric dicts."""
         self._write_line("eval", record)
+
+    def log_event(self, kind: str, record: dict) -> None:
+        """Another kind of line, e.g. ``world``: the world size changed (elastic training)."""
+        self._write_line(kind, record)
 
     def _write_line(self, kind: str, record: dict) -> None:
         if not self.enabled:

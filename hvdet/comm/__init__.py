@@ -23,6 +23,7 @@ from hvdet.comm.world import (
     controller,
     device,
     distributed_optimizer,
+    elastic_launch,
     gather_object,
     horovod_available,
     init,
@@ -40,5 +41,5 @@ from hvdet.registry import GROUP_BACKENDS
 __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableError", "allgather_object",
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
-           "distributed_optimizer", "gather_object", "horovod_available", "init", "is_initialized",
+           "distributed_optimizer", "elastic_launch", "gather_object", "horovod_available", "init", "is_initialized",
            "is_main_process", "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size", "timeout_s"]

@@ -49,6 +49,7 @@ CAPACITY = 8192                              # float64 per slot: 2 x 2048 channe
 SPIN = 200                                   # polls before the waiting rank starts yielding its core
 YIELD_S = 0.002                              # then yields the core for this long, then sleeps
 MAX_SLEEP_S = 0.001                          # at most this long between polls
+CHECK_S = 0.2                                # how often a waiting rank checks that its peers still run
 OPS = {"sum": np.sum, "mean": np.sum, "max": np.max, "min": np.min}
 
 
@@ -79,6 +80,26 @@ def sweep_stale(folder: str | None = None) -> list[str]:
             os.unlink(os.path.join(folder, name))
             removed.append(name)
     return removed
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return -1
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (0: not yet known, counted as running)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -172,6 +193,11 @@ class ShmAllreduce:
         finally:
             os.close(fd)
         self._seq = np.ndarray((size,), np.int64, self._map, 0, (LINE,))
+        # Beside each rank's sequence number: its pid, and its pid namespace (a pid is only meaningful
+        # to ranks in the same one; containers sharing /dev/shm may each have their own).
+        self._pids = np.ndarray((size,), np.int64, self._map, 8, (LINE,))
+        self._pid_ns = np.ndarray((size,), np.int64, self._map, 16, (LINE,))
+        self._pid_ns[index], self._pids[index] = _pid_namespace(), os.getpid()
         self._slots = np.ndarray((2, size, CAPACITY), np.float64, self._map, header)
         self._count = 0
 
@@ -212,7 +238,7 @@ class ShmAllreduce:
             if seq.min() >= count:
                 return
         start = time.monotonic()
-        deadline, pause = start + self.timeout_s, YIELD_S
+        deadline, pause, next_check = start + self.timeout_s, 5e-5, start + CHECK_S
         while seq.min() < count:
             now = time.monotonic()
             if now - start < YIELD_S:
@@ -222,6 +248,13 @@ class ShmAllreduce:
                 # Longer: sleep, doubling up to 1 ms, so a stalled peer does not cost a core.
                 time.sleep(pause)
                 pause = min(2 * pause, MAX_SLEEP_S)
+            if now >= next_check:  # a peer whose process is gone never arrives: say so now
+                next_check = now + CHECK_S
+                dead = [j for j in range(self.size) if seq[j] < count and self._pid_ns[j] == _pid_namespace()
+                        and not _running(int(self._pids[j]))]
+                if dead:
+                    raise world.peer_lost(f"shm allreduce #{count}: the process of group ranks {dead} is gone "
+                                          "(killed or crashed)")
             if now > deadline:
                 missing = [j for j in range(self.size) if seq[j] < count]
                 raise TimeoutError(f"shm allreduce #{count}: group ranks {missing} did not arrive within "

@@ -118,9 +118,28 @@ def init(timeout_s: float | None = None) -> None:
     os.environ["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
     os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, min(60, round(_TIMEOUT_S / 2))))
     os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
-    hvd.init(process_sets="dynamic")
+    # Elastic worlds are re-initialized by Horovod's elastic runner without dynamic process sets, so
+    # they never have them (hvdet.comm.elastic); BN groups use shared memory or torch.distributed.
+    hvd.init(**({} if elastic_launch() else {"process_sets": "dynamic"}))
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+
+
+def peer_lost(message: str) -> Exception:
+    """The error for "a peer is gone": Horovod's own HorovodInternalError, so that Horovod elastic
+    recovers from it as from a failed Horovod op (a RuntimeError without Horovod)."""
+    return hvd.HorovodInternalError(message) if hvd is not None else RuntimeError(message)
+
+
+def elastic_launch() -> bool:
+    """True in a process that horovodrun started in elastic mode (--min-np / --max-np)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def elastic_api():
+    """Horovod's elastic State base class and runner, for hvdet.comm.elastic."""
+    from horovod.common.elastic import State, run_fn
+    return State, run_fn
 
 
 def is_initialized() -> bool:

@@ -66,7 +66,7 @@ class TrainLoader:
         self.loader = DataLoader(_SeededItems(dataset), batch_sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
                                  generator=torch.Generator().manual_seed(seed))
-        self.epoch, self.position = 0, 0
+        self.dataset, self.epoch, self.position = dataset, 0, 0
         self._iterator = None
 
     @property

@@ -1,0 +1,75 @@
+"""Elastic training over Horovod elastic (Gloo controller): ranks may leave and join a running job.
+
+    horovodrun -np 3 --min-np 2 --max-np 3 --host-discovery-script launch/discover_hosts.sh \\
+        python train.py --config ... elastic.enabled=true
+
+:func:`run` wraps a training loop as ``hvd.elastic.run`` does: the loop commits its state every few
+iterations (:meth:`State.commit`); when a rank dies (the survivors' next collective raises
+``HorovodInternalError``, which the shared-memory groups raise too when a peer's process is gone) or
+the host list changes, every survivor shuts Horovod down and starts it again in the new world,
+forgets every group and backend of the old one (:func:`hvdet.comm.reset`), calls ``on_reset`` (the
+caller rebuilds what depends on the world: loader shards, BN groups, the plan), takes the last
+committed state from the new rank 0, and calls the loop again. Work since the last commit is lost;
+nothing else is, and the job is never restarted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hvdet.comm import groups, world
+
+
+def enabled() -> bool:
+    """True in a process that horovodrun started in elastic mode."""
+    return world.elastic_launch()
+
+
+def _to_cpu(obj):
+    """A deep copy with every tensor cloned to host memory (a commit must not alias live weights)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None]):
+    """Run ``loop(state)`` elastically; ``save()`` -> the state to commit (collective), ``load(state)``
+    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed."""
+    hvd = world.hvd
+    base, run_fn = world.elastic_api()
+
+    class State(base):
+        def __init__(self):
+            super().__init__(bcast_object=world.broadcast_object, get_rank=world.rank)
+            self.saved = _to_cpu(save())
+
+        def save(self):
+            self.saved = _to_cpu(save())
+
+        def restore(self):
+            pass  # on_reset and sync load the last commit in the new world
+
+        def sync(self):
+            self.saved = world.broadcast_object(self.saved if world.rank() == 0 else None, root_rank=0)
+            load(self.saved)
+
+        def reset(self):
+            groups.reset()
+            on_reset()
+            load(self.saved)
+
+    def _reset():
+        # A Horovod world again, as hvd.elastic's reset does, without dynamic process sets (elastic
+        # worlds use the shared-memory and torch.distributed groups, and the global process set).
+        hvd.shutdown()
+        hvd.init()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # its ranks were the old world's
+
+    state = State()
+    return run_fn(loop, _reset)(state)
