@@ -7,7 +7,7 @@ NP    ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup system venv horovod kernels test test-fast demo bench gpu-check lint clean
+.PHONY: setup system venv horovod kernels test test-fast demo bench chaos gpu-check lint clean
 
 setup: system venv horovod kernels
 
@@ -45,6 +45,11 @@ test-fast:
 
 demo: setup
 	bash launch/demo.sh
+
+# Fault injection on 2-rank runs (stall, kill, preemption, data error, full disk, elastic): prints
+# each experiment's figures and writes benchmarks/results/chaos.json. About 3 minutes.
+chaos: setup
+	$(PY) benchmarks/chaos.py
 
 bench: setup
 	$(PY) benchmarks/bn_overhead.py

@@ -70,6 +70,43 @@ def test_slurm_script_builds_hostfile_and_launches(tmp_path):
     assert "--hostfile runs/hostfile-t1" in out  # mpirun.sh's command line (set -x), relative to the submit dir
 
 
+def test_slurm_script_in_a_container_forwards_preemption_and_requeues(tmp_path):
+    """HVDET_IMAGE: the ranks start by srun inside the image; SLURM's warning signal (USR1) reaches
+    them, their exit code 75 (preempted) comes back through HVDET_EXIT_FILE, and the job is requeued
+    (stand-ins for srun and scontrol record what they were asked: no SLURM here)."""
+    import signal
+    import time
+
+    fake, logs, submit = tmp_path / "bin", tmp_path / "logs", tmp_path / "submit"
+    for d in (fake, logs, submit):
+        d.mkdir()
+    (submit / "launch").symlink_to(ROOT / "launch")
+    (fake / "srun").write_text(f"""#!/bin/bash
+echo "$@" > {logs}/srun.args
+trap 'echo USR1 >> {logs}/srun.signals; echo 75 >> "$HVDET_EXIT_FILE"; exit 1' USR1
+sleep 60 & wait
+""")
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {logs}/scontrol.args\n")
+    for name in ("srun", "scontrol"):
+        (fake / name).chmod(stat.S_IRWXU)
+    env = _env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="t2", SLURM_SUBMIT_DIR=str(submit),
+               HVDET_IMAGE="hvdet:v100")
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), "configs/demo.yaml", "seed=3"],
+                            cwd=submit, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        if (logs / "srun.args").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, out
+    args = (logs / "srun.args").read_text()
+    assert "--container-image=hvdet:v100" in args and f"--container-mounts={submit}:{submit}" in args, args
+    assert "/opt/hvdet/.venv/bin/python train.py --config configs/demo.yaml output_dir=runs/demo-t2 seed=3" in args
+    assert (logs / "srun.signals").read_text() == "USR1\n"
+    assert (logs / "scontrol.args").read_text() == "requeue t2\n"
+
+
 @pytest.mark.slow  # horovodrun --check-build imports torch and Horovod's frameworks: 6-7 s
 def test_horovod_build_lists_frameworks_and_controllers():
     out = subprocess.run([str(BIN / "horovodrun"), "--check-build"], capture_output=True, text=True, check=True).stdout
