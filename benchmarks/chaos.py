@@ -149,11 +149,20 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _running(pids) -> bool:
+    def alive(p):
+        try:
+            return psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return any(alive(p) for p in pids)
+
+
 def _gone(pids, deadline_s: float) -> float | None:
     """Seconds until every process in ``pids`` has ended (None: some still alive at the deadline)."""
     start = time.monotonic()
     while time.monotonic() - start < deadline_s:
-        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if not _running(pids):
             return time.monotonic() - start
         time.sleep(0.05)
     return None
@@ -170,15 +179,21 @@ def stall(launcher: str, data: dict, workdir: Path) -> dict:
     ranks = launch.ranks()
     pids = [p.pid for p in ranks.values()]
     ranks[1].suspend()
-    t0 = time.monotonic()
-    code, log = launch.wait(TIMEOUT_S + 60)
+    t0, ranks_gone_s = time.monotonic(), None
+    while launch.proc.poll() is None and time.monotonic() - t0 < TIMEOUT_S + 60:
+        if ranks_gone_s is None and not _running(pids):
+            ranks_gone_s = time.monotonic() - t0
+        time.sleep(0.05)
+    code, log = launch.wait(5)
     exit_s = time.monotonic() - t0
-    gone_s = _gone(pids, 30)
+    if ranks_gone_s is None:
+        later = _gone(pids, 30)
+        ranks_gone_s = None if later is None else exit_s + later
     for p in pids:  # a process left stopped must not outlive the experiment
         if psutil.pid_exists(p):
             psutil.Process(p).kill()
     return {"fault": f"SIGSTOP rank 1 (comm.timeout_s={TIMEOUT_S})", "launcher_exit_code": code,
-            "seconds_to_exit": round(exit_s, 1), "all_gone_s": None if gone_s is None else round(exit_s + gone_s, 1),
+            "seconds_to_exit": round(exit_s, 1), "ranks_gone_s": None if ranks_gone_s is None else round(ranks_gone_s, 1),
             "names_rank_1": _names_rank(log, 1), "message": _hvdet_lines(log),
             "leaked_segments": len(segments() - before), "temp_files": temp_files(out)}
 

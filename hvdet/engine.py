@@ -121,7 +121,8 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}")
                 timer.reset()
                 window = Window()
-            checkpointed = last or stop.agreed or bool(cfg.checkpoint.interval) and iteration % cfg.checkpoint.interval == 0
+            periodic = bool(cfg.checkpoint.interval) and iteration % cfg.checkpoint.interval == 0
+            checkpointed = last or stop.agreed or periodic
             if checkpointed:
                 beat(f"writing the checkpoint of iteration {iteration}")
                 save_checkpoint(run)  # before the final evaluation: a failing one loses nothing
@@ -142,6 +143,9 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
         bar.close()
         finish(run, run.iteration, stop="diverged", failure=str(err))
         raise
+    except BaseException:
+        bar.close()
+        raise
     bar.close()
     return finish(run, run.iteration, stop="target" if clock.reached else "max_iters")
 
@@ -160,6 +164,8 @@ def _evaluate_or_stop(run: Run, bar, checkpointed: bool, beat) -> None:
     try:
         evaluate_and_log(run, run.iteration, beat)
     except Exception as err:
+        if comm.is_peer_loss(err):  # not the evaluation's fault: elastic recovery or the launcher ends it
+            raise
         bar.close()
         if not checkpointed:
             save_checkpoint(run)

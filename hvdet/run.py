@@ -119,7 +119,7 @@ def check_model_fits(state: dict, source, model: torch.nn.Module, cfg: Config) -
     raise CheckpointError(
         f"checkpoint {source} holds another model (model.arch={old.get('arch', '?')}, "
         f"model.norm={old.get('norm', '?')}) than this run's (model.arch={cfg.model.arch}, "
-        f"model.norm={cfg.model.norm}): {len(missing)} weights missing, {len(unexpected)} unexpected, "
+        f"model.norm={cfg.model.norm}): {len(missing)} tensors missing, {len(unexpected)} unexpected, "
         f"{len(shapes)} of another shape (first: {first}); resume with the recipe that wrote it")
 
 

@@ -31,7 +31,7 @@ def test_a_stalled_rank_ends_the_job_naming_it(launcher, data, workdir):
     assert r["launcher_exit_code"] == 3, r  # stalled, passed through the launch script
     assert r["names_rank_1"], r["message"]
     assert r["seconds_to_exit"] >= chaos.TIMEOUT_S  # the policy's time-out ended it, not something else
-    assert r["all_gone_s"] is not None, "a rank outlived the job"
+    assert r["ranks_gone_s"] is not None, "a rank outlived the job"
     assert r["leaked_segments"] == 0 and r["temp_files"] == []
 
 

@@ -131,6 +131,11 @@ def peer_lost(message: str) -> Exception:
     return hvd.HorovodInternalError(message) if hvd is not None else RuntimeError(message)
 
 
+def is_peer_loss(err: BaseException) -> bool:
+    """``err`` says a peer died or the hosts changed (Horovod's errors for it), not what this rank did."""
+    return type(err).__name__ in ("HorovodInternalError", "HostsUpdatedInterrupt")
+
+
 def elastic_launch() -> bool:
     """True in a process that horovodrun started in elastic mode (--min-np / --max-np)."""
     return os.environ.get("HOROVOD_ELASTIC") == "1"
