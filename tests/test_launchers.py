@@ -83,8 +83,9 @@ def test_slurm_script_in_a_container_forwards_preemption_and_requeues(tmp_path):
     (submit / "launch").symlink_to(ROOT / "launch")
     (fake / "srun").write_text(f"""#!/bin/bash
 echo "$@" > {logs}/srun.args
-trap 'echo USR1 >> {logs}/srun.signals; echo 75 >> "$HVDET_EXIT_FILE"; exit 1' USR1
-sleep 60 & wait
+trap 'echo USR1 >> {logs}/srun.signals; echo 75 >> "$HVDET_EXIT_FILE"; kill $SLEEPER; exit 1' USR1
+sleep 60 & SLEEPER=$!
+wait
 """)
     (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {logs}/scontrol.args\n")
     for name in ("srun", "scontrol"):
