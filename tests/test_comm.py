@@ -153,6 +153,7 @@ def test_group_size_must_divide_world():
     ("raise ImportError('No module named horovod')", "not installed"),
     ("__version__ = '0.28.1'", "built without PyTorch"),
 ])
+@pytest.mark.slow  # each starts a Python that imports torch: ~5 s
 def test_broken_horovod_says_what_to_run(tmp_path, fake, message):
     """Without a working Horovod one plain process still runs (a world of one); what needs Horovod
     (its optimizer wrapper, a launched job) raises with the cause and the command that fixes it."""
