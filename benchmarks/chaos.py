@@ -387,7 +387,9 @@ def _hvdet_lines(log: str) -> list[str]:
 
 
 def _names_rank(log: str, rank: int) -> bool:
-    return any(f"ranks [{rank}]" in line or f"rank {rank}:" in line or f"Stalled ranks:\n{rank}" in line
+    # The waiting rank's time-out ("group ranks [1] did not arrive"), or the stalled rank's own
+    # watchdog ("rank 1: no progress ..."), or another's listing ("last progress: rank 1 16 s ago").
+    return any(f"ranks [{rank}]" in line or f"rank {rank}: no progress" in line or f"last progress: rank {rank} " in line
                for line in log.splitlines())
 
 

@@ -46,7 +46,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     preempted``. A rank that makes no progress for ``comm.timeout_s`` exits (:mod:`hvdet.comm.watchdog`).
     """
     run = build_run(cfg, resume)
-    with StopRequest() as stop, Watchdog(comm.timeout_s(), comm.rank()) as watchdog:
+    beats = Path(cfg.output_dir) / ".watchdog"
+    with StopRequest() as stop, Watchdog(comm.timeout_s(), comm.rank(), beats) as watchdog:
         if not cfg.elastic.enabled:
             return _loop(run, stop, watchdog)
         if not comm.elastic_launch():

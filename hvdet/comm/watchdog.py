@@ -1,51 +1,63 @@
-"""The backstop of the stall policy: a rank that makes no progress for ``comm.timeout_s`` exits.
+"""The backstop of the stall policy: a rank that makes no progress for ``comm.timeout_s`` is ended.
 
 A collective waiting on a stalled peer raises where it can (the shared-memory groups name the missing
 ranks, Horovod's Gloo controller times out, Horovod's stall shutdown ends its ops), but a wait may
-also sit where nothing times out (an MPI collective, a Horovod op when the coordinator itself is the
-stalled rank). The training loop calls :meth:`Watchdog.beat` at every iteration, evaluation batch
-and checkpoint; when no beat came for ``timeout_s`` plus a grace (so that the collectives' own, more
-precise errors come first), the watchdog prints one line naming what this rank was doing and ends the
-process with :data:`EXIT_STALLED`. The launcher then ends the job: no rank stays alive after giving up.
+also sit where nothing times out: under mpirun, a stopped peer's Horovod thread stops answering, so
+this rank's Horovod thread blocks in MPI, and the next gradient allreduce that backward enqueues
+blocks on it *holding the GIL* (measured: rank 0 stuck in ``_allreduce_async`` for minutes), where no
+Python thread of this process can run. So the watchdog is a separate, tiny process
+(``_watchdog_child.py``, no torch, no Horovod): the training loop writes a line to it at every
+iteration, evaluation batch and checkpoint (:meth:`Watchdog.beat`); when none came for ``timeout_s``
+plus a grace (so that the collectives' own, more precise errors come first), it prints one line
+naming what this rank was doing, records exit code :data:`EXIT_STALLED` for the launch scripts
+(``HVDET_EXIT_FILE``), and kills this rank. The launcher then ends the job: no rank stays alive after
+giving up. It exits by itself when this process ends (its pipe closes).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
-import threading
-import time
+from pathlib import Path
 from typing import Self
 
 EXIT_STALLED = 3
 GRACE_S = 5.0
+_CHILD = Path(__file__).with_name("_watchdog_child.py")
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int, grace_s: float = GRACE_S):
+    """``beat_dir``: where every rank's watchdog notes its rank's last progress (once a second), so
+    the one that fires can name the ranks that stalled; the run directory's ``.watchdog``."""
+
+    def __init__(self, timeout_s: float, rank: int, beat_dir: str | os.PathLike, grace_s: float = GRACE_S):
         self.timeout_s, self.rank, self.grace_s = timeout_s, rank, grace_s
-        self._last, self._where = time.monotonic(), "starting"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hvdet-watchdog", daemon=True)
+        self.beat_dir = Path(beat_dir)
+        self._proc: subprocess.Popen | None = None
 
     def beat(self, where: str) -> None:
         """Progress: ``where`` is what this rank does next (named if it never comes back)."""
-        self._last, self._where = time.monotonic(), where
+        if self._proc is not None:
+            line = f"{self.rank}\t{where}".replace("\n", " ")[:500] + "\n"
+            try:
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):  # the watchdog is gone: nothing left to tell
+                self._proc = None
 
     def __enter__(self) -> Self:
+        self.beat_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-S", str(_CHILD), str(os.getpid()), str(self.timeout_s), str(self.grace_s),
+                str(EXIT_STALLED), str(self.beat_dir)]
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, close_fds=True)
         self.beat("starting")
-        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        limit = self.timeout_s + self.grace_s
-        while not self._stop.wait(min(1.0, limit / 10)):
-            idle = time.monotonic() - self._last
-            if idle > limit:
-                print(f"hvdet: rank {self.rank}: no progress for {idle:.0f} s while {self._where} "
-                      f"(comm.timeout_s={self.timeout_s:g}): a peer is dead or stalled; exiting with code "
-                      f"{EXIT_STALLED}", file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(EXIT_STALLED)
+        if self._proc is not None:
+            self._proc.stdin.close()  # the child sees the end of its input, removes its file and exits
+            self._proc.wait(timeout=10)
+            self._proc = None
+            with contextlib.suppress(OSError):  # the last rank out removes the folder
+                self.beat_dir.rmdir()

@@ -1,0 +1,94 @@
+"""The watchdog process of hvdet.comm.watchdog (run by path, with ``python -S``: no torch, no
+Horovod, a few MB). Arguments: PID TIMEOUT_S GRACE_S EXIT_CODE BEAT_DIR. Each line on stdin is a beat
+"RANK<TAB>WHERE"; at most once a second it is also written to BEAT_DIR/rank<RANK> (every rank's
+watchdog writes its own file there: the run directory, on a file system the ranks share). After
+TIMEOUT_S + GRACE_S without a beat it reports, with the other ranks' last progress, records
+EXIT_CODE in $HVDET_EXIT_FILE and kills PID. End of input: the rank finished; exit quietly."""
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+
+
+def main() -> int:
+    # Signals meant for the rank (Ctrl-C to the process group, a launcher's SIGTERM, SLURM's SIGUSR1)
+    # are not for this process: it ends when the rank does (its input closes).
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    pid, timeout_s, grace_s, code = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    beats = sys.argv[5]
+    limit, fd, started = timeout_s + grace_s, sys.stdin.fileno(), time.time()
+    last, last_wall, written, flushed = time.monotonic(), time.time(), 0.0, 0.0
+    rank, where, pending = "?", "starting", b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], min(1.0, limit / 10))
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(beats, f"rank{rank}"))
+                return 0
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if lines:
+                rank, _, where = lines[-1].decode(errors="replace").partition("\t")
+                last, last_wall = time.monotonic(), time.time()
+        # At most once a second, the time of the latest beat (not of the write): the others compare it.
+        if last_wall > written and time.monotonic() - flushed >= 1.0:
+            written, flushed = last_wall, time.monotonic()
+            _write(os.path.join(beats, f"rank{rank}"), f"{last_wall}\t{where}")
+        idle = time.monotonic() - last
+        if idle > limit:
+            print(f"hvdet: rank {rank}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
+                  f"a peer is dead or stalled{_stalled(beats, rank, started, timeout_s)}; ending this rank "
+                  f"(exit code {code})",
+                  file=sys.stderr, flush=True)
+            path = os.environ.get("HVDET_EXIT_FILE")
+            if path:
+                try:
+                    with open(path, "a") as f:
+                        f.write(f"{code}\n")
+                except OSError:
+                    pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return code
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def _stalled(beats: str, me: str, started: float, timeout_s: float) -> str:
+    """The other ranks' last progress, oldest first, from their files (each holds the time of its
+    rank's latest beat, refreshed within a second): " (last progress: rank 1 15.3 s ago, in iteration 5; ...)"."""
+    now, ages = time.time(), []
+    try:
+        names = os.listdir(beats)
+    except OSError:
+        names = []
+    for name in names:
+        if not name.startswith("rank") or name.endswith(".tmp") or name == f"rank{me}":
+            continue
+        try:
+            with open(os.path.join(beats, name)) as f:
+                stamp, _, where = f.read().partition("\t")
+            t = float(stamp)
+        except (OSError, ValueError):
+            continue
+        if t >= started - timeout_s:  # this job's file, not an older run's
+            ages.append((now - t, name[4:], where))
+    if not ages:
+        return ""
+    ages.sort(reverse=True)
+    return " (last progress: " + "; ".join(f"rank {r} {age:.1f} s ago, {w}" for age, r, w in ages[:4]) + ")"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""hvdet.comm.watchdog: a rank whose main thread blocks with the GIL held (as Horovod's enqueue does
+when a peer's Horovod thread stopped answering) is still ended, with one line and exit code 3."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.harness import ROOT
+
+BLOCKED_RANK = r'''
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from hvdet.comm.watchdog import Watchdog
+import time, pathlib
+with Watchdog(1.0, rank=5, beat_dir=sys.argv[2], grace_s=0.5) as w:
+    # Another rank's watchdog noted its last progress now, and then that rank stopped.
+    pathlib.Path(sys.argv[2], "rank2").write_text(f"{time.time()}\tin iteration 6")
+    time.sleep(0.3)  # this rank went on a little longer
+    w.beat("in iteration 7")
+    ctypes.PyDLL(None).sleep(60)  # a C call that keeps the GIL: no Python thread can run
+'''
+
+
+def test_a_rank_blocked_with_the_gil_held_is_ended_and_says_where(tmp_path):
+    exit_file = tmp_path / "exit"
+    start = time.monotonic()
+    beats = tmp_path / "beats"
+    out = subprocess.run([sys.executable, "-c", BLOCKED_RANK, str(ROOT), str(beats)], capture_output=True, text=True,
+                         check=False, env={**os.environ, "HVDET_EXIT_FILE": str(exit_file)}, timeout=60)
+    assert time.monotonic() - start < 30  # ended by the watchdog, not by the 60 s sleep
+    assert out.returncode == -9, out
+    assert "hvdet: rank 5: no progress for" in out.stderr and "while in iteration 7" in out.stderr, out.stderr
+    assert "(last progress: rank 2 " in out.stderr and " s ago, in iteration 6)" in out.stderr, out.stderr
+    assert exit_file.read_text() == "3\n"  # what launch/*.sh report
+
+
+def test_the_watchdog_leaves_with_its_rank(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from hvdet.comm.watchdog import Watchdog\n"
+            "with Watchdog(60.0, rank=0, beat_dir=sys.argv[2]) as w:\n    w.beat('x'); print(w._proc.pid)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                         check=True, timeout=60)
+    child = int(out.stdout.strip())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
