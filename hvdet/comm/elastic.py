@@ -21,11 +21,6 @@ import torch
 from hvdet.comm import groups, world
 
 
-def enabled() -> bool:
-    """True in a process that horovodrun started in elastic mode."""
-    return world.elastic_launch()
-
-
 def _to_cpu(obj):
     """A deep copy with every tensor cloned to host memory (a commit must not alias live weights)."""
     if torch.is_tensor(obj):
