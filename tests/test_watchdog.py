@@ -44,3 +44,20 @@ def test_the_watchdog_leaves_with_its_rank(tmp_path):
     time.sleep(0.2)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
+
+
+def test_a_stopped_rank_is_named_as_stopped(tmp_path):
+    """SIGSTOP (a debugger, a frozen node): the rank's own watchdog says so, and notes it for the others."""
+    import signal
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from hvdet.comm.watchdog import Watchdog\n"
+            "with Watchdog(1.0, rank=1, beat_dir=sys.argv[2], grace_s=0.5) as w:\n"
+            "    w.beat('in iteration 3'); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGSTOP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -9
+    assert "hvdet: rank 1: no progress for" in err and "its process is stopped" in err, err
+    assert "[process stopped]" in (tmp_path / "rank1").read_text()

@@ -21,7 +21,7 @@ def main() -> int:
     beats = sys.argv[5]
     limit, fd, started = timeout_s + grace_s, sys.stdin.fileno(), time.time()
     last, last_wall, written, flushed = time.monotonic(), time.time(), 0.0, 0.0
-    rank, where, pending = "?", "starting", b""
+    rank, where, pending, was_stopped = "?", "starting", b"", False
     while True:
         ready, _, _ = select.select([fd], [], [], min(1.0, limit / 10))
         if ready:
@@ -35,15 +35,18 @@ def main() -> int:
             if lines:
                 rank, _, where = lines[-1].decode(errors="replace").partition("\t")
                 last, last_wall = time.monotonic(), time.time()
-        # At most once a second, the time of the latest beat (not of the write): the others compare it.
-        if last_wall > written and time.monotonic() - flushed >= 1.0:
-            written, flushed = last_wall, time.monotonic()
-            _write(os.path.join(beats, f"rank{rank}"), f"{last_wall}\t{where}")
+        # At most once a second, the time of the latest beat (not of the write): the others compare it;
+        # and whether the rank's process is stopped (SIGSTOP, a debugger, a frozen node), which tells
+        # the stalled rank from the ranks that wait for it.
+        stopped = _stopped(pid)
+        if (last_wall > written or stopped != was_stopped) and time.monotonic() - flushed >= 1.0:
+            written, flushed, was_stopped = last_wall, time.monotonic(), stopped
+            _write(os.path.join(beats, f"rank{rank}"), f"{last_wall}\t{where}{STOPPED if stopped else ''}")
         idle = time.monotonic() - last
         if idle > limit:
+            cause = "its process is stopped" if _stopped(pid) else "a peer is dead or stalled"
             print(f"hvdet: rank {rank}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
-                  f"a peer is dead or stalled{_stalled(beats, rank, started, timeout_s)}; ending this rank "
-                  f"(exit code {code})",
+                  f"{cause}{_stalled(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
                   file=sys.stderr, flush=True)
             path = os.environ.get("HVDET_EXIT_FILE")
             if path:
@@ -55,6 +58,17 @@ def main() -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return code
+
+
+STOPPED = " [process stopped]"
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _write(path: str, text: str) -> None:
@@ -86,7 +100,7 @@ def _stalled(beats: str, me: str, started: float, timeout_s: float) -> str:
             ages.append((now - t, name[4:], where))
     if not ages:
         return ""
-    ages.sort(reverse=True)
+    ages.sort(key=lambda a: (STOPPED not in a[2], -a[0]))  # stopped processes first, then the oldest
     return " (last progress: " + "; ".join(f"rank {r} {age:.1f} s ago, {w}" for age, r, w in ages[:4]) + ")"
 
 
