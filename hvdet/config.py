@@ -139,6 +139,10 @@ class ElasticConfig:
 class LogConfig:
     interval: int = 20                        # iterations per metrics.jsonl train record
     progress: bool = True                     # tqdm bar on rank 0
+    mlperf_org: str = "hvdet"                 # mllog.txt's submission_org, _platform ("": N x this device),
+    mlperf_platform: str = ""                 #   _division (closed | open) and _benchmark (retinanet, ...; "":
+    mlperf_division: str = "open"             #   none, a detector MLPerf does not benchmark today)
+    mlperf_benchmark: str = ""
 
 
 @dataclass
@@ -173,6 +177,7 @@ CHOICES = {
     "solver.amp_dtype": ("float16", "bfloat16"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
     "target_metric": ("AP", "AP50", "AP75"),
+    "log.mlperf_division": ("open", "closed"),
 }
 TARGET_KEYS = ("bbox", "segm")
 

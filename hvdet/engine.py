@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hvdet import checkpoint, comm
+from hvdet import checkpoint, comm, mlperf
 from hvdet.atomic import atomic_write
 from hvdet.builders import build_dataset, build_model, build_run
 from hvdet.comm.watchdog import Watchdog
@@ -95,11 +95,10 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     clock.start = time.perf_counter()
     if not log.started:  # once per run, also when an elastic world change calls the loop again
         log.started = True
+        mlperf.log_setup(log, cfg, plan, len(run.loader.dataset), len(run.val_set), comm.device())
         log.mllog(MLLOG.INIT_STOP)
         log.mllog(MLLOG.RUN_START, metadata={"resumed_at": run.iteration})
-        for key, value in ((MLLOG.GLOBAL_BATCH_SIZE, plan.global_batch), (MLLOG.OPT_BASE_LR, plan.lr),
-                           (MLLOG.OPT_LR_WARMUP_STEPS, cfg.solver.warmup_iters), (MLLOG.MAX_STEPS, plan.max_iters)):
-            log.mllog(key, value)
+        mlperf.block_start(log, clock.images, run.loader.epoch)
     timer, window = StepTimer(cuda_sync=torch.cuda.is_available()), Window()
     bar = tqdm(total=plan.max_iters, initial=run.iteration, desc="train", dynamic_ncols=True,
                disable=not (comm.is_main_process() and cfg.log.progress))
@@ -209,7 +208,9 @@ def log_train(run: Run, timer: StepTimer, window: Window, lr: float) -> dict:
 
 def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
     clock, log = run.clock, run.logger
-    log.mllog(MLLOG.EVAL_START, metadata={"iteration": iteration, "epoch_num": run.loader.epoch})
+    mlperf.block_stop(log, clock.images, run.loader.epoch)
+    when = {"iteration": iteration, MLLOG.EPOCH_NUM: run.loader.epoch, MLLOG.SAMPLES_COUNT: clock.images}
+    log.mllog(MLLOG.EVAL_START, metadata=when)
     metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg, beat)
     clock.eval_s += eval_s
     clock.evaluations += 1
@@ -221,9 +222,11 @@ def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
         clock.reached, clock.time_to_target_s = True, clock.elapsed_s()
     log.log_eval({"iteration": iteration, "epoch": run.loader.epoch, "elapsed_s": clock.elapsed_s(),
                   "eval_s": eval_s, **metrics})
-    log.mllog(MLLOG.EVAL_ACCURACY, metrics.get("bbox", {}).get("AP"),
-              metadata={"iteration": iteration, **{f"{k}_AP": v["AP"] for k, v in metrics.items()}})
-    log.mllog(MLLOG.EVAL_STOP, metadata={"iteration": iteration})
+    log.mllog(MLLOG.EVAL_ACCURACY, metrics.get("bbox", {}).get(key),
+              metadata={**when, **{f"{k}_{key}": v[key] for k, v in metrics.items()}})
+    log.mllog(MLLOG.EVAL_STOP, metadata=when)
+    if not clock.reached and iteration < run.plan.max_iters:  # training goes on: the next block
+        mlperf.block_start(log, clock.images, run.loader.epoch)
     return metrics
 
 
@@ -240,6 +243,7 @@ def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> 
     if failure:
         summary["failure"] = failure
     ok = clock.reached or (stop == "max_iters" and not cfg.target)
+    mlperf.block_stop(run.logger, clock.images, run.loader.epoch)
     run.logger.mllog(MLLOG.RUN_STOP, metadata={"status": "success" if ok else "aborted", "iteration": iterations})
     run.logger.write_summary(summary)
     run.logger.close()

@@ -74,6 +74,7 @@ class RunLogger:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.started = False  # run_start logged (the engine's loop may start again after an elastic reset)
+        self.in_block = False  # an MLPerf block_start without its block_stop yet (hvdet.mlperf)
         self._metrics = None
         self._ml = None
         if not enabled:

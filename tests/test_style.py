@@ -25,7 +25,7 @@ LAYERS = [
     ("hvdet.ops",),
     ("hvdet.nn", "hvdet.optim", "hvdet.data"),
     ("hvdet.models", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
-     "hvdet.preempt"),
+     "hvdet.preempt", "hvdet.mlperf"),
     ("hvdet.run", "hvdet.builders", "hvdet.report"),
     ("hvdet.engine",),
     ("hvdet.cli", "hvdet"),
