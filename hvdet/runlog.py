@@ -32,6 +32,7 @@ from mlperf_logging.mllog import constants as MLLOG  # re-exported: MLLOG.RUN_ST
 from mlperf_logging.mllog.mllog import MLLogger
 
 from hvdet.atomic import atomic_write
+from hvdet.tensorboard_log import TensorBoardLog
 
 __all__ = ["MLLOG", "RunLogger", "StepTimer", "read_jsonl"]
 
@@ -70,15 +71,18 @@ def _drop_partial_last_line(path: Path) -> None:
 class RunLogger:
     """Rank 0's record of a run. ``enabled=False`` (every other rank) turns each method into a no-op."""
 
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True):
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = False):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.started = False  # run_start logged (the engine's loop may start again after an elastic reset)
         self.in_block = False  # an MLPerf block_start without its block_stop yet (hvdet.mlperf)
         self._metrics = None
         self._ml = None
+        self._tb = None
         if not enabled:
             return
+        if tensorboard:  # train and eval records also as TensorBoard scalars (hvdet.tensorboard_log)
+            self._tb = TensorBoardLog.open(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # Line-buffered append: a crashed or resumed run keeps every line already logged.
         path = self.output_dir / METRICS_FILE
@@ -114,6 +118,8 @@ class RunLogger:
             raise ValueError(f"a {kind} record needs an 'iteration' key; got keys {sorted(record)}")
         line = json.dumps({"type": kind, **_jsonable(record)}, allow_nan=False)
         self._metrics.write(line + "\n")
+        if self._tb is not None and kind in ("train", "eval"):
+            self._tb.add(kind, record)
 
     # -- MLPerf --------------------------------------------------------------------------------
     def mllog(self, key: str, value=None, metadata: dict | None = None) -> None:
@@ -159,6 +165,9 @@ class RunLogger:
         return atomic_write(self.output_dir / SUMMARY_FILE, write)
 
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

@@ -168,3 +168,27 @@ def test_report_cli(tmp_path):
                              cwd=ROOT,
                              env=rank_env(), capture_output=True, text=True)
     assert missing.returncode == 2 and "metrics.jsonl does not exist" in missing.stderr
+
+
+def test_tensorboard_events_are_written_and_read_back(tmp_path):
+    """The train and eval records as TensorBoard scalars, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with RunLogger(tmp_path, tensorboard=True) as log:
+        for it in (10, 20):
+            log.log_train({"iteration": it, "epoch": 0, "loss": 1.0 / it, "losses": {"loss_box_reg": 0.5 / it},
+                           "lr": 0.01 * it, "images_per_s": 50.0, "forward_s": 0.1})
+        log.log_eval({"iteration": 20, "epoch": 0, "elapsed_s": 3.0, "bbox": {"AP": 0.25, "AP50": 0.5}})
+        log.log_event("world", {"iteration": 20, "world_size": 2})  # not a scalar series
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/losses/loss_box_reg", "train/lr", "train/images_per_s", "train/forward_s",
+            "eval/bbox/AP", "eval/bbox/AP50", "eval/elapsed_s"} <= tags
+    assert not any(t.startswith("world") for t in tags)
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/lr")] == [(10, 0.1), (20, 0.2)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/bbox/AP")] == [(20, 0.25)]
+    # Opted out (or TensorBoard missing): no folder.
+    with RunLogger(tmp_path / "off", tensorboard=False) as log:
+        log.log_train({"iteration": 1, "loss": 1.0})
+    assert not (tmp_path / "off" / "tensorboard").exists()
