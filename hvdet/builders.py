@@ -15,7 +15,7 @@ from hvdet.atomic import remove_stale_temps
 from hvdet.config import Config, ConfigError, data_path, dump
 from hvdet.data.protocol import DetectionDataset
 from hvdet.plan import plan_run
-from hvdet.registry import DATASETS
+from hvdet.registry import ARCHS, DATASETS
 from hvdet.run import Run, seed_rank
 from hvdet.runlog import METRICS_FILE, MLLOG, RunLogger, read_jsonl
 from hvdet.step import autocast_dtype, grad_scaler
@@ -32,7 +32,7 @@ def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
     split = "train" if train else "val"
     images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_ann")
     # (segm scoring reads the masks from the JSON: decoding them for every val image would be wasted)
-    with_masks = train and cfg.model.arch.startswith("maskrcnn")
+    with_masks = train and ARCHS[cfg.model.arch].mask
     return DATASETS.load(d.format)(images, ann, transforms=transforms, with_masks=with_masks)
 
 

@@ -276,7 +276,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: target.{key} is an AP in (0, 1], got {value}")
         if key not in cfg.eval.iou_types:
             raise ConfigError(f"{source}: target.{key} needs {key!r} in eval.iou_types {cfg.eval.iou_types}")
-    if "segm" in cfg.eval.iou_types and not cfg.model.arch.startswith("maskrcnn"):
+    if "segm" in cfg.eval.iou_types and not registry.ARCHS[cfg.model.arch].mask:
         raise ConfigError(f"{source}: eval.iou_types has 'segm' but model.arch {cfg.model.arch} has no mask head")
 
 

@@ -10,6 +10,8 @@ Two families of architectures:
 * ``{faster,mask}rcnn_resnet18_fpn_fast``: the CPU variants the demo and the tests train. Every
   choice in :class:`FastDesign` cuts work that an easy dataset (objects of 15-50% of a 128-px image)
   does not need; ``benchmarks/model_step.py`` measures the effect (docs/models.md has the numbers).
+* ``retinanet_*``: the one-stage family (:mod:`hvdet.retinanet`). Families are entries of
+  :data:`hvdet.registry.FAMILIES`, architectures of :data:`hvdet.registry.ARCHS`.
 
 Norm modes (MegDet, Sec. 3.3: BN with few images per GPU is what large-batch detection has to fix):
 
@@ -38,7 +40,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from hvdet.registry import ARCHS, NORMS, Arch
+from hvdet.registry import ARCHS, FAMILIES, NORMS, Arch
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,8 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
     # cross_gpu starts from ordinary BN layers and converts them below, keeping their parameters.
     norm_layer = NORMS.load("local" if norm == "cross_gpu" else norm)
-    if spec.fast:
-        model = _build_fast(spec, fast_design, num_classes, norm_layer, trainable_backbone_layers, min_size, max_size,
-                            overrides)
-    else:
-        backbone = resnet_fpn_backbone(backbone_name=f"resnet{spec.depth}", weights=None, norm_layer=norm_layer,
-                                       trainable_layers=trainable_backbone_layers)
-        detector = MaskRCNN if spec.mask else FasterRCNN
-        model = detector(backbone, num_classes=num_classes, min_size=min_size or 800, max_size=max_size or 1333,
-                         **overrides)
+    model = FAMILIES.load(spec.family)(spec, num_classes, norm_layer, trainable_backbone_layers, min_size, max_size,
+                                       overrides, fast_design)
     if pretrained_backbone is not None:
         load_backbone(model, pretrained_backbone)
     if norm == "cross_gpu":
@@ -125,6 +120,28 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
     return model
 
 
+def build_rcnn(spec: Arch, num_classes: int, norm_layer, trainable_layers: int, min_size: int | None,
+               max_size: int | None, overrides: dict, fast_design: FastDesign) -> nn.Module:
+    """Faster / Mask R-CNN: torchvision's ResNet-FPN models, or the fast CPU variant."""
+    if spec.fast:
+        return _build_fast(spec, fast_design, num_classes, norm_layer, trainable_layers, min_size, max_size, overrides)
+    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, norm_layer=norm_layer,
+                                   trainable_layers=trainable_layers)
+    detector = MaskRCNN if spec.mask else FasterRCNN
+    return detector(backbone, num_classes=num_classes, min_size=min_size or 800, max_size=max_size or 1333, **overrides)
+
+
+def fast_backbone(spec: Arch, d: FastDesign, norm_layer, trainable_layers: int, extra_blocks=None) -> BackboneWithFPN:
+    """The fast variant's backbone: the ResNet body up to ``d.returned_layers`` under a narrow FPN."""
+    body = resnet.__dict__[spec.backbone](weights=None, norm_layer=norm_layer)
+    _freeze_stages(body, trainable_layers)
+    in_channels = [body.inplanes // 8 * 2 ** (k - 1) for k in d.returned_layers]  # torchvision's rule
+    if extra_blocks is None:
+        extra_blocks = LastLevelMaxPool() if d.pool_level else _NoExtraLevel()
+    return BackboneWithFPN(body, {f"layer{k}": str(i) for i, k in enumerate(d.returned_layers)},
+                           in_channels, d.fpn_channels, extra_blocks=extra_blocks)
+
+
 class _NoExtraLevel(ExtraFPNBlock):
     """No pooled top level: the fast FPN ends at its last returned stage."""
 
@@ -134,12 +151,7 @@ class _NoExtraLevel(ExtraFPNBlock):
 
 def _build_fast(spec: Arch, d: FastDesign, num_classes: int, norm_layer, trainable_layers: int,
                 min_size: int | None, max_size: int | None, overrides: dict) -> nn.Module:
-    body = resnet.__dict__[f"resnet{spec.depth}"](weights=None, norm_layer=norm_layer)
-    _freeze_stages(body, trainable_layers)
-    in_channels = [body.inplanes // 8 * 2 ** (k - 1) for k in d.returned_layers]  # torchvision's rule
-    backbone = BackboneWithFPN(body, {f"layer{k}": str(i) for i, k in enumerate(d.returned_layers)},
-                               in_channels, d.fpn_channels,
-                               extra_blocks=LastLevelMaxPool() if d.pool_level else _NoExtraLevel())
+    backbone = fast_backbone(spec, d, norm_layer, trainable_layers)
     levels = [str(i) for i in range(len(d.returned_layers))]
     anchors = AnchorGenerator(d.anchor_sizes, (d.aspect_ratios,) * len(d.anchor_sizes))
     box_pool = MultiScaleRoIAlign(levels, d.roi_output_size, sampling_ratio=2,

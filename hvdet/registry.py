@@ -43,18 +43,35 @@ class Registry(Mapping):
 
 @dataclass(frozen=True)
 class Arch:
-    depth: int  # ResNet depth
-    mask: bool  # Mask R-CNN (else Faster R-CNN)
-    fast: bool  # the CPU variant of hvdet.models.FastDesign
+    family: str         # a FAMILIES name: which builder makes the detector
+    backbone: str       # a torchvision ResNet / ResNeXt constructor name
+    fast: bool = False  # the CPU variant (hvdet.models.FastDesign)
 
+    @property
+    def mask(self) -> bool:
+        """The detector predicts instance masks (segm evaluation, masks in the training targets)."""
+        return self.family == "maskrcnn"
+
+
+# Detector families: a new one (FCOS, a transformer backbone) is a builder and one line here, and its
+# architectures are lines in ARCHS. A builder takes (arch, num_classes, norm_layer, trainable_layers,
+# min_size, max_size, overrides, fast_design) and returns the torchvision detector.
+FAMILIES = Registry("model family", {
+    "fasterrcnn": "hvdet.models:build_rcnn",
+    "maskrcnn": "hvdet.models:build_rcnn",
+    "retinanet": "hvdet.retinanet:build_retinanet",
+})
 
 ARCHS = Registry("model.arch", {
-    "fasterrcnn_resnet50_fpn": Arch(50, mask=False, fast=False),
-    "fasterrcnn_resnet101_fpn": Arch(101, mask=False, fast=False),
-    "maskrcnn_resnet50_fpn": Arch(50, mask=True, fast=False),
-    "maskrcnn_resnet101_fpn": Arch(101, mask=True, fast=False),
-    "fasterrcnn_resnet18_fpn_fast": Arch(18, mask=False, fast=True),
-    "maskrcnn_resnet18_fpn_fast": Arch(18, mask=True, fast=True),
+    "fasterrcnn_resnet50_fpn": Arch("fasterrcnn", "resnet50"),
+    "fasterrcnn_resnet101_fpn": Arch("fasterrcnn", "resnet101"),
+    "maskrcnn_resnet50_fpn": Arch("maskrcnn", "resnet50"),
+    "maskrcnn_resnet101_fpn": Arch("maskrcnn", "resnet101"),
+    "fasterrcnn_resnet18_fpn_fast": Arch("fasterrcnn", "resnet18", fast=True),
+    "maskrcnn_resnet18_fpn_fast": Arch("maskrcnn", "resnet18", fast=True),
+    "retinanet_resnet50_fpn": Arch("retinanet", "resnet50"),
+    "retinanet_resnext50_32x4d_fpn": Arch("retinanet", "resnext50_32x4d"),  # MLPerf Training's RetinaNet
+    "retinanet_resnet18_fpn_fast": Arch("retinanet", "resnet18", fast=True),
 })
 
 # Normalization layers of the backbone (hvdet.models): MegDet 3.3.
@@ -68,6 +85,7 @@ NORMS = Registry("model.norm", {
 # plus solver.optimizer_args). adamw is a function: it picks PyTorch's fused kernel where it can.
 OPTIMIZERS = Registry("solver.optimizer", {
     "sgd": "torch.optim:SGD",
+    "adam": "torch.optim:Adam",  # MLPerf's RetinaNet (weight decay 0)
     "adamw": "hvdet.optim.build:adamw",
     "lamb": "hvdet.optim.lamb:LAMB",
     "pmdlamb": "hvdet.optim.lamb:PMDLAMB",

@@ -24,7 +24,7 @@ LAYERS = [
     ("hvdet.comm",),
     ("hvdet.ops",),
     ("hvdet.nn", "hvdet.optim", "hvdet.data"),
-    ("hvdet.models", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
+    ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
      "hvdet.preempt", "hvdet.mlperf"),
     ("hvdet.run", "hvdet.builders", "hvdet.report"),
     ("hvdet.engine",),
@@ -101,10 +101,11 @@ def test_registries_resolve_and_config_offers_exactly_their_names():
     are the registries' names (one source, so they cannot drift apart)."""
     from hvdet import config, registry
 
-    for table in (registry.NORMS, registry.OPTIMIZERS, registry.GROUP_BACKENDS, registry.DATASETS):
+    for table in (registry.NORMS, registry.OPTIMIZERS, registry.GROUP_BACKENDS, registry.DATASETS, registry.FAMILIES):
         for name in table:
             assert callable(table.load(name)), f"{table.key}: {name} -> {table[name]}"
     for key, table in (("model.arch", registry.ARCHS), ("model.norm", registry.NORMS),
                        ("solver.optimizer", registry.OPTIMIZERS), ("data.format", registry.DATASETS)):
         assert config.CHOICES[key] == tuple(table)
     assert config.CHOICES["bn.backend"] == ("auto", *registry.GROUP_BACKENDS)
+    assert {a.family for a in registry.ARCHS.values()} <= set(registry.FAMILIES)

@@ -7,16 +7,19 @@ import torch
 
 from hvdet.registry import OPTIMIZERS
 
-MODULES = ("backbone", "fpn", "rpn", "roi_box", "roi_mask", "other")
+MODULES = ("backbone", "fpn", "rpn", "roi_box", "roi_mask", "head_cls", "head_reg", "other")
 # Name prefixes of torchvision's FasterRCNN / MaskRCNN (first match wins, so fpn precedes backbone).
 _PREFIXES = (("backbone.fpn.", "fpn"), ("backbone.", "backbone"), ("rpn.", "rpn"),
              ("roi_heads.box_head.", "roi_box"), ("roi_heads.box_predictor.", "roi_box"),
-             ("roi_heads.mask_head.", "roi_mask"), ("roi_heads.mask_predictor.", "roi_mask"))
+             ("roi_heads.mask_head.", "roi_mask"), ("roi_heads.mask_predictor.", "roi_mask"),
+             # RetinaNet's heads (hvdet.retinanet)
+             ("head.classification_head.", "head_cls"), ("head.regression_head.", "head_reg"))
 _WRAPPERS = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile name prefixes
 
 
 def module_of(param_name: str) -> str:
-    """The detector module a parameter belongs to: backbone | fpn | rpn | roi_box | roi_mask | other."""
+    """The detector module a parameter belongs to: backbone | fpn | rpn | roi_box | roi_mask | head_cls |
+    head_reg | other."""
     name = param_name
     while name.startswith(_WRAPPERS):
         name = name.split(".", 1)[1]
