@@ -54,7 +54,7 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    optimizer: str = "sgd"                    # sgd | adamw | lamb | pmdlamb | lars (hvdet.registry.OPTIMIZERS)
+    optimizer: str = "sgd"                    # sgd | adam | adamw | lamb | pmdlamb | lars (hvdet.registry.OPTIMIZERS)
     optimizer_args: dict = field(default_factory=dict)  # more constructor kwargs, e.g. {trust_coefficient: 0.02}
     base_lr: float = 0.02                     # lr at reference_batch images: the linear scaling rule's anchor
     reference_batch: int = 16

@@ -448,7 +448,7 @@ def test_lars_matches_timm_lars(trust_without_decay):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}")
 
 
-LRS = {"sgd": 0.05, "adamw": 0.01, "lamb": 1.0, "pmdlamb": 1.0, "lars": 2.0}
+LRS = {"sgd": 0.05, "adam": 0.01, "adamw": 0.01, "lamb": 1.0, "pmdlamb": 1.0, "lars": 2.0}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -470,8 +470,8 @@ def test_each_optimizer_lowers_the_loss(name):
 
 def test_build_optimizer_rejects_unknown_names():
     # The name given and the choices, in whatever order the message puts them.
-    with pytest.raises(ValueError, match=r"(?=.*optimizer)(?=.*'adam')(?=.*pmdlamb)"):
-        build_optimizer(TinyDetector(), "adam", lr=0.1, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"(?=.*optimizer)(?=.*'adamx')(?=.*pmdlamb)"):
+        build_optimizer(TinyDetector(), "adamx", lr=0.1, weight_decay=0.0)
 
 
 def test_param_groups_of_a_torchvision_mask_rcnn():
