@@ -18,6 +18,7 @@ instead of leaving them waiting in a collective. Exit codes:
 2     configuration error (also a usage error)
 3     stalled: a collective waited ``comm.timeout_s`` for a peer (hvdet.comm.watchdog)
 75    preempted by SIGTERM / SIGINT / SIGUSR1: checkpoint written, continue with ``--resume``
+130   interrupted by a second Ctrl-C: stopped at once, no checkpoint
 ====  ==========================================================================================
 
 ``horovodrun`` turns every rank failure into exit 1; ``launch/horovodrun.sh`` and
@@ -32,7 +33,7 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_STALLED, EXIT_PREEMPTED = 1, 2, 3, 75
+EXIT_FAILED, EXIT_CONFIG, EXIT_STALLED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 75, 130
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -109,7 +110,7 @@ def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
     if isinstance(err, TimeoutError):
         return EXIT_STALLED, text
     if isinstance(err, KeyboardInterrupt):
-        return EXIT_PREEMPTED, "interrupted (Ctrl-C twice): no checkpoint written"
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C twice): no checkpoint written"
     if name == "HorovodInternalError":  # a peer died or left: its own line names the cause
         return EXIT_FAILED, f"a peer rank failed or left ({name}: {text.split('. ')[0]}); see its own message"
     known = ("CheckpointError", "DivergenceError", "DataError", "WriteError")
