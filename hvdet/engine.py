@@ -48,14 +48,18 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     run = build_run(cfg, resume)
     beats = Path(cfg.output_dir) / ".watchdog"
     with StopRequest() as stop, Watchdog(comm.timeout_s(), comm.rank(), beats) as watchdog:
-        if not cfg.elastic.enabled:
-            return _loop(run, stop, watchdog)
-        if not comm.elastic_launch():
-            if comm.is_main_process():
+        try:
+            if cfg.elastic.enabled and comm.elastic_launch():
+                return _elastic_loop(run, stop, watchdog)
+            if cfg.elastic.enabled and comm.is_main_process():
                 print("hvdet: elastic.enabled, but not launched by horovodrun --min-np/--max-np: training "
                       "without elastic recovery", flush=True)
             return _loop(run, stop, watchdog)
-        return _elastic_loop(run, stop, watchdog)
+        except Exception as err:
+            stalled = watchdog.explain(err)  # Horovod's "shut down" after a time-out is a stall
+            if stalled is err:
+                raise
+            raise stalled from err
 
 
 def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:

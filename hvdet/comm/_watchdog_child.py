@@ -46,7 +46,7 @@ def main() -> int:
         if idle > limit:
             cause = "its process is stopped" if _stopped(pid) else "a peer is dead or stalled"
             print(f"hvdet: rank {rank}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
-                  f"{cause}{_stalled(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
+                  f"{cause}{others(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
                   file=sys.stderr, flush=True)
             path = os.environ.get("HVDET_EXIT_FILE")
             if path:
@@ -79,7 +79,7 @@ def _write(path: str, text: str) -> None:
         os.replace(tmp, path)
 
 
-def _stalled(beats: str, me: str, started: float, timeout_s: float) -> str:
+def others(beats: str, me: str, started: float, timeout_s: float) -> str:
     """The other ranks' last progress, oldest first, from their files (each holds the time of its
     rank's latest beat, refreshed within a second): " (last progress: rank 1 15.3 s ago, in iteration 5; ...)"."""
     now, ages = time.time(), []

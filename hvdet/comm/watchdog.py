@@ -19,8 +19,11 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Self
+
+from hvdet.comm import _watchdog_child
 
 EXIT_STALLED = 3
 GRACE_S = 5.0
@@ -35,9 +38,11 @@ class Watchdog:
         self.timeout_s, self.rank, self.grace_s = timeout_s, rank, grace_s
         self.beat_dir = Path(beat_dir)
         self._proc: subprocess.Popen | None = None
+        self._last, self._where, self._started = time.monotonic(), "starting", time.time()
 
     def beat(self, where: str) -> None:
         """Progress: ``where`` is what this rank does next (named if it never comes back)."""
+        self._last, self._where = time.monotonic(), where
         if self._proc is not None:
             line = f"{self.rank}\t{where}".replace("\n", " ")[:500] + "\n"
             try:
@@ -45,6 +50,20 @@ class Watchdog:
                 self._proc.stdin.flush()
             except (BrokenPipeError, ValueError):  # the watchdog is gone: nothing left to tell
                 self._proc = None
+
+    def explain(self, err: BaseException) -> BaseException:
+        """``err`` itself, or, for a peer-loss error (Horovod's) after ``timeout_s`` without progress, the
+        stall it is: a TimeoutError naming what this rank waited in and the other ranks' last progress
+        (Horovod's Gloo time-out and stall shutdown end the wait, but say only "Horovod has been shut
+        down")."""
+        from hvdet.comm import world
+
+        idle = time.monotonic() - self._last
+        if not world.is_peer_loss(err) or idle < 0.9 * self.timeout_s:
+            return err
+        peers = _watchdog_child.others(str(self.beat_dir), str(self.rank), self._started, self.timeout_s)
+        return TimeoutError(f"no progress for {idle:.1f} s while {self._where} (comm.timeout_s={self.timeout_s:g}): "
+                            f"a peer stalled and Horovod gave up{peers}")
 
     def __enter__(self) -> Self:
         self.beat_dir.mkdir(parents=True, exist_ok=True)
