@@ -146,12 +146,9 @@ def elastic_bn_group(cfg: Config, world_size: int) -> int | None:
     """Ranks per Cross-GPU BN group in a world of ``world_size``: the recipe's (MegDet's BN size /
     images per GPU) when it divides the world, else the largest group size below it that does (a
     BN size as close to the recipe's as the world allows); None (all ranks) stays None."""
-    from hvdet.nn import bn_group_size
-
-    b = cfg.bn
-    if not b.size_images:
+    if not cfg.bn.size_images:
         return None
-    wanted = bn_group_size(b.size_images, cfg.data.images_per_gpu, b.size_images // cfg.data.images_per_gpu)
+    wanted = cfg.bn.size_images // cfg.data.images_per_gpu  # a multiple: checked when the run was built
     return max(g for g in range(1, min(wanted, world_size) + 1) if world_size % g == 0)
 
 

@@ -33,7 +33,8 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_STALLED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 75, 130
+from hvdet.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STALLED
+from hvdet.exit_codes import record as record_exit
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def _run(config_path: str, overrides: list[str], resume: str | None = None, eval
         cfg = load_config(config_path, overrides)
     except ConfigError as err:
         print(f"hvdet: config error: {err}", file=sys.stderr)
-        return _exit_code(EXIT_CONFIG)
+        return record_exit(EXIT_CONFIG)
     from hvdet import comm, engine
 
     try:
@@ -71,7 +72,7 @@ def _run(config_path: str, overrides: list[str], resume: str | None = None, eval
             _print_main(comm, _summary_line(summary, cfg.output_dir))
             if summary["stop"] == "preempted":
                 _print_main(comm, f"hvdet: {summary['failure']}")
-                _exit_now(comm, _exit_code(EXIT_PREEMPTED))
+                _exit_now(comm, record_exit(EXIT_PREEMPTED))
                 return EXIT_PREEMPTED
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line, a log and an exit code
         code = _report(err, comm, cfg.output_dir)
@@ -98,7 +99,7 @@ def _report(err: BaseException, comm, output_dir: str) -> int:
         except OSError:  # the disk may be the problem: the traceback goes to stderr instead
             traceback.print_exception(err)
     print(f"hvdet: rank {rank}: {cause}{where}", file=sys.stderr, flush=True)
-    return _exit_code(code)
+    return record_exit(code)
 
 
 def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
@@ -115,18 +116,6 @@ def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
         return EXIT_FAILED, f"a peer rank failed or left ({name}: {text.split('. ')[0]}); see its own message"
     known = ("CheckpointError", "DivergenceError", "DataError", "WriteError")
     return EXIT_FAILED, text if name in known else f"{name}: {text[:500]}"
-
-
-def _exit_code(code: int) -> int:
-    """``code``, also appended to ``HVDET_EXIT_FILE`` when a launch script asked for it."""
-    path = os.environ.get("HVDET_EXIT_FILE")
-    if path:
-        try:
-            with open(path, "a") as f:
-                f.write(f"{code}\n")
-        except OSError:
-            pass
-    return code
 
 
 def _exit_now(comm, code: int) -> None:

@@ -33,25 +33,9 @@ HOROVODRUN=${HOROVODRUN:-$(command -v horovodrun || echo "$(dirname "$0")/../.ve
 export HOROVOD_START_TIMEOUT=${HOROVOD_START_TIMEOUT:-120}
 # Large models: fuse small gradients into 128 MB allreduce buffers, negotiate every 5 ms.
 export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728} HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-5}
-# horovodrun turns any rank failure into exit 1: the first failing rank's code comes through this file
-# instead (hvdet/cli.py: 2 config, 3 stalled, 75 preempted); on several nodes point HVDET_EXIT_FILE
-# at a shared file system.
-EXIT_FILE=${HVDET_EXIT_FILE:-$(mktemp "${TMPDIR:-/tmp}/hvdet-exit.XXXXXX")}
-export HVDET_EXIT_FILE=$EXIT_FILE
-set -x
-"$HOROVODRUN" -np "$NP" --hostfile "$HOSTFILE" "${EXTRA[@]}" "$@" &
-PID=$!
-set +x
 # Preemption: horovodrun forwards SIGTERM to every rank and kills them 5 s later; hvdet stops all
 # ranks after the same iteration with a checkpoint (a larger model may need mpirun.sh, which has no
-# such limit).
-trap 'kill -TERM "$PID" 2>/dev/null || true' TERM INT USR1
-RC=0
-while :; do
-  if wait "$PID"; then RC=0; break; else RC=$?; fi
-  kill -0 "$PID" 2>/dev/null || break  # else a trapped signal interrupted the wait: wait again
-done
-CODE=$(head -n 1 "$EXIT_FILE" 2>/dev/null || true)
-rm -f "$EXIT_FILE"
-if [ "$RC" -ne 0 ] && [ -n "$CODE" ]; then exit "$CODE"; fi
-exit "$RC"
+# such limit). The first failing rank's exit code comes through (launch/supervise.sh).
+# shellcheck source=launch/supervise.sh
+source "$(dirname "$0")/supervise.sh"
+supervise TERM "$HOROVODRUN" -np "$NP" --hostfile "$HOSTFILE" "${EXTRA[@]}" "$@"

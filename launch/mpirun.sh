@@ -39,25 +39,11 @@ for v in NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA LD_LIBRARY_PATH PATH PYTHONPA
          HOROVOD_FUSION_THRESHOLD HOROVOD_CYCLE_TIME HVDET_MASTER_ADDR; do
   [ -n "${!v:-}" ] && ARGS+=(-x "$v")
 done
-# The first failing rank's exit code (hvdet/cli.py: 2 config, 3 stalled, 75 preempted), which mpirun
-# may report as another; on several nodes point HVDET_EXIT_FILE at a shared file system.
-EXIT_FILE=${HVDET_EXIT_FILE:-$(mktemp "${TMPDIR:-/tmp}/hvdet-exit.XXXXXX")}
-export HVDET_EXIT_FILE=$EXIT_FILE
-ARGS+=(-x HVDET_EXIT_FILE)
-set -x
-mpirun "${ARGS[@]}" "$@" &
-PID=$!
-set +x
 # Preemption (SLURM's warning signal, Ctrl-C, kill): mpirun forwards SIGUSR1 to every rank, and hvdet
 # stops all ranks after the same iteration with a checkpoint. A SIGTERM to mpirun itself would give
-# the ranks 1 s (odls_base_sigkill_timeout) before SIGKILL, too little to write a checkpoint.
-trap 'kill -USR1 "$PID" 2>/dev/null || true' TERM INT USR1
-RC=0
-while :; do
-  if wait "$PID"; then RC=0; break; else RC=$?; fi
-  kill -0 "$PID" 2>/dev/null || break  # else a trapped signal interrupted the wait: wait again
-done
-CODE=$(head -n 1 "$EXIT_FILE" 2>/dev/null || true)
-rm -f "$EXIT_FILE"
-if [ "$RC" -ne 0 ] && [ -n "$CODE" ]; then exit "$CODE"; fi
-exit "$RC"
+# the ranks 1 s (odls_base_sigkill_timeout) before SIGKILL, too little to write a checkpoint. The
+# first failing rank's exit code comes through (launch/supervise.sh).
+# shellcheck source=launch/supervise.sh
+source "$(dirname "$0")/supervise.sh"
+ARGS+=(-x HVDET_EXIT_FILE)
+supervise USR1 mpirun "${ARGS[@]}" "$@"

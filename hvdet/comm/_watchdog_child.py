@@ -11,6 +11,9 @@ import signal
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hvdet import exit_codes
+
 
 def main() -> int:
     # Signals meant for the rank (Ctrl-C to the process group, a launcher's SIGTERM, SLURM's SIGUSR1)
@@ -48,13 +51,7 @@ def main() -> int:
             print(f"hvdet: rank {rank}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
                   f"{cause}{others(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
                   file=sys.stderr, flush=True)
-            path = os.environ.get("HVDET_EXIT_FILE")
-            if path:
-                try:
-                    with open(path, "a") as f:
-                        f.write(f"{code}\n")
-                except OSError:
-                    pass
+            exit_codes.record(code)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return code

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Self
 
 from hvdet.comm import _watchdog_child
+from hvdet.exit_codes import EXIT_STALLED
 
-EXIT_STALLED = 3
 GRACE_S = 5.0
 _CHILD = Path(__file__).with_name("_watchdog_child.py")
 
