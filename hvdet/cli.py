@@ -1,10 +1,11 @@
-"""Command line: ``hvdet train|eval|report|make-synthetic`` and ``python train.py``.
+"""Command line: ``hvdet train|eval|report|make-synthetic|project`` and ``python train.py``.
 
     python train.py --config configs/synthetic_demo.yaml [key=value ...] [--resume CKPT] [--eval-only CKPT]
     horovodrun -np 8 python train.py --config configs/largedet_fast_320.yaml output_dir=runs/fast
     hvdet eval --config FILE CKPT [key=value ...]          # = train.py --eval-only CKPT
     hvdet report RUN_DIR                                    # = python -m hvdet.report RUN_DIR
     hvdet make-synthetic OUT_DIR [...]                      # = python -m hvdet.data.synthetic OUT_DIR
+    hvdet project [--metrics RUN_DIR] [--validate] [...]    # = python -m hvdet.timemodel (docs/scaling.md)
 
 The same command runs as one plain process, under ``horovodrun`` and under ``mpirun``. A failure
 prints one line on the rank that hit it, naming the cause and the file, rank or iteration; the full
@@ -152,7 +153,7 @@ def _summary_line(s: dict, output_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "eval", "report", "make-synthetic")
+    commands = ("train", "eval", "report", "make-synthetic", "project")
     if not argv or argv[0] not in commands:
         print(f"usage: hvdet {{{','.join(commands)}}} ...  (hvdet COMMAND --help for each)", file=sys.stderr)
         return EXIT_CONFIG
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from hvdet.report import main as report_main
 
         return report_main(rest)
+    if command == "project":
+        from hvdet.timemodel.cli import main as project_main
+
+        return project_main(rest)
     from hvdet.data.synthetic import main as synthetic_main
 
     return synthetic_main(rest) or 0

@@ -34,7 +34,7 @@ fi
 # Containers usually deny the ptrace-based single-copy path of shared memory.
 [ -f /.dockerenv ] || [ -n "${HVDET_IN_CONTAINER:-}" ] && ARGS+=(-mca btl_vader_single_copy_mechanism none)
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728} HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-5}
+export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728}
 for v in NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA LD_LIBRARY_PATH PATH PYTHONPATH OMP_NUM_THREADS \
          HOROVOD_FUSION_THRESHOLD HOROVOD_CYCLE_TIME HVDET_MASTER_ADDR; do
   [ -n "${!v:-}" ] && ARGS+=(-x "$v")

@@ -17,6 +17,7 @@ def case_collectives():
     out = {
         "rank": r, "size": n, "local_rank": comm.local_rank(), "main": comm.is_main_process(),
         "controller": comm.controller(),
+        "env": {k: os.environ.get(k) for k in ("HOROVOD_CYCLE_TIME", "OMPI_MCA_mpi_yield_when_idle")},
         "sum": comm.allreduce(x, op="sum").tolist(),
         "mean": comm.allreduce(x, op="mean").tolist(),
         "max": comm.allreduce(x, op="max").tolist(),
@@ -94,6 +95,9 @@ def test_world_collectives(launcher):
         assert o["after_reset"] == (True, [2.0, 2.0])
         assert o["weight_after_broadcast"] == 0.0
         assert o["controller"] == ("gloo" if launcher == "horovodrun" else "mpi")
+        # hvdet's CPU defaults reached the ranks under every launcher (benchmarks/ddp_baseline.py)
+        assert o["env"] == {"HOROVOD_CYCLE_TIME": "20" if launcher == "horovodrun" else "5",
+                            "OMPI_MCA_mpi_yield_when_idle": "1"}
     assert [o["main"] for o in res] == [True, False]
     assert res[0]["gathered"] is None
     assert [(g["rank"], len(g["pad"])) for g in res[1]["gathered"]] == [(0, 0), (1, 100_000)]
@@ -139,6 +143,24 @@ def test_single_process_without_launcher():
             "print(comm.rank(), comm.size(), comm.allreduce(torch.ones(2), 'mean').tolist(), g.size)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[0] == "0 1 [1.0, 1.0] 1"
+
+
+def test_horovod_defaults_follow_the_controller_and_the_device():
+    from hvdet.comm.world import horovod_defaults
+
+    gloo = {"HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_CONTROLLER": "gloo"}
+    assert horovod_defaults(gloo, cuda=False) == {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}
+    assert horovod_defaults({"HOROVOD_CONTROLLER": "gloo"}, cuda=False)["HOROVOD_CYCLE_TIME"] == "20"
+    for mpi in ({}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"HOROVOD_CONTROLLER": "mpi"}):
+        assert horovod_defaults(mpi, cuda=False) == {"HOROVOD_CYCLE_TIME": "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
+    assert horovod_defaults(gloo, cuda=True) == {"HOROVOD_CYCLE_TIME": "5"}  # NCCL hosts: no MPI yield
+
+
+def test_a_users_horovod_setting_wins():
+    code = ("import os; os.environ['HOROVOD_CYCLE_TIME'] = '7'; from hvdet import comm; comm.init();"
+            "print(os.environ['HOROVOD_CYCLE_TIME'], os.environ.get('OMPI_MCA_mpi_yield_when_idle'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "7 1"
 
 
 def test_group_size_must_divide_world():
