@@ -294,10 +294,47 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. The demo end to end: train.py on this GPU, synchronous against background evaluation
+# ---------------------------------------------------------------------------------------------
+
+def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
+    """``train.py`` with the demo recipe (CGBN as a group of one, Triton PMD-LAMB, AMP fp16,
+    channels-last) as one process on this GPU, to box AP 0.5, with ``eval.mode`` sync and
+    background alternating (hvdet.background_eval's evaluator shares the GPU)."""
+    import tempfile
+
+    from hvdet.data.synthetic import make_synthetic_coco
+
+    tmp = Path(tempfile.mkdtemp(prefix="hvdet-gpu-demo-"))
+    make_synthetic_coco(tmp / "data", num_train=1024, num_val=128, image_size=128, seed=0)
+    runs = {"sync": [], "background": []}
+    for _ in range(rounds):
+        for mode, done in runs.items():
+            out = tmp / f"{mode}{len(done)}"
+            cmd = [sys.executable, "train.py", "--config", "configs/synthetic_demo.yaml", f"data.root={tmp / 'data'}",
+                   f"output_dir={out}", f"eval.mode={mode}", "log.progress=false", "log.tensorboard=false"]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"train.py eval.mode={mode} exited {proc.returncode}: {proc.stderr[-1500:]}")
+            summary = json.loads((out / "summary.json").read_text())
+            evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+            done.append({k: summary[k] for k in ("time_to_target_s", "iterations", "images_per_s", "train_s",
+                                                       "eval_s", "reached")}
+                              | {"wall_s": time.perf_counter() - start,
+                                 "ap": {r["iteration"]: round(r["bbox"]["AP"], 4) for r in evals}})
+            print(f"gpu-check: demo eval.mode={mode}: {done[-1]}", flush=True)
+    med = {m: statistics.median(r["time_to_target_s"] or float("inf") for r in v) for m, v in runs.items()}
+    first = runs["sync"][0]["ap"]  # cuDNN's algorithms may differ run to run: compare sync with sync too
+    return {"runs": runs, "time_to_target_s_median": med, "background / sync": med["background"] / med["sync"],
+            "same_ap_at_same_snapshots": all(first[k] == r["ap"].get(k) for r in runs["background"] for k in first),
+            "sync_runs_agree": all(first[k] == r["ap"].get(k) for r in runs["sync"] for k in first)}
+
 
 def run_pytest() -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
+                           "tests/test_background_eval.py", "-q", "-p", "no:cacheprovider",
                            "-o", "addopts=-ra"], check=False, cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     print("\n".join(tail[-40:]), flush=True)
@@ -346,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     parser.add_argument("--skip-tests", action="store_true", help="measurements only")
+    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="these measurements only")
     args = parser.parse_args(argv)
     info = machine()
     print(f"gpu-check: {json.dumps(info)}", flush=True)
@@ -359,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
-    for name, fn in (("lamb_step", bench_lamb), ("bn_layer", bench_bn_layer), ("backbone_step", bench_backbone),
-                     ("detector_step", bench_detector)):
+    for name in args.only or MEASUREMENTS:
+        fn = MEASUREMENTS[name]
         start = time.perf_counter()
         try:
             result[name] = fn()
@@ -400,15 +438,23 @@ def print_table(r: dict) -> None:
                     rows.append((f"{section} {setting} device-time cgbn_triton / cudnn",
                                  str(v["device_time_ratio cgbn_triton / cudnn"])))
                 rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
+    demo = r.get("demo", {})
+    if "runs" in demo:
+        rows += [(f"demo time to AP 0.5, eval {k}", f"{v:.1f} s (median)") for k, v in demo["time_to_target_s_median"].items()]
+        same = demo["same_ap_at_same_snapshots"]
+        rows.append(("demo background / sync", f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
     det = r.get("detector_step", {})
     if "images_per_s" in det:
         rows += [(f"detector images/s {k}", f"{v:.1f}") for k, v in det["images_per_s"].items()]
-    for section in ("lamb_step", "bn_layer", "backbone_step", "detector_step"):
+    for section in MEASUREMENTS:
         if "error" in r.get(section, {}):
             rows.append((f"{section} FAILED", r[section]["error"][:200]))
     width = max(len(a) for a, _ in rows)
     print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
 
+
+MEASUREMENTS = {"lamb_step": bench_lamb, "bn_layer": bench_bn_layer, "backbone_step": bench_backbone,
+                "detector_step": bench_detector, "demo": bench_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

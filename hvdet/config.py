@@ -110,6 +110,7 @@ class EvalConfig:
     interval: int = 0                         # iterations between evaluations; 0: only at the end
     start: int = 0                            # no periodic evaluation before this iteration
     at_end: bool = True
+    mode: str = "sync"                        # sync (training waits) | background (hvdet.background_eval)
     images_per_gpu: int = 2
     num_workers: int = 0
     iou_types: list[str] = field(default_factory=lambda: ["bbox"])
@@ -179,6 +180,7 @@ CHOICES = {
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
     "target_metric": ("AP", "AP50", "AP75"),
     "log.mlperf_division": ("open", "closed"),
+    "eval.mode": ("sync", "background"),
 }
 TARGET_KEYS = ("bbox", "segm")
 
@@ -259,6 +261,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if cfg.agvm.enabled:
             raise ConfigError(f"{source}: elastic.enabled with agvm.enabled is not supported (AGVM's half-world "
                               "groups are fixed when it is built)")
+        if cfg.eval.mode == "background":
+            raise ConfigError(f"{source}: elastic.enabled with eval.mode=background is not supported (the "
+                              "evaluators are per rank; use eval.mode=sync)")
         if cfg.checkpoint.on_world_size_change != "rescale":
             raise ConfigError(f"{source}: elastic.enabled needs checkpoint.on_world_size_change=rescale (the world "
                               "changes while the run goes on)")

@@ -6,11 +6,11 @@
 at the lr :func:`hvdet.plan.lr_at` gives (a pure function of the iteration, so resuming needs only
 the iteration); this module decides when to log, evaluate, checkpoint and stop. Time-to-accuracy is
 wall-clock from the start of training (after set-up, MLPerf's run_start) to the end of the first
-evaluation that meets ``target``, evaluations included.
+evaluation that meets ``target``, evaluations included; with ``eval.mode: background`` a result
+counts at its snapshot's time plus its evaluation time (:mod:`hvdet.evaluate_run`).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hvdet import checkpoint, comm, mlperf
-from hvdet.atomic import atomic_write
-from hvdet.builders import build_dataset, build_model, build_run
+from hvdet import checkpoint, comm, evaluate_run, mlperf
+from hvdet.builders import build_run
 from hvdet.comm.watchdog import Watchdog
 from hvdet.config import Config
+from hvdet.evaluate_run import evaluate_checkpoint
 from hvdet.plan import lr_at
 from hvdet.preempt import StopRequest
 from hvdet.run import Run
@@ -96,6 +96,16 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
 
 def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
+    if cfg.eval.mode == "background" and run.evaluator is None:
+        from hvdet.background_eval import BackgroundEvaluator
+
+        run.evaluator = BackgroundEvaluator(cfg, comm.rank(), comm.size())
+        try:
+            run.evaluator.wait_ready(comm.timeout_s(), watchdog.beat)  # set-up, before the clock starts
+        except BaseException:
+            run.evaluator.close()
+            run.evaluator = None
+            raise
     clock.start = time.perf_counter()
     if not log.started:  # once per run, also when an elastic world change calls the loop again
         log.started = True
@@ -137,12 +147,15 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
                 bar.close()
                 return finish(run, iteration, stop="preempted", failure=f"stopped by {stop.name()} after iteration "
                               f"{iteration}; continue with --resume {cfg.output_dir}")
-            if cfg.eval.interval and iteration % cfg.eval.interval == 0 and iteration >= cfg.eval.start:
-                _evaluate_or_stop(run, bar, checkpointed, beat)
+            due = cfg.eval.interval and iteration % cfg.eval.interval == 0 and iteration >= cfg.eval.start
+            if due or (run.evaluator is not None and run.evaluator.busy):
+                _evaluate_or_stop(run, bar, checkpointed, lambda due=due: _evaluate_now(run, due, beat))
                 if clock.reached and not last:  # metrics broadcast from rank 0: every rank leaves together
                     save_checkpoint(run)
-        if cfg.eval.at_end and clock.evaluated_at != run.iteration and not clock.reached:
-            _evaluate_or_stop(run, bar, True, beat)  # also a resumed run whose final evaluation failed
+        final = cfg.eval.at_end and clock.evaluated_at != run.iteration  # also a resumed run whose final one failed
+        if not clock.reached and (final or (run.evaluator is not None and run.evaluator.busy)):
+            submit = final and run.iteration != submitted_at(run)
+            _evaluate_or_stop(run, bar, True, lambda: _evaluate_now(run, submit, beat, wait=True))
     except DivergenceError as err:
         bar.close()
         finish(run, run.iteration, stop="diverged", failure=str(err))
@@ -150,8 +163,31 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     except BaseException:
         bar.close()
         raise
+    finally:
+        if run.evaluator is not None:  # outstanding background evaluations end with the run
+            run.evaluator.close()
+            run.evaluator = None
     bar.close()
     return finish(run, run.iteration, stop="target" if clock.reached else "max_iters")
+
+
+def _evaluate_now(run: Run, due: bool, beat, wait: bool = False) -> None:
+    """eval.mode sync: evaluate at a due iteration. background: submit the snapshot when due, take
+    in the results that arrived, and with ``wait`` (the end of training) all outstanding ones."""
+    if run.evaluator is None:
+        evaluate_run.evaluate_and_log(run, run.iteration, beat)
+        return
+    if due:
+        evaluate_run.submit(run, run.iteration)
+    if wait:
+        evaluate_run.drain(run, beat)
+    else:
+        evaluate_run.poll(run)
+
+
+def submitted_at(run: Run) -> int | None:
+    """The iteration of the latest background snapshot (None in sync mode or before any)."""
+    return run.evaluator.last_submitted if run.evaluator is not None else None
 
 
 def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequest) -> dict:
@@ -162,11 +198,11 @@ def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequ
                       agvm=run.agvm, clip_grad_norm=s.clip_grad_norm, timer=timer, stop=stop)
 
 
-def _evaluate_or_stop(run: Run, bar, checkpointed: bool, beat) -> None:
-    """Evaluate; on failure keep the work (a checkpoint unless one was just written), record the
+def _evaluate_or_stop(run: Run, bar, checkpointed: bool, evaluate) -> None:
+    """``evaluate()``; on failure keep the work (a checkpoint unless one was just written), record the
     cause in summary.json and re-raise. Every rank raises alike (hvdet.evaluation tells them)."""
     try:
-        evaluate_and_log(run, run.iteration, beat)
+        evaluate()
     except Exception as err:
         if comm.is_peer_loss(err):  # not the evaluation's fault: elastic recovery or the launcher ends it
             raise
@@ -210,30 +246,6 @@ def log_train(run: Run, timer: StepTimer, window: Window, lr: float) -> dict:
     return record
 
 
-def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
-    clock, log = run.clock, run.logger
-    mlperf.block_stop(log, clock.images, run.loader.epoch)
-    when = {"iteration": iteration, MLLOG.EPOCH_NUM: run.loader.epoch, MLLOG.SAMPLES_COUNT: clock.images}
-    log.mllog(MLLOG.EVAL_START, metadata=when)
-    metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg, beat)
-    clock.eval_s += eval_s
-    clock.evaluations += 1
-    clock.evaluated_at = iteration
-    key = run.cfg.target_metric
-    for kind, values in metrics.items():
-        clock.best[kind] = max(clock.best.get(kind, -1.0), values[key])
-    if not clock.reached and target_met(run.cfg.target, metrics, key):
-        clock.reached, clock.time_to_target_s = True, clock.elapsed_s()
-    log.log_eval({"iteration": iteration, "epoch": run.loader.epoch, "elapsed_s": clock.elapsed_s(),
-                  "eval_s": eval_s, **metrics})
-    log.mllog(MLLOG.EVAL_ACCURACY, metrics.get("bbox", {}).get(key),
-              metadata={**when, **{f"{k}_{key}": v[key] for k, v in metrics.items()}})
-    log.mllog(MLLOG.EVAL_STOP, metadata=when)
-    if not clock.reached and iteration < run.plan.max_iters:  # training goes on: the next block
-        mlperf.block_start(log, clock.images, run.loader.epoch)
-    return metrics
-
-
 def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> dict:
     """summary.json, MLPerf's run_stop and, on rank 0, the report's table and plots."""
     clock, plan, cfg = run.clock, run.plan, run.cfg
@@ -260,40 +272,3 @@ def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> 
             print(f"warning: plots for {cfg.output_dir} failed ({type(err).__name__}: {err}); "
                   f"retry with: python -m hvdet.report {cfg.output_dir}", flush=True)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-def run_evaluation(model, dataset, cfg: Config, beat=None) -> tuple[dict, float]:
-    """COCO metrics of ``model`` on ``dataset`` (every rank its shard) and the seconds it took."""
-    from hvdet.evaluation import evaluate
-
-    start = time.perf_counter()
-    metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
-                       iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress,
-                       heartbeat=beat)  # eval mode, then restored
-    return metrics, time.perf_counter() - start
-
-
-def target_met(target: dict, metrics: dict, key: str = "AP") -> bool:
-    """Every target reached. The metrics are rank 0's, broadcast: every rank decides the same."""
-    return bool(target) and all(metrics.get(k, {}).get(key, -1.0) >= v for k, v in target.items())
-
-
-def evaluate_checkpoint(cfg: Config, path: str) -> dict:
-    """``--eval-only``: COCO metrics of a checkpoint's model, written to ``output_dir/eval.json``."""
-    comm.init(timeout_s=cfg.comm.timeout_s)
-    val_set = build_dataset(cfg, train=False)
-    # Inference normalizes with the BN running statistics: no cross-GPU group is needed, nor must it
-    # fit the number of ranks evaluating. Plain BatchNorm2d has the same state_dict keys.
-    norm = "local" if cfg.model.norm == "cross_gpu" else cfg.model.norm
-    model = build_model(cfg, val_set.num_classes, comm.size(), norm=norm)
-    path = checkpoint.resolve(path)  # a run directory means its newest checkpoint
-    model.load_state_dict(checkpoint.model_state(path))
-    metrics, eval_s = run_evaluation(model, val_set, cfg)
-    record = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s, **metrics}
-    if comm.is_main_process():
-        atomic_write(Path(cfg.output_dir) / "eval.json", lambda f: f.write(json.dumps(record, indent=2) + "\n"))
-    return record

@@ -40,32 +40,23 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     if unknown:
         raise ValueError(f"iou_types must be among {sorted(IOU_TYPES)}, got {sorted(unknown)}")
     _check_segm_ground_truth(dataset.coco, iou_types)  # on every rank, before any collective
-    loader = build_eval_loader(dataset, images_per_gpu, comm.rank(), comm.size(), num_workers)
-    was_training = model.training
-    model.eval()
     failure = None
     try:
-        image_ids, detections = _infer(model, loader, dataset, "segm" in iou_types, progress, heartbeat)
+        image_ids, detections = detect_shard(model, dataset, comm.rank(), comm.size(), images_per_gpu=images_per_gpu,
+                                             num_workers=num_workers, with_masks="segm" in iou_types,
+                                             progress=progress, heartbeat=heartbeat)
     except Exception as err:  # noqa: BLE001 -- any failure still joins the gather below, so the
         # other ranks fail too instead of waiting in it forever; it is re-raised right after.
         image_ids, detections, failure = [], [], err
-    finally:
-        model.train(was_training)
     # Synchronization point: rank 0 alone receives every rank's detections (COCOeval is single-process
     # and slow) and a failure message from any rank that failed.
     gathered = comm.gather_object((image_ids, detections, failure and f"{type(failure).__name__}: {failure}"))
     metrics, error = None, None
     if comm.is_main_process():
-        errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
-        if errors:
-            error = "evaluation failed on another rank; " + "; ".join(errors)
-        else:
-            try:
-                _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
-                merged = [d for _, dets, _ in gathered for d in dets]
-                metrics = {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
-            except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
-                error = f"scoring the detections on rank 0 failed: {type(err).__name__}: {err}"
+        try:
+            metrics = score(dataset, gathered, iou_types)
+        except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
+            error = str(err)
     # ...and every rank returns them, so any rank can decide "target reached, stop".
     metrics, error = comm.broadcast_object((metrics, error), root_rank=0)
     if failure is not None:
@@ -73,6 +64,40 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     if error:
         raise RuntimeError(error)
     return metrics
+
+
+def detect_shard(model, dataset, rank: int, world_size: int, *, images_per_gpu: int = 2, num_workers: int = 0,
+                 with_masks: bool = False, progress: bool = False, heartbeat=None) -> tuple[list[int], list[dict]]:
+    """``rank``'s shard of ``dataset``: its image ids and COCO detections (no collective; the model is
+    put in eval mode and restored). Background evaluation (hvdet.background_eval) runs this alone.
+
+    The random number generators are left as they were found: a DataLoader draws its base seed from
+    torch's global RNG, which training's RoI sampling also draws from, so an evaluation would
+    otherwise change every later training step, and synchronous and background evaluation (which
+    draws in another process) would train different models."""
+    loader = build_eval_loader(dataset, images_per_gpu, rank, world_size, num_workers)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _infer(model, loader, dataset, with_masks, progress, heartbeat)
+    finally:
+        model.train(was_training)
+
+
+def score(dataset, gathered: list[tuple], iou_types) -> dict:
+    """COCO metrics of every rank's ``(image_ids, detections, error message or None)``; raises
+    RuntimeError naming the ranks that failed, or the scoring's own failure."""
+    errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
+    if errors:
+        raise RuntimeError("evaluation failed on another rank; " + "; ".join(errors))
+    try:
+        _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
+        merged = [d for _, dets, _ in gathered for d in dets]
+        return {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+    except Exception as err:
+        raise RuntimeError(f"scoring the detections on rank 0 failed: {type(err).__name__}: {err}") from err
 
 
 def _check_segm_ground_truth(coco_gt: COCO, iou_types) -> None:

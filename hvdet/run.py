@@ -74,6 +74,7 @@ class Run:
     agvm: AGVM | None = None
     clock: Clock = field(default_factory=Clock)
     iteration: int = 0                    # iterations done (the next step's 0-based index)
+    evaluator: object | None = None       # eval.mode background: hvdet.background_eval.BackgroundEvaluator
 
     def state_dict(self) -> dict:
         """Everything that continues this run (collective: gathers every rank's RNG states)."""

@@ -27,7 +27,8 @@ LAYERS = [
     ("hvdet.nn", "hvdet.optim", "hvdet.data"),
     ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
      "hvdet.preempt", "hvdet.mlperf"),
-    ("hvdet.run", "hvdet.builders", "hvdet.report"),
+    ("hvdet.run", "hvdet.builders", "hvdet.report", "hvdet.background_eval"),
+    ("hvdet.evaluate_run",),
     ("hvdet.engine",),
     ("hvdet.cli", "hvdet"),
 ]

@@ -3,8 +3,8 @@
 The same calls work in three settings:
 
 * one plain process (``python train.py``): Horovod is initialized as a world of size 1 (where
-  Horovod is not installed, a world of one without it: the kernels, CGBN's group path and the GPU
-  check run; Horovod's optimizer wrapper, and with it training, raise HorovodUnavailableError);
+  Horovod is not installed, a world of one without it, training included: the optimizer is not
+  wrapped; a launched job without Horovod raises HorovodUnavailableError);
 * ``horovodrun -np N`` (Gloo or MPI controller) and ``mpirun -np N``;
 * a laptop CPU, where Gloo/MPI carry the tensors, or a DGX node, where NCCL does.
 
@@ -293,8 +293,14 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *,
     """
     if compression not in _COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
-    hvd = _need_horovod("distributed_optimizer (hvdet's training loop)")
-    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
+    if hvd is None and _SINGLE and size() == 1:
+        # One plain process without Horovod (a GPU box that was not set up for it): there is nothing
+        # to average, so the optimizer itself trains; hvdet.step works with either.
+        print(f"hvdet: Horovod is unavailable ({_HOROVOD_ERROR}); training as one process without it",
+              flush=True)
+        return optimizer
+    horovod = _need_horovod("distributed_optimizer (hvdet's training loop)")
+    return horovod.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                     compression=_COMPRESSION[compression],
                                     backward_passes_per_step=backward_passes_per_step, op=OPS[op])
 

@@ -1,0 +1,126 @@
+"""A training run's evaluations: synchronous (training waits) or in the background, one logging path.
+
+``eval.mode: sync`` (:func:`evaluate_and_log`): every rank stops training, infers its shard, rank 0
+scores; the result counts at the wall-clock when it is known (evaluations included in time-to-accuracy).
+
+``eval.mode: background`` (:func:`submit` at an evaluation iteration, :func:`poll` every iteration,
+:func:`drain` at the end; :mod:`hvdet.background_eval`): training goes on; a result counts at its
+snapshot's wall-clock plus its evaluation time (the rule, documented in docs/training.md).
+
+Both log the same eval record (``metrics.jsonl``), MLPerf events and best/target bookkeeping, in
+:func:`record`, so the two modes differ only in when a result arrives and what time it counts at.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hvdet import checkpoint, comm, mlperf
+from hvdet.atomic import atomic_write
+from hvdet.builders import build_dataset, build_model
+from hvdet.config import Config
+from hvdet.run import Run
+from hvdet.runlog import MLLOG
+
+
+def _when(run: Run, iteration: int) -> dict:
+    return {"iteration": iteration, MLLOG.EPOCH_NUM: run.loader.epoch, MLLOG.SAMPLES_COUNT: run.clock.images}
+
+
+def _start(run: Run, iteration: int) -> dict:
+    """MLPerf's block_stop and eval_start at the evaluated iteration; returns the snapshot's facts."""
+    mlperf.block_stop(run.logger, run.clock.images, run.loader.epoch)
+    when = _when(run, iteration)
+    run.logger.mllog(MLLOG.EVAL_START, metadata=when)
+    return {"when": when, "epoch": run.loader.epoch, "elapsed_s": run.clock.elapsed_s()}
+
+
+def record(run: Run, iteration: int, metrics: dict, eval_s: float, counts_at_s: float, snapshot: dict,
+           extra: dict | None = None) -> None:
+    """Log one evaluation's result, update best and the target. ``counts_at_s``: the training
+    wall-clock this result counts at (time-to-accuracy)."""
+    clock, log, key = run.clock, run.logger, run.cfg.target_metric
+    clock.eval_s += eval_s
+    clock.evaluations += 1
+    clock.evaluated_at = max(clock.evaluated_at, iteration)
+    for kind, values in metrics.items():
+        clock.best[kind] = max(clock.best.get(kind, -1.0), values[key])
+    if not clock.reached and target_met(run.cfg.target, metrics, key):
+        clock.reached, clock.time_to_target_s = True, counts_at_s
+    log.log_eval({"iteration": iteration, "epoch": snapshot["epoch"], "elapsed_s": counts_at_s, "eval_s": eval_s,
+                  **(extra or {}), **metrics})
+    when = snapshot["when"]
+    log.mllog(MLLOG.EVAL_ACCURACY, metrics.get("bbox", {}).get(key),
+              metadata={**when, **{f"{k}_{key}": v[key] for k, v in metrics.items()}})
+    log.mllog(MLLOG.EVAL_STOP, metadata=when)
+
+
+def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
+    """The synchronous evaluation of the model now (collective)."""
+    snapshot = _start(run, iteration)
+    metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg, beat)
+    record(run, iteration, metrics, eval_s, run.clock.elapsed_s(), snapshot)
+    if not run.clock.reached and iteration < run.plan.max_iters:  # training goes on: the next block
+        mlperf.block_start(run.logger, run.clock.images, run.loader.epoch)
+    return metrics
+
+
+def submit(run: Run, iteration: int) -> None:
+    """Hand the model at ``iteration`` to this rank's evaluator; training goes on at once."""
+    snapshot = _start(run, iteration)
+    run.evaluator.submit(iteration, run.model, snapshot)
+    if iteration < run.plan.max_iters:
+        mlperf.block_start(run.logger, run.clock.images, run.loader.epoch)
+
+
+def poll(run: Run) -> None:
+    """Log the background results the ranks agree have arrived (collective, every iteration while busy)."""
+    for result in run.evaluator.poll():
+        _record_background(run, result)
+
+
+def drain(run: Run, beat=None) -> None:
+    """Wait for every outstanding background result (collective): at the end of training."""
+    for result in run.evaluator.drain(beat):
+        _record_background(run, result)
+
+
+def _record_background(run: Run, result) -> None:
+    snap = result.snapshot
+    record(run, result.iteration, result.metrics, result.eval_s, snap["elapsed_s"] + result.eval_s, snap,
+           extra={"mode": "background", "snapshot_elapsed_s": snap["elapsed_s"],
+                  "known_elapsed_s": run.clock.elapsed_s()})
+
+
+def run_evaluation(model, dataset, cfg: Config, beat=None) -> tuple[dict, float]:
+    """COCO metrics of ``model`` on ``dataset`` (every rank its shard) and the seconds it took."""
+    from hvdet.evaluation import evaluate
+
+    start = time.perf_counter()
+    metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
+                       iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress,
+                       heartbeat=beat)  # eval mode, then restored
+    return metrics, time.perf_counter() - start
+
+
+def target_met(target: dict, metrics: dict, key: str = "AP") -> bool:
+    """Every target reached. The metrics are rank 0's, broadcast: every rank decides the same."""
+    return bool(target) and all(metrics.get(k, {}).get(key, -1.0) >= v for k, v in target.items())
+
+
+def evaluate_checkpoint(cfg: Config, path: str) -> dict:
+    """``--eval-only``: COCO metrics of a checkpoint's model, written to ``output_dir/eval.json``."""
+    comm.init(timeout_s=cfg.comm.timeout_s)
+    val_set = build_dataset(cfg, train=False)
+    # Inference normalizes with the BN running statistics: no cross-GPU group is needed, nor must it
+    # fit the number of ranks evaluating. Plain BatchNorm2d has the same state_dict keys.
+    norm = "local" if cfg.model.norm == "cross_gpu" else cfg.model.norm
+    model = build_model(cfg, val_set.num_classes, comm.size(), norm=norm)
+    path = checkpoint.resolve(path)  # a run directory means its newest checkpoint
+    model.load_state_dict(checkpoint.model_state(path))
+    metrics, eval_s = run_evaluation(model, val_set, cfg)
+    result = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s, **metrics}
+    if comm.is_main_process():
+        atomic_write(Path(cfg.output_dir) / "eval.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"))
+    return result

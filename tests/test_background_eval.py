@@ -1,0 +1,106 @@
+"""eval.mode background (hvdet.background_eval): the same AP at the same snapshots as synchronous
+evaluation, the time-to-accuracy rule, stopping at the first result that meets the target, and a
+failing evaluation reported on every rank. 2 ranks, tiny synthetic data, train.py as a user runs it."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvdet.config import ConfigError, load_config
+from tests.harness import LaunchError
+from tests.test_train import RECIPE, data, tiny_overrides, train_py  # noqa: F401 - data is a fixture
+
+
+def _evals(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+
+
+def _run(paths, out, mode, *extra, launcher="horovodrun"):
+    args = [*tiny_overrides(paths, out, iterations=6), "eval.interval=2", "eval.start=2", f"eval.mode={mode}",
+            "checkpoint.interval=0", *extra]
+    train_py(args, np=2, launcher=launcher)
+    return _evals(out), json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_background_gives_the_same_ap_at_the_same_snapshots(data, tmp_path, launcher):  # noqa: F811
+    sync, _ = _run(data, tmp_path / "sync", "sync", launcher=launcher)
+    background, summary = _run(data, tmp_path / "bg", "background", launcher=launcher)
+    assert [r["iteration"] for r in sync] == [2, 4, 6]
+    assert [r["iteration"] for r in background] == [2, 4, 6]  # all results drained at the end
+    for s, b in zip(sync, background, strict=True):
+        assert b["bbox"] == s["bbox"], (s["iteration"], s["bbox"], b["bbox"])  # bit-identical weights, same shards
+        # The rule: a result counts at its snapshot's wall-clock plus its evaluation time.
+        assert b["mode"] == "background" and b["elapsed_s"] == pytest.approx(b["snapshot_elapsed_s"] + b["eval_s"])
+        assert b["known_elapsed_s"] >= b["snapshot_elapsed_s"]
+    assert summary["evaluations"] == 3 and summary["stop"] == "max_iters" and summary["iterations"] == 6
+
+
+def test_background_stops_at_the_first_result_that_meets_the_target(data, tmp_path):  # noqa: F811
+    evals, summary = _run(data, tmp_path, "background", "target={bbox: 0.000001}", "solver.max_iters=40")
+    hit = next(r for r in evals if r["bbox"]["AP"] >= 0.000001)  # any AP above zero, in a few iterations
+    assert summary["stop"] == "target" and summary["reached"] and evals[-1] is hit
+    assert summary["time_to_target_s"] == pytest.approx(hit["snapshot_elapsed_s"] + hit["eval_s"])
+    # Training went on while the snapshot was evaluated, and stopped once the result was known.
+    assert hit["iteration"] <= summary["iterations"] < 40
+    assert (tmp_path / "checkpoints" / f"iter_{summary['iterations']:07d}.pt").is_file()
+
+
+def test_a_failing_background_evaluation_stops_every_rank_and_says_why(data, tmp_path):  # noqa: F811
+    source, root = Path(data["train_ann"]).parent.parent, tmp_path / "data"
+    shutil.copytree(source, root)
+    copy = {key: str(root / Path(path).relative_to(source)) for key, path in data.items()}
+    image = min(Path(copy["val_images"]).glob("*"))
+    image.write_bytes(image.read_bytes()[:50])
+    with pytest.raises(LaunchError) as info:
+        _run(copy, tmp_path / "run", "background")
+    assert image.name in str(info.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop"] == "eval_failed"
+    assert "background evaluation of iteration 2 failed" in summary["failure"] and image.name in summary["failure"]
+
+
+def _same_metrics_in_the_evaluator_process(paths, tmp_path):
+    """One process (a world of one): the evaluator process's metrics of a snapshot equal
+    hvdet.evaluation.evaluate's on the same model, with every box kept (score threshold 0), so
+    that there are many detections to disagree about."""
+    from hvdet import comm
+    from hvdet.background_eval import BackgroundEvaluator
+    from hvdet.builders import build_dataset, build_model
+    from hvdet.evaluation import evaluate
+
+    cfg = load_config(RECIPE, [*tiny_overrides(paths, tmp_path), "model.norm=local",
+                               "model.overrides={box_score_thresh: 0.0}", "eval.mode=background"])
+    comm.init()
+    torch.manual_seed(0)
+    val = build_dataset(cfg, train=False)
+    model = build_model(cfg, val.num_classes, 1)
+    evaluator = BackgroundEvaluator(cfg, 0, 1)
+    try:
+        evaluator.submit(3, model, {"elapsed_s": 1.0})
+        (result,) = evaluator.drain()
+    finally:
+        evaluator.close()
+    assert not evaluator.proc.is_alive()
+    expected = evaluate(model, val, images_per_gpu=cfg.eval.images_per_gpu, progress=False)
+    assert result.iteration == 3 and result.snapshot == {"elapsed_s": 1.0} and result.eval_s > 0
+    assert result.metrics == expected and expected["bbox"]["AP"] >= 0.0
+
+
+def test_the_evaluator_process_scores_what_evaluate_scores(data, tmp_path):  # noqa: F811
+    _same_metrics_in_the_evaluator_process(data, tmp_path)
+
+
+@pytest.mark.gpu
+def test_the_evaluator_process_scores_what_evaluate_scores_on_cuda(data, tmp_path):  # noqa: F811
+    """The evaluator is a spawned process with its own CUDA context on the rank's GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _same_metrics_in_the_evaluator_process(data, tmp_path)
+
+
+def test_background_evaluation_is_not_for_elastic_runs(tmp_path):
+    with pytest.raises(ConfigError, match="eval.mode=background"):
+        load_config(RECIPE, ["elastic.enabled=true", "eval.mode=background"])
