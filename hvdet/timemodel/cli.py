@@ -22,6 +22,7 @@ from hvdet.timemodel.presets import (
     CPU_HOROVOD,
     DEFAULT_IMAGES,
     GPU_SYSTEMS,
+    HVDET_HOROVOD,
     MODELS,
     REFERENCE_SOURCE,
     REFERENCE_STEPS,
@@ -57,7 +58,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--bn-stats", choices=("auto", *BN_COLLECTIVES), default="auto",
                    help="auto: chan on GPUs (2 collectives a layer), two_pass on cpu-vm (3)")
     p.add_argument("--fusion-mb", type=float, default=128.0, help="HOROVOD_FUSION_THRESHOLD in MiB")
-    p.add_argument("--cycle-ms", type=float, help="HOROVOD_CYCLE_TIME (default 1; 20 on cpu-vm, as hvdet sets)")
+    p.add_argument("--cycle-ms", type=float, help="HOROVOD_CYCLE_TIME (default 5, as hvdet sets; 20 for a CPU host under horovodrun --gloo)")
     p.add_argument("--algorithm", choices=("best", *ALGORITHMS), default="best")
     p.add_argument("--images", type=float, default=DEFAULT_IMAGES,
                    help=f"training images to the target (default {DEFAULT_IMAGES:,}: 90k iterations x 16)")
@@ -86,7 +87,7 @@ def _system(name: str, a) -> System:
 
 
 def _horovod(system: System, a) -> Horovod:
-    cycle = a.cycle_ms * 1e-3 if a.cycle_ms else (CPU_HOROVOD.cycle_s if system.name == "cpu-vm" else 1e-3)
+    cycle = a.cycle_ms * 1e-3 if a.cycle_ms else (CPU_HOROVOD if system.name == "cpu-vm" else HVDET_HOROVOD).cycle_s
     return Horovod(fusion_bytes=a.fusion_mb * 2**20, cycle_s=cycle, algorithm=a.algorithm)
 
 

@@ -12,13 +12,16 @@ base latency 8.4 us (ring, Simple) / 6.6 us (LL); per hop 3.4 us over NVLink, 5.
 | dgx-2 | 16 V100 | NVLink 2 via NVSwitch, 6 x 25 = 150 GB/s | 8 x 100 Gb/s EDR IB = 100 GB/s | DGX-2 datasheet |
 | dgx-a100 | 8 A100 | NVLink 3, 12 x 25 = 300 GB/s | 8 x 200 Gb/s HDR IB = 200 GB/s | DGX A100 datasheet |
 | dgx-h100 | 8 H100 | NVLink 4, 18 x 25 = 450 GB/s | 8 x 400 Gb/s NDR IB = 400 GB/s | DGX H100 datasheet |
-| cpu-vm | 2 ranks | Gloo over loopback TCP: 1 GB/s (assumed), 0.6 ms a hop | none (one VM) | docs/cross_gpu_bn.md |
+| cpu-vm | 2 ranks | Gloo over loopback TCP: 1 GB/s (Horovod timeline: 0.95), 0.6 ms a hop | none (one VM) | docs/cross_gpu_bn.md, docs/training.md |
 
 cpu-vm, this project's 2-core development VM: a 2-rank Gloo allreduce of 2-4 KB took 0.85-1.66 ms
 (docs/cross_gpu_bn.md, "Collective backends"): 1.2 ms = 2 hops of 0.6 ms. CGBN's shared-memory
-allreduce of 257 doubles took 14 us (the same page's table). The Gloo bandwidth is not measured yet:
-1 GB/s is an assumption, to be replaced by the 2-rank measurement of benchmarks/ddp_baseline.py.
-hvdet sets ``HOROVOD_CYCLE_TIME=20`` (ms) on CPU hosts (``CPU_HOROVOD``).
+allreduce of 257 doubles took 14 us (the same page's table). Gloo's bandwidth: Horovod's timeline
+of the demo model (benchmarks/ddp_baseline.py's setting, docs/training.md) shows its 13.6 MB fused
+gradient allreduce over 2 ranks in 14.3 ms, b / t = 0.95 GB/s (for N = 2 a ring moves b each way).
+hvdet's Horovod cycle (hvdet.comm.world.horovod_defaults): 5 ms on GPU hosts and on CPU hosts
+under the MPI controller (horovodrun's default, the demo's), 20 ms over Gloo (``HVDET_HOROVOD``,
+``CPU_HOROVOD``).
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ SYSTEMS = {
                             "(docs/cross_gpu_bn.md); Gloo bandwidth 1 GB/s assumed"),
 }
 GPU_SYSTEMS = ("dgx-2", "dgx-a100", "dgx-h100")
-CPU_HOROVOD = Horovod(cycle_s=20e-3)  # hvdet.comm.init() on hosts without CUDA
+HVDET_HOROVOD = Horovod(cycle_s=5e-3)  # hvdet.comm.init(): GPU hosts, and CPU hosts with the MPI controller
+CPU_HOROVOD = Horovod(cycle_s=5e-3)  # the same on the demo's CPU host (MPI controller); 20 ms under --gloo
 HOROVOD_2018 = Horovod(fusion_bytes=64 * 2**20, cycle_s=5e-3)  # defaults before Horovod 0.21 (its #2468)
 
 
