@@ -140,6 +140,7 @@ class ElasticConfig:
 class LogConfig:
     interval: int = 20                        # iterations per metrics.jsonl train record
     progress: bool = True                     # tqdm bar on rank 0
+    diagnostics: bool = True                  # trust ratios per module (+ AGVM's variances) in train records
     tensorboard: bool = True                  # TensorBoard events beside metrics.jsonl (when it is installed)
     mlperf_org: str = "hvdet"                 # mllog.txt's submission_org, _platform ("": N x this device),
     mlperf_platform: str = ""                 #   _division (closed | open) and _benchmark (retinanet, ...; "":

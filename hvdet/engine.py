@@ -11,6 +11,7 @@ counts at its snapshot's time plus its evaluation time (:mod:`hvdet.evaluate_run
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,26 @@ def log_train(run: Run, timer: StepTimer, window: Window, lr: float) -> dict:
     record = {"iteration": run.iteration, "epoch": run.loader.epoch, "elapsed_s": run.clock.elapsed_s(), "lr": lr,
               "loss": sum(losses.values()), "losses": losses,
               "images_per_s": run.plan.global_batch * n / max(window.train_s, 1e-9), **phases}
+    if run.cfg.log.diagnostics:
+        record.update(diagnostics(run))
     run.logger.log_train(record)
     return record
+
+
+def diagnostics(run: Run) -> dict:
+    """What LargeDet's Fig. 3 and AGVM plot, for the train record: per module, the min / median / max
+    over its tensors of the trust ratio ||w|| / ||g|| (the last step's averaged gradients, the weights
+    after it; tensors whose gradient is zero are left out), and with AGVM its latest per-module
+    gradient variances (from its last due iteration) and lr scales. Local: gradients and weights are
+    the same on every rank."""
+    from hvdet.optim import summarize_by_module, trust_ratios
+
+    ratios = {name: r for name, r in trust_ratios(run.model).items() if math.isfinite(r)}
+    out = {"trust_ratio": summarize_by_module(ratios)} if ratios else {}
+    if run.agvm is not None and run.agvm.last_variances:
+        out["agvm_variance"] = dict(run.agvm.last_variances)
+        out["agvm_lr_scale"] = dict(run.agvm.scales)
+    return out
 
 
 def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> dict:

@@ -141,7 +141,8 @@ def _series(records: list[dict], key: str, x: str = "iteration") -> tuple[list, 
 
 
 def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
-    """Write map_vs_time.png, loss_lr.png and throughput.png; returns the paths written."""
+    """Write map_vs_time.png, loss_lr.png, throughput.png and, when the records have them,
+    diagnostics.png (trust ratios, AGVM's variances); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
@@ -150,8 +151,10 @@ def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or run.run_dir / "plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in (("map_vs_time.png", _plot_map), ("loss_lr.png", _plot_loss_lr),
-                       ("throughput.png", _plot_throughput)):
+    plots = [("map_vs_time.png", _plot_map), ("loss_lr.png", _plot_loss_lr), ("throughput.png", _plot_throughput)]
+    if any("trust_ratio" in r for r in run.train):  # log.diagnostics
+        plots.append(("diagnostics.png", _plot_diagnostics))
+    for name, draw in plots:
         fig = draw(run, plt)
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -220,6 +223,33 @@ def _plot_throughput(run: Run, plt):
     ax_ips.set_ylim(bottom=0)
     ax_ph.set(xlabel="iteration", ylabel="s per iteration (mean)")
     ax_ph.grid(alpha=0.3)
+    return fig
+
+
+def _plot_diagnostics(run: Run, plt):
+    """LargeDet Fig. 3's trust ratios ||w|| / ||g|| per module (median, min-max band) and, with AGVM,
+    its per-module gradient variances: how far apart the modules' effective step sizes are."""
+    fig, (ax_tr, ax_var) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for ax, key, label in ((ax_tr, "trust_ratio", "trust ratio ||w|| / ||g||"),
+                           (ax_var, "agvm_variance", "AGVM gradient variance")):
+        modules = sorted({m for r in run.train for m in (r.get(key) or {})})
+        for m in modules:
+            rows = [(r["iteration"], r[key][m]) for r in run.train if m in (r.get(key) or {})]
+            iters = [i for i, _ in rows]
+            if key == "trust_ratio":
+                ax.plot(iters, [v["median"] for _, v in rows], lw=1.2, label=m)
+                ax.fill_between(iters, [v["min"] for _, v in rows], [v["max"] for _, v in rows], alpha=0.15)
+            else:
+                ax.plot(iters, [v for _, v in rows], "o-", ms=3, lw=1.2, label=m)
+        if modules:
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, ncol=3)
+        else:
+            ax.text(0.5, 0.5, "not logged (AGVM off)", ha="center", va="center", transform=ax.transAxes)
+        ax.set(ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+    ax_tr.set_title(_title(run, "per-module trust ratios and gradient variances"))
+    ax_var.set_xlabel("iteration")
     return fig
 
 

@@ -38,7 +38,8 @@ __all__ = ["MLLOG", "RunLogger", "StepTimer", "read_jsonl"]
 
 METRICS_FILE, MLLOG_FILE, SUMMARY_FILE = "metrics.jsonl", "mllog.txt", "summary.json"
 TRAIN_KEYS = ("iteration", "epoch", "elapsed_s", "lr", "loss", "losses", "images_per_s",
-              "data_s", "forward_s", "backward_allreduce_s", "optimizer_s", "max_data_s")
+              "data_s", "forward_s", "backward_allreduce_s", "optimizer_s", "max_data_s",
+              "trust_ratio", "agvm_variance", "agvm_lr_scale")  # the last three with log.diagnostics
 EVAL_KEYS = ("iteration", "epoch", "elapsed_s", "eval_s", "bbox", "segm")
 SUMMARY_KEYS = ("target", "reached", "time_to_target_s", "best", "world_size", "global_batch_size",
                 "images_per_s", "train_s", "eval_s", "iterations")

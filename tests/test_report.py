@@ -15,8 +15,9 @@ from tests.harness import ROOT, rank_env, run_ranks
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_fake_run(out_dir, iterations=60, evals=(20, 40, 60), target=0.4, finished=True):
-    """A run as train.py writes it: AP rises 0.2 -> 0.6, the target is met at the 2nd evaluation."""
+def write_fake_run(out_dir, iterations=60, evals=(20, 40, 60), target=0.4, finished=True, diagnostics=False):
+    """A run as train.py writes it: AP rises 0.2 -> 0.6, the target is met at the 2nd evaluation;
+    with ``diagnostics``, log.diagnostics' trust ratios and AGVM variances in the train records."""
     with RunLogger(out_dir, enabled=True) as log:
         log.mllog(MLLOG.RUN_START)
         log.mllog(MLLOG.GLOBAL_BATCH_SIZE, 8)
@@ -27,7 +28,8 @@ def write_fake_run(out_dir, iterations=60, evals=(20, 40, 60), target=0.4, finis
                 log.log_train({"iteration": it, "epoch": it // 20, "elapsed_s": 1.5 * it, "lr": 0.02 * min(1, it / 10),
                                "loss": torch.tensor(loss), "losses": losses,
                                "images_per_s": 5.0 + it / 60, "data_s": 0.1, "forward_s": 0.5,
-                               "backward_allreduce_s": 0.8, "optimizer_s": 0.1, "max_data_s": 0.15})
+                               "backward_allreduce_s": 0.8, "optimizer_s": 0.1, "max_data_s": 0.15,
+                               **(_fake_diagnostics(it) if diagnostics else {})})
             if it in evals:
                 ap = 0.2 * (1 + evals.index(it))
                 log.log_eval({"iteration": it, "epoch": it // 20, "elapsed_s": 1.5 * it + 3, "eval_s": 3.0,
@@ -38,6 +40,13 @@ def write_fake_run(out_dir, iterations=60, evals=(20, 40, 60), target=0.4, finis
             log.write_summary({"target": {"bbox": target}, "reached": True, "time_to_target_s": 63.0,
                                "best": {"bbox": 0.6}, "world_size": 2, "global_batch_size": 8, "images_per_s": 5.5,
                                "train_s": 90.0, "eval_s": 9.0, "iterations": iterations, "arch": "fasterrcnn"})
+
+
+def _fake_diagnostics(it: int) -> dict:
+    modules = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
+    return {"trust_ratio": {m: {"min": 10.0 * (k + 1), "median": 50.0 * (k + 1) + it, "max": 900.0 * (k + 1)}
+                            for k, m in enumerate(modules)},
+            "agvm_variance": {m: 1e-3 * (k + 1) / it for k, m in enumerate(modules)}}
 
 
 # -- RunLogger ------------------------------------------------------------------------------------
@@ -148,6 +157,18 @@ def test_report_table_and_plots(tmp_path, capsys):
     for name in ("map_vs_time.png", "loss_lr.png", "throughput.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+
+def test_report_plots_trust_ratios_and_agvm_variances_when_logged(tmp_path):
+    write_fake_run(tmp_path / "plain")
+    assert main([str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "plots" / "diagnostics.png").exists()  # nothing logged, no plot
+    write_fake_run(tmp_path / "diag", diagnostics=True)
+    run = load_run(tmp_path / "diag")
+    assert run.train[0]["trust_ratio"]["rpn"]["median"] == 155.0  # 50 x 3 + iteration 5: as written
+    assert main([str(tmp_path / "diag")]) == 0
+    png = (tmp_path / "diag" / "plots" / "diagnostics.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
 def test_report_run_in_progress(tmp_path):

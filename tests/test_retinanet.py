@@ -63,3 +63,6 @@ def test_two_ranks_train_and_evaluate_retinanet_with_cgbn_pmdlamb_and_agvm(data,
     losses = [r["losses"] for r in records if r["type"] == "train"]
     assert set(losses[0]) == {"classification", "bbox_regression"} and all(
         torch.isfinite(torch.tensor(list(x.values()))).all() for x in losses)
+    last = [r for r in records if r["type"] == "train"][-1]  # AGVM's variances and scales, per head module
+    assert {"head_cls", "head_reg"} <= set(last["agvm_variance"]) and set(last["agvm_lr_scale"]) == set(
+        last["agvm_variance"]) and all(v >= 0 for v in last["agvm_variance"].values())

@@ -66,6 +66,11 @@ def test_two_ranks_write_metrics_summary_mllog_checkpoints_and_plots(run_a):
                           "forward_s", "backward_allreduce_s", "optimizer_s", "max_data_s"}
         assert r["max_data_s"] >= r["data_s"] >= 0 and r["images_per_s"] > 0
         assert set(r["losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+        # log.diagnostics (on by default): LargeDet Fig. 3's trust ratios, per module
+        assert {"backbone.body", "rpn", "roi_heads"} <= set(r["trust_ratio"])
+        assert all(0 < v["min"] <= v["median"] <= v["max"] < float("inf") for v in r["trust_ratio"].values())
+        assert "agvm_variance" not in r  # AGVM off
+    assert (out / "plots" / "diagnostics.png").is_file()
     assert set(evals[0]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 4 and summary["iterations"] == 4
