@@ -73,7 +73,8 @@ def measure(setting: str, iters: int, skip: int, data_root: str, extra: list[str
         proc = subprocess.run(command(setting, overrides, out), cwd=ROOT, env=env(), capture_output=True, text=True,
                               check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"{setting} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            logs = "".join(f"\n{f}:\n{f.read_text()[-2000:]}" for f in sorted(out.glob("errors/*.log")))
+            raise RuntimeError(f"{setting} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = {r["iteration"]: r for r in records if r.get("type") == "train"}
     window = [r for i, r in train.items() if skip < i <= iters]

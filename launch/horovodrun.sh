@@ -32,7 +32,7 @@ HOROVODRUN=${HOROVODRUN:-$(command -v horovodrun || echo "$(dirname "$0")/../.ve
 # Fail fast instead of waiting on a node that cannot be reached.
 export HOROVOD_START_TIMEOUT=${HOROVOD_START_TIMEOUT:-120}
 # Large models: fuse small gradients into 128 MB allreduce buffers. The cycle time (and, on CPU
-# hosts, MPI's yield) is hvdet.comm's default unless set here (hvdet.comm.world.horovod_defaults).
+# hosts, MPI's yield) is hvdet.comm's default unless set here (hvdet.comm.horovod_env.horovod_defaults).
 export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728}
 # Preemption: horovodrun forwards SIGTERM to every rank and kills them 5 s later; hvdet stops all
 # ranks after the same iteration with a checkpoint (a larger model may need mpirun.sh, which has no

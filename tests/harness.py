@@ -35,6 +35,12 @@ class LaunchError(RuntimeError):
 
 def rank_env(threads: int = 1) -> dict:
     env = dict(os.environ)
+    # hvdet.comm.init() run in this process (in-process tests) chose defaults for it, not for the
+    # ranks launched now: leave them out (the ranks choose theirs), unless a test has changed them.
+    from hvdet.comm.horovod_env import applied_defaults
+    for key, value in applied_defaults().items():
+        if env.get(key) == value:
+            del env[key]
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # N ranks share 2 cores: one thread each, or they fight over them.
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",

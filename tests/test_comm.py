@@ -146,7 +146,7 @@ def test_single_process_without_launcher():
 
 
 def test_horovod_defaults_follow_the_controller_and_the_device():
-    from hvdet.comm.world import horovod_defaults
+    from hvdet.comm.horovod_env import horovod_defaults
 
     gloo = {"HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_CONTROLLER": "gloo"}
     assert horovod_defaults(gloo, cuda=False) == {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}

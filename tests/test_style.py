@@ -24,7 +24,7 @@ LAYERS = [
      "hvdet.exit_codes", "hvdet.timemodel"),
     ("hvdet.comm",),
     ("hvdet.ops",),
-    ("hvdet.nn", "hvdet.optim", "hvdet.data"),
+    ("hvdet.nn", "hvdet.optim", "hvdet.data", "hvdet.data.synthetic_hard"),
     ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
      "hvdet.preempt", "hvdet.mlperf"),
     ("hvdet.run", "hvdet.builders", "hvdet.report", "hvdet.background_eval"),

@@ -18,6 +18,8 @@ import pickle
 
 import torch
 
+from hvdet.comm.horovod_env import apply_defaults
+
 _FIX = ("run `make venv` in the hvdet checkout (or `PYTHON=<your python> launch/build_horovod.sh`), "
         "which builds Horovod 0.28.1 with PyTorch, Gloo and MPI support")
 
@@ -107,8 +109,7 @@ def init(timeout_s: float | None = None) -> None:
         # A plain process: OpenMPI's singleton init refuses to run as root without these.
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    for key, value in horovod_defaults(os.environ, torch.cuda.is_available()).items():
-        os.environ.setdefault(key, value)  # the user's own setting wins
+    apply_defaults(os.environ, torch.cuda.is_available())  # Open MPI's yield, Horovod's cycle
     # Set, not defaulted: horovodrun always exports its own --gloo-timeout-seconds (30 s), which would
     # kill a job whose rank 0 scores COCO for longer; one policy, from the recipe.
     os.environ["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
@@ -119,34 +120,6 @@ def init(timeout_s: float | None = None) -> None:
     hvd.init(**({} if elastic_launch() else {"process_sets": "dynamic"}))
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
-
-
-def _gloo_controller(env) -> bool:
-    """Horovod will coordinate over Gloo: horovodrun --gloo (its rendezvous) or HOROVOD_CONTROLLER=gloo."""
-    return "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or env.get("HOROVOD_CONTROLLER") == "gloo"
-
-
-def horovod_defaults(env, cuda: bool) -> dict[str, str]:
-    """Horovod and Open MPI settings that :func:`init` sets where the user has not.
-
-    On a host without CUDA each rank's math thread, Horovod's background thread and MPI's progress
-    share the cores (benchmarks/ddp_baseline.py measured each;
-    docs/training.md "Gradient communication on CPU hosts" has the figures):
-
-    * ``OMPI_MCA_mpi_yield_when_idle=1``: Open MPI spins in every blocking call; with one core per
-      rank, Horovod's background thread spinning in MPI_Allreduce took the core from backward (2-rank
-      throughput 0.71x of a DDP loop under mpirun; with the yield, on par). Read at MPI_Init, which
-      ``hvd.init()`` runs, so setting it here reaches mpirun's ranks too.
-    * ``HOROVOD_CYCLE_TIME``: the background thread negotiates every cycle even with nothing queued,
-      and a gradient waits up to one cycle. Over Gloo an idle cycle costs enough that 20 ms was
-      fastest (1 ms: 0.74x of 20 ms, 5 ms: 0.86x); over MPI with the yield, 5 ms (20 ms: 0.94x).
-
-    GPU hosts have cores to spare and NCCL carries the gradients: only the 5-ms cycle that the launch
-    scripts have always set for large models (fewer, larger fused allreduces than Horovod's 1 ms).
-    """
-    if cuda:
-        return {"HOROVOD_CYCLE_TIME": "5"}
-    return {"HOROVOD_CYCLE_TIME": "20" if _gloo_controller(env) else "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 def peer_lost(message: str) -> Exception:

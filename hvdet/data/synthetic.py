@@ -2,11 +2,14 @@
 
     paths = make_synthetic_coco("data/synthetic", num_train=512, num_val=128, image_size=128, seed=0)
     python -m hvdet.data.synthetic data/synthetic --train 512 --val 128 --size 128 --seed 0
+    python -m hvdet.data.synthetic data/synthetic_hard --preset hard     # the batch-size study's images
 
 Writes ``OUT/train/*.png``, ``OUT/val/*.png`` and ``OUT/annotations/instances_{train,val}.json``
 (the COCO 2017 layout), so everything downstream reads it exactly like COCO.
 
-It is built to be *learnable in minutes on a CPU* (the demo's goal is box AP@[.5:.95] >= 0.5):
+Two presets. ``hard`` (:mod:`hvdet.data.synthetic_hard`: 10 classes, small and overlapping objects,
+clutter, texture) is made for the batch-size study. ``shapes``, the default, is built to be
+*learnable in minutes on a CPU* (the demo's goal is box AP@[.5:.95] >= 0.5):
 
 * three classes, each a shape with its own colour family (red circles, green squares, blue
   triangles), so shape and colour both separate them; the background is low-saturation grey;
@@ -29,6 +32,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from hvdet.data import synthetic_hard
+
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
@@ -43,15 +48,22 @@ PLACEMENT_TRIES = 50  # per object; an object that does not fit after this is le
 NOISE_STD = 8.0  # Gaussian pixel noise over the whole image
 CIRCLE_VERTICES = 48
 SPLITS = {"train": 0, "val": 1}
+PRESETS = ("shapes", "hard")
+DEFAULT_MAX_OBJECTS = {"shapes": 4, "hard": 12}
 
 
 def make_synthetic_coco(out_dir, num_train: int = 512, num_val: int = 128, image_size: int = 128,
-                        seed: int = 0, max_objects: int = 4, masks: bool = True) -> dict:
+                        seed: int = 0, max_objects: int | None = None, masks: bool = True,
+                        preset: str = "shapes") -> dict:
     """Write the train and val splits under ``out_dir``; return their paths.
 
     Returns ``{"train_images", "train_ann", "val_images", "val_ann"}`` (strings). ``masks=False``
-    leaves ``segmentation`` out of the annotations (a boxes-only dataset).
+    leaves ``segmentation`` out of the annotations (a boxes-only dataset). ``max_objects`` defaults
+    to the preset's (shapes 4, hard 12).
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    max_objects = DEFAULT_MAX_OBJECTS[preset] if max_objects is None else max_objects
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got train={num_train}, val={num_val}")
     if image_size < 32:
@@ -62,19 +74,20 @@ def make_synthetic_coco(out_dir, num_train: int = 512, num_val: int = 128, image
     paths = {}
     for split, count in (("train", num_train), ("val", num_val)):
         paths[f"{split}_images"], paths[f"{split}_ann"] = _write_split(
-            out, split, count, image_size, seed, max_objects, masks)
+            out, split, count, image_size, seed, max_objects, masks, preset)
     return {k: str(v) for k, v in paths.items()}
 
 
 def _write_split(out: Path, split: str, count: int, image_size: int, seed: int, max_objects: int,
-                 masks: bool) -> tuple[Path, Path]:
+                 masks: bool, preset: str) -> tuple[Path, Path]:
     image_dir, ann_file = out / split, out / "annotations" / f"instances_{split}.json"
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
+    draw = synthetic_hard.draw_hard_image if preset == "hard" else draw_image
     for index in range(count):
         rng = np.random.default_rng([seed, SPLITS[split], index])
-        pixels, objects = draw_image(rng, image_size, max_objects)
+        pixels, objects = draw(rng, image_size, max_objects)
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG")
         image_id = index + 1
@@ -82,13 +95,19 @@ def _write_split(out: Path, split: str, count: int, image_size: int, seed: int, 
         for obj in objects:
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": obj["category_id"],
                    "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0}
-            if masks:
-                ann["segmentation"] = [obj["polygon"]]
+            if masks:  # hard: the visible part of an occluded shape is no polygon, so an RLE
+                ann["segmentation"] = obj["rle"] if "rle" in obj else [obj["polygon"]]
             annotations.append(ann)
-    dataset = {"info": {"description": "hvdet synthetic shapes", "split": split, "seed": seed, "version": "1"},
-               "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
+    dataset = {"info": _info(preset, split, seed), "licenses": [], "images": images, "annotations": annotations,
+               "categories": synthetic_hard.CATEGORIES if preset == "hard" else CATEGORIES}
     ann_file.write_text(json.dumps(dataset, separators=(",", ":")))
     return image_dir, ann_file
+
+
+def _info(preset: str, split: str, seed: int) -> dict:
+    if preset == "shapes":  # as before presets existed: the default files stay byte-identical
+        return {"description": "hvdet synthetic shapes", "split": split, "seed": seed, "version": "1"}
+    return {"description": f"hvdet synthetic {preset}", "preset": preset, "split": split, "seed": seed, "version": "1"}
 
 
 def draw_image(rng: np.random.Generator, image_size: int, max_objects: int = 4) -> tuple[np.ndarray, list[dict]]:
@@ -153,12 +172,15 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=int, default=128, help="number of validation images")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-objects", type=int, default=4)
+    parser.add_argument("--preset", choices=PRESETS, default="shapes",
+                        help="shapes: the demo's 3 easy classes; hard: 10 classes, small, overlapping "
+                             "objects, clutter and texture (the batch-size study's)")
+    parser.add_argument("--max-objects", type=int, default=None, help="per image (default: shapes 4, hard 12)")
     parser.add_argument("--masks", action=argparse.BooleanOptionalAction, default=True,
-                        help="write polygon segmentations (default) or boxes only (--no-masks)")
+                        help="write segmentations (default; polygons, RLEs for hard) or boxes only (--no-masks)")
     args = parser.parse_args(argv)
     paths = make_synthetic_coco(args.out_dir, args.train, args.val, args.size, args.seed, args.max_objects,
-                                args.masks)
+                                args.masks, args.preset)
     print(json.dumps(paths, indent=2))
 
 

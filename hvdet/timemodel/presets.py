@@ -19,7 +19,7 @@ cpu-vm, this project's 2-core development VM: a 2-rank Gloo allreduce of 2-4 KB 
 allreduce of 257 doubles took 14 us (the same page's table). Gloo's bandwidth: Horovod's timeline
 of the demo model (benchmarks/ddp_baseline.py's setting, docs/training.md) shows its 13.6 MB fused
 gradient allreduce over 2 ranks in 14.3 ms, b / t = 0.95 GB/s (for N = 2 a ring moves b each way).
-hvdet's Horovod cycle (hvdet.comm.world.horovod_defaults): 5 ms on GPU hosts and on CPU hosts
+hvdet's Horovod cycle (hvdet.comm.horovod_env.horovod_defaults): 5 ms on GPU hosts and on CPU hosts
 under the MPI controller (horovodrun's default, the demo's), 20 ms over Gloo (``HVDET_HOROVOD``,
 ``CPU_HOROVOD``).
 """

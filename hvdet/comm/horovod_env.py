@@ -1,0 +1,52 @@
+"""The Horovod and Open MPI settings hvdet chooses for a rank, where the user has not.
+
+:func:`hvdet.comm.world.init` applies them before ``hvd.init()`` (which reads them, and Open MPI's at
+``MPI_Init`` inside it). The figures behind each are in docs/training.md, "Gradient communication on
+CPU hosts" (benchmarks/ddp_baseline.py).
+"""
+from __future__ import annotations
+
+_APPLIED_DEFAULTS: dict[str, str] = {}
+
+
+def applied_defaults() -> dict[str, str]:
+    """The settings :func:`apply_defaults` put into this process's environment. A process that
+    initialized hvdet and then launches new ranks (a test, a benchmark driver) should leave them out
+    of the ranks' environment: they are this process's choice (its controller, its device), and the
+    ranks make their own; inherited, they would look like the user's and win."""
+    return dict(_APPLIED_DEFAULTS)
+
+
+def _gloo_controller(env) -> bool:
+    """Horovod will coordinate over Gloo: horovodrun --gloo (its rendezvous) or HOROVOD_CONTROLLER=gloo."""
+    return "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or env.get("HOROVOD_CONTROLLER") == "gloo"
+
+
+def horovod_defaults(env, cuda: bool) -> dict[str, str]:
+    """Horovod and Open MPI settings that :func:`init` sets where the user has not.
+
+    On a host without CUDA each rank's math thread, Horovod's background thread and MPI's progress
+    share the cores (benchmarks/ddp_baseline.py measured each;
+    docs/training.md "Gradient communication on CPU hosts" has the figures):
+
+    * ``OMPI_MCA_mpi_yield_when_idle=1``: Open MPI spins in every blocking call; with one core per
+      rank, Horovod's background thread spinning in MPI_Allreduce took the core from backward (2-rank
+      throughput 0.71x of a DDP loop under mpirun; with the yield, on par). Read at MPI_Init, which
+      ``hvd.init()`` runs, so setting it here reaches mpirun's ranks too.
+    * ``HOROVOD_CYCLE_TIME``: the background thread negotiates every cycle even with nothing queued,
+      and a gradient waits up to one cycle. Over Gloo an idle cycle costs enough that 20 ms was
+      fastest (1 ms: 0.74x of 20 ms, 5 ms: 0.86x); over MPI with the yield, 5 ms (20 ms: 0.94x).
+
+    GPU hosts have cores to spare and NCCL carries the gradients: only the 5-ms cycle that the launch
+    scripts have always set for large models (fewer, larger fused allreduces than Horovod's 1 ms).
+    """
+    if cuda:
+        return {"HOROVOD_CYCLE_TIME": "5"}
+    return {"HOROVOD_CYCLE_TIME": "20" if _gloo_controller(env) else "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+def apply_defaults(environ, cuda: bool) -> None:
+    """Put :func:`horovod_defaults` into ``environ`` (``os.environ``) where unset, remembering what was set."""
+    for key, value in horovod_defaults(environ, cuda).items():
+        if key not in environ:  # the user's own setting wins
+            environ[key] = _APPLIED_DEFAULTS[key] = value
