@@ -43,7 +43,7 @@ def write_fake_run(out_dir, iterations=60, evals=(20, 40, 60), target=0.4, finis
 
 
 def _fake_diagnostics(it: int) -> dict:
-    modules = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
+    modules = ("backbone", "fpn", "rpn", "roi_box")
     return {"trust_ratio": {m: {"min": 10.0 * (k + 1), "median": 50.0 * (k + 1) + it, "max": 900.0 * (k + 1)}
                             for k, m in enumerate(modules)},
             "agvm_variance": {m: 1e-3 * (k + 1) / it for k, m in enumerate(modules)}}
