@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.provenance import ROOT, provenance
 from hvdet.config import load_config
+from hvdet.report import load_run
 
 RECIPE = "configs/synthetic_demo.yaml"
 # The demo recipe made a pure throughput job: local BN and SGD (what a DDP user has), no evaluation,
@@ -75,8 +76,7 @@ def measure(setting: str, iters: int, skip: int, data_root: str, extra: list[str
         if proc.returncode != 0:
             logs = "".join(f"\n{f}:\n{f.read_text()[-2000:]}" for f in sorted(out.glob("errors/*.log")))
             raise RuntimeError(f"{setting} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = {r["iteration"]: r for r in records if r.get("type") == "train"}
+        train = {r["iteration"]: r for r in load_run(out).train}
     window = [r for i, r in train.items() if skip < i <= iters]
     phases = {k: statistics.fmean(r[k] for r in window)
               for k in ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")}

@@ -32,12 +32,18 @@ def demo(np_: int, mode: str, run_dir: Path) -> dict:
                           capture_output=True, text=True, check=False)
     if proc.returncode not in (0, 1):  # 1: target not reached, still a result
         raise RuntimeError(f"demo NP={np_} eval.mode={mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
-    return {"time_to_target_s": summary["time_to_target_s"], "reached": summary["reached"],
-            "iterations": summary["iterations"], "images_per_s": summary["images_per_s"],
-            "eval_s": summary["eval_s"], "ap": {str(r["iteration"]): r["bbox"]["AP"] for r in evals},
-            "eval_seconds": {str(r["iteration"]): r["eval_s"] for r in evals}}
+    return demo_result(run_dir)
+
+
+def demo_result(run_dir: Path) -> dict:
+    """A demo run's time to target, throughput and the AP (and evaluation time) of every evaluation."""
+    from hvdet.report import load_run
+
+    run = load_run(run_dir)
+    s = run.summary
+    return {**{k: s[k] for k in ("time_to_target_s", "reached", "iterations", "images_per_s", "train_s", "eval_s")},
+            "ap": {str(r["iteration"]): r["bbox"]["AP"] for r in run.evals},
+            "eval_seconds": {str(r["iteration"]): r["eval_s"] for r in run.evals}}
 
 
 def main() -> None:

@@ -303,6 +303,7 @@ def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
     background alternating (hvdet.background_eval's evaluator shares the GPU)."""
     import tempfile
 
+    from benchmarks.eval_modes import demo_result
     from hvdet.data.synthetic import make_synthetic_coco
 
     tmp = Path(tempfile.mkdtemp(prefix="hvdet-gpu-demo-"))
@@ -317,12 +318,7 @@ def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"train.py eval.mode={mode} exited {proc.returncode}: {proc.stderr[-1500:]}")
-            summary = json.loads((out / "summary.json").read_text())
-            evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
-            done.append({k: summary[k] for k in ("time_to_target_s", "iterations", "images_per_s", "train_s",
-                                                       "eval_s", "reached")}
-                              | {"wall_s": time.perf_counter() - start,
-                                 "ap": {r["iteration"]: round(r["bbox"]["AP"], 4) for r in evals}})
+            done.append({**demo_result(out), "wall_s": time.perf_counter() - start})
             print(f"gpu-check: demo eval.mode={mode}: {done[-1]}", flush=True)
     med = {m: statistics.median(r["time_to_target_s"] or float("inf") for r in v) for m, v in runs.items()}
     first = runs["sync"][0]["ap"]  # cuDNN's algorithms may differ run to run: compare sync with sync too

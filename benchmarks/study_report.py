@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from benchmarks.provenance import provenance
+from hvdet.report import ap_of
 from hvdet.runlog import METRICS_FILE, SUMMARY_FILE, read_jsonl
 
 LOG_FILE = "train.log"
@@ -32,11 +33,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _box_ap(record: dict) -> float | None:
-    ap = (record.get("bbox") or {}).get("AP")
-    return None if ap is None or ap < 0 else ap  # pycocotools writes -1 for "undefined"
-
-
 def collect(cell, train_images: int) -> dict:
     """One row of the table from ``cell``'s run directory (``cell``: a benchmarks.study.Cell)."""
     run_dir = Path(cell.output_dir)
@@ -44,7 +40,7 @@ def collect(cell, train_images: int) -> dict:
     metrics = run_dir / METRICS_FILE
     evals = [r for r in read_jsonl(metrics) if r.get("type") == "eval"] if metrics.is_file() else []
     to_epoch = cell.batch / train_images
-    curve = [[round(r["iteration"] * to_epoch, 4), ap] for r in evals if (ap := _box_ap(r)) is not None]
+    curve = [[round(r["iteration"] * to_epoch, 4), ap] for r in evals if (ap := ap_of(r)) is not None]
     status = summary.get("stop") or ("failed" if run_dir.exists() else "pending")
     iterations = summary.get("iterations")
     return {"cell": cell.name, "batch": cell.batch, "optimizer": cell.optimizer, "norm": cell.norm,

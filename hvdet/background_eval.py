@@ -170,7 +170,7 @@ class BackgroundEvaluator:
 def _evaluator_main(cfg: Config, rank: int, world_size: int, device_index: int | None, jobs, scores, results) -> None:
     """Build the model once; then score what rank 0 is sent first (training waits for metrics, not
     for detections), else infer this rank's shard of the next snapshot."""
-    from hvdet.builders import build_dataset, build_model
+    from hvdet.builders import build_dataset, build_inference_model
     from hvdet.evaluation import detect_shard, score
 
     torch.set_num_threads(1)  # beside a training rank that has the cores
@@ -178,9 +178,7 @@ def _evaluator_main(cfg: Config, rank: int, world_size: int, device_index: int |
         if device_index is not None:
             torch.cuda.set_device(device_index)
         dataset = build_dataset(cfg, train=False)
-        # Inference normalizes with the running statistics: Cross-GPU BN is plain BN here (same keys).
-        norm = "local" if cfg.model.norm == "cross_gpu" else None
-        model = build_model(cfg, dataset.num_classes, world_size, norm=norm)
+        model = build_inference_model(cfg, dataset.num_classes, world_size)  # Cross-GPU BN as plain BN
     except Exception as err:  # noqa: BLE001 - the training rank raises it (wait_ready)
         results.put(("failed", None, f"{type(err).__name__}: {err}"))
         return

@@ -61,6 +61,13 @@ def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None
     return model
 
 
+def build_inference_model(cfg: Config, num_classes: int, world_size: int) -> torch.nn.Module:
+    """The recipe's detector for evaluation only (``--eval-only``, background evaluators). Inference
+    normalizes with the BN running statistics: no cross-GPU group is needed, nor must it fit the ranks
+    evaluating; plain BatchNorm2d has CGBN's state_dict keys, so checkpoints load either way."""
+    return build_model(cfg, num_classes, world_size, norm="local" if cfg.model.norm == "cross_gpu" else None)
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float):
     """The recipe's optimizer over ``model``, wrapped by Horovod to average gradients over the ranks."""
     from hvdet.optim import build_optimizer as optimizer_over

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hvdet import checkpoint, comm, mlperf
 from hvdet.atomic import atomic_write
-from hvdet.builders import build_dataset, build_model
+from hvdet.builders import build_dataset, build_inference_model
 from hvdet.config import Config
 from hvdet.run import Run
 from hvdet.runlog import MLLOG
@@ -113,10 +113,7 @@ def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     """``--eval-only``: COCO metrics of a checkpoint's model, written to ``output_dir/eval.json``."""
     comm.init(timeout_s=cfg.comm.timeout_s)
     val_set = build_dataset(cfg, train=False)
-    # Inference normalizes with the BN running statistics: no cross-GPU group is needed, nor must it
-    # fit the number of ranks evaluating. Plain BatchNorm2d has the same state_dict keys.
-    norm = "local" if cfg.model.norm == "cross_gpu" else cfg.model.norm
-    model = build_model(cfg, val_set.num_classes, comm.size(), norm=norm)
+    model = build_inference_model(cfg, val_set.num_classes, comm.size())
     path = checkpoint.resolve(path)  # a run directory means its newest checkpoint
     model.load_state_dict(checkpoint.model_state(path))
     metrics, eval_s = run_evaluation(model, val_set, cfg)

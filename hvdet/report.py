@@ -41,12 +41,13 @@ class Run:
         if not self.targets:
             return None
         for record in self.evals:
-            if all(_ap(record, kind) is not None and _ap(record, kind) >= t for kind, t in self.targets.items()):
+            if all(ap_of(record, kind) is not None and ap_of(record, kind) >= t for kind, t in self.targets.items()):
                 return record.get("elapsed_s")
         return None
 
 
-def _ap(record: dict, iou_type: str) -> float | None:
+def ap_of(record: dict, iou_type: str = "bbox") -> float | None:
+    """An eval record's AP for ``iou_type``, None where missing or undefined."""
     ap = (record.get(iou_type) or {}).get("AP")
     return None if ap is None or ap < 0 else ap  # pycocotools writes -1 for "undefined"
 
@@ -128,7 +129,7 @@ def summary_table(run: Run) -> str:
 
 
 def _best(run: Run) -> dict:
-    return {k: max(aps) for k in IOU_TYPES if (aps := [a for e in run.evals if (a := _ap(e, k)) is not None])}
+    return {k: max(aps) for k in IOU_TYPES if (aps := [a for e in run.evals if (a := ap_of(e, k)) is not None])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def _plot_map(run: Run, plt):
     colors = {"bbox": "tab:blue", "segm": "tab:orange"}
     for kind in IOU_TYPES:
         pts = [(e["elapsed_s"] / 60, a) for e in run.evals if e.get("elapsed_s") is not None
-               and (a := _ap(e, kind)) is not None]
+               and (a := ap_of(e, kind)) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", color=colors[kind], label=f"{kind} AP@[.5:.95]")
         if kind in run.targets:

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from hvdet.config import ConfigError, load_config
+from hvdet.report import load_run
 from tests.harness import LaunchError
 from tests.test_train import RECIPE, data, tiny_overrides, train_py  # noqa: F401 - data is a fixture
 
 
 def _evals(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+    return load_run(out).evals
 
 
 def _run(paths, out, mode, *extra, launcher="horovodrun"):
