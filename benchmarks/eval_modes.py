@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/eval_modes.py [--rounds 2] [--np 2 1]
 
-``launch/demo.sh`` (the demo recipe, horovodrun's own controller) with ``eval.mode=sync`` and
-``eval.mode=background``, alternating, ``--rounds`` times for each number of training ranks in
-``--np``. With 2 ranks on this 2-core machine every core already trains; with 1 rank one core is
+``launch/demo.sh`` (the demo recipe, horovodrun's own controller) with ``eval.mode=sync``,
+``eval.mode=background`` (the training ranks yield to their evaluators: ``eval.background_nice`` 10)
+and background with ``eval.background_nice=0`` (``background_equal``), alternating, ``--rounds``
+times for each number of training ranks in ``--np`` (``--modes`` picks some). With 2 ranks on this 2-core machine every core already trains; with 1 rank one core is
 free for the evaluator, as a GPU's spare capacity would be. Reports time to target (the rule of each
 mode: docs/training.md), iterations, images/s and the AP of every evaluation (same snapshots, same
 AP: evaluation does not touch training's random numbers). Results: benchmarks/results/eval_modes.json.
@@ -23,12 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.provenance import ROOT, provenance
 
-MODES = ("sync", "background")
+# name -> the demo's overrides. background: the training ranks yield to their evaluators (the default
+# eval.background_nice, 10); background_equal: they keep their priority (eval.background_nice=0).
+MODES = {"sync": ["eval.mode=sync"],
+         "background": ["eval.mode=background"],
+         "background_equal": ["eval.mode=background", "eval.background_nice=0"]}
 
 
 def demo(np_: int, mode: str, run_dir: Path) -> dict:
     env = {**os.environ, "NP": str(np_), "RUN": str(run_dir)}
-    proc = subprocess.run(["bash", "launch/demo.sh", f"eval.mode={mode}", "log.progress=false"], cwd=ROOT, env=env,
+    proc = subprocess.run(["bash", "launch/demo.sh", *MODES[mode], "log.progress=false"], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode not in (0, 1):  # 1: target not reached, still a result
         raise RuntimeError(f"demo NP={np_} eval.mode={mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -50,13 +55,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--np", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/eval_modes.json"))
     args = p.parse_args()
     before = provenance()
     results = {}
     with tempfile.TemporaryDirectory(prefix="hvdet-eval-modes-") as tmp:
         for np_ in args.np:
-            runs = {m: [] for m in MODES}
+            runs = {m: [] for m in args.modes}
             for r in range(args.rounds):
                 for mode, done in runs.items():
                     done.append(demo(np_, mode, Path(tmp) / f"np{np_}-{mode}-{r}"))
@@ -66,7 +72,7 @@ def main() -> None:
             med = {m: statistics.median(x["time_to_target_s"] or float("inf") for x in v) for m, v in runs.items()}
             ap = [x["ap"] for v in runs.values() for x in v]
             results[f"np{np_}"] = {"runs": runs, "time_to_target_s_median": med,
-                                   "background / sync": med["background"] / med["sync"],
+                                   **{f"{m} / sync": med[m] / med["sync"] for m in med if m != "sync"},
                                    "same_ap_at_same_snapshots": all(a[k] == ap[0][k] for a in ap for k in ap[0])}
     doc = {"benchmark": "make demo: eval.mode sync vs background", "rounds": args.rounds,
            "machine": f"{os.uname().machine}, {os.cpu_count()} cores", "provenance_before": before,
@@ -74,8 +80,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     for key, r in results.items():
         med = r["time_to_target_s_median"]
-        print(f"{key}: sync {med['sync']:.1f} s, background {med['background']:.1f} s, background / sync "
-              f"{r['background / sync']:.2f}, same AP at the same snapshots: {r['same_ap_at_same_snapshots']}")
+        ratios = ", ".join(f"{m} {t:.1f} s" + (f" ({t / med['sync']:.2f}x)" if m != "sync" else "")
+                           for m, t in med.items())
+        print(f"{key}: {ratios}; same AP at the same snapshots: {r['same_ap_at_same_snapshots']}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ learned the result. The run stops at the first result that meets the target.
 
     evaluator = BackgroundEvaluator(cfg, rank, world_size)   # every rank, in set-up
     evaluator.wait_ready(timeout_s)
+    yield_to_evaluator(cfg.eval.background_nice)             # CPU hosts: an evaluation is not slowed
     evaluator.submit(iteration, model, snapshot)             # at an evaluation iteration
     for result in evaluator.poll():                          # every iteration while busy (collective)
         ...                                                  # EvalResult: iteration, metrics, eval_s
@@ -24,6 +25,8 @@ learned the result. The run stops at the first result that meets the target.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import time
 from collections import deque
@@ -161,6 +164,30 @@ class BackgroundEvaluator:
         if error:
             raise RuntimeError(f"background evaluation of iteration {iteration} failed: {error}")
         return EvalResult(iteration, metrics, eval_s, snapshot)
+
+
+def yield_to_evaluator(nice: int) -> int:
+    """Lower every thread of this training process by ``nice`` (Horovod's and torch's included: on
+    Linux niceness is per thread); the evaluator, started before, keeps its priority. Returns the
+    main thread's niceness after.
+
+    Why: time to accuracy counts a background result at its snapshot's time plus its evaluation time,
+    so the evaluation that reaches the target is on the critical path. On a CPU host where the
+    training ranks already fill the cores, an evaluator sharing a core equally runs at half speed
+    (the 2-rank demo here: 1.6 s an evaluation instead of 0.8 s); niced training ranks let it run at
+    nearly full speed (a CFS weight of 1024 against 110 at nice 10), while training still fills any
+    time the evaluator leaves. Raising niceness needs no privilege, but it cannot be undone: it lasts
+    for the training process's life. GPU hosts are not changed (the caller decides)."""
+    if nice <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs (not Linux): the calling thread, which there is the process
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,6 +111,8 @@ class EvalConfig:
     start: int = 0                            # no periodic evaluation before this iteration
     at_end: bool = True
     mode: str = "sync"                        # sync (training waits) | background (hvdet.background_eval)
+    background_nice: int = 10                 # background on CPU hosts: niceness the training ranks add to
+    #   themselves once their evaluators run, so an evaluation is not slowed by sharing a core (0: equal)
     images_per_gpu: int = 2
     num_workers: int = 0
     iou_types: list[str] = field(default_factory=lambda: ["bbox"])
@@ -268,6 +270,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if cfg.checkpoint.on_world_size_change != "rescale":
             raise ConfigError(f"{source}: elastic.enabled needs checkpoint.on_world_size_change=rescale (the world "
                               "changes while the run goes on)")
+    if not 0 <= cfg.eval.background_nice <= 19:
+        raise ConfigError(f"{source}: eval.background_nice is a niceness in [0, 19], got {cfg.eval.background_nice}")
     if cfg.comm.timeout_s <= 0:
         raise ConfigError(f"{source}: comm.timeout_s must be > 0, got {cfg.comm.timeout_s}")
     if s.base_lr <= 0:

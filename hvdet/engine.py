@@ -98,7 +98,7 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
 def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
     if cfg.eval.mode == "background" and run.evaluator is None:
-        from hvdet.background_eval import BackgroundEvaluator
+        from hvdet.background_eval import BackgroundEvaluator, yield_to_evaluator
 
         run.evaluator = BackgroundEvaluator(cfg, comm.rank(), comm.size())
         try:
@@ -107,6 +107,8 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
             run.evaluator.close()
             run.evaluator = None
             raise
+        if comm.device().type == "cpu":
+            yield_to_evaluator(cfg.eval.background_nice)
     clock.start = time.perf_counter()
     if not log.started:  # once per run, also when an elastic world change calls the loop again
         log.started = True

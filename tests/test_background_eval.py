@@ -105,3 +105,40 @@ def test_the_evaluator_process_scores_what_evaluate_scores_on_cuda(data, tmp_pat
 def test_background_evaluation_is_not_for_elastic_runs(tmp_path):
     with pytest.raises(ConfigError, match="eval.mode=background"):
         load_config(RECIPE, ["elastic.enabled=true", "eval.mode=background"])
+
+
+_NICE_PROBE = """
+import os, subprocess, sys, threading
+from hvdet.background_eval import yield_to_evaluator
+before = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the evaluator, started first
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait)  # as Horovod's background thread: started before
+worker.start()
+base = os.getpriority(os.PRIO_PROCESS, 0)
+main = yield_to_evaluator(3)
+threads = {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+print(base, main, sorted(threads.values()), os.getpriority(os.PRIO_PROCESS, before.pid))
+stop.set(); worker.join(); before.kill()
+"""
+
+
+def test_training_threads_yield_to_the_evaluator_and_the_evaluator_keeps_its_priority():
+    # In a child: niceness cannot be lowered again, and the pytest process must keep its own.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _NICE_PROBE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.split(maxsplit=2)
+    base, main = int(out[0]), int(out[1])
+    threads, evaluator = out[2].rsplit(maxsplit=1)
+    expected = min(19, base + 3)
+    assert main == expected
+    threads = json.loads(threads)
+    assert len(threads) >= 2 and set(threads) == {expected}  # every thread (torch's too), not only the caller
+    assert int(evaluator) == base
+
+
+def test_background_nice_is_a_niceness():
+    assert load_config(RECIPE).eval.background_nice == 10
+    with pytest.raises(ConfigError, match=r"eval.background_nice is a niceness in \[0, 19\], got 20"):
+        load_config(RECIPE, ["eval.background_nice=20"])
