@@ -1,16 +1,20 @@
 """The batch-size study's report (benchmarks/study.py): one row per cell from its run directory, then
-``results.json``, ``results.md`` and two plots in the runs directory.
+``results.json``, ``results.md`` and three plots in the runs directory: final AP vs batch, AP vs
+epoch, and the diagnostics vs batch (LargeDet Fig. 3's trust ratios, AGVM's variances and lr scales).
 
 A cell's status is its summary's ``stop`` (max_iters, target, diverged, eval_failed, preempted),
 ``failed`` when its directory holds no summary (a crash or a kill: the next invocation runs it
 again), or ``pending`` before it ran. Final AP is the last evaluation's box AP@[.5:.95] of a run
 that finished its schedule; a diverged cell has none and is drawn as the papers draw "Failed".
-Epochs on the curves are iteration x global batch / train images.
+Epochs on the curves are iteration x global batch / train images. A cell's diagnostics are the
+median over its train records (``log.diagnostics``) of each module's median trust ratio
+||w|| / ||g||, and of AGVM's per-module gradient variance and lr scale where AGVM ran.
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from benchmarks.provenance import provenance
@@ -38,7 +42,8 @@ def collect(cell, train_images: int) -> dict:
     run_dir = Path(cell.output_dir)
     summary, launch = _read_json(run_dir / SUMMARY_FILE), _read_json(run_dir / "cell.json")
     metrics = run_dir / METRICS_FILE
-    evals = [r for r in read_jsonl(metrics) if r.get("type") == "eval"] if metrics.is_file() else []
+    records = read_jsonl(metrics) if metrics.is_file() else []
+    evals = [r for r in records if r.get("type") == "eval"]
     to_epoch = cell.batch / train_images
     curve = [[round(r["iteration"] * to_epoch, 4), ap] for r in evals if (ap := ap_of(r)) is not None]
     status = summary.get("stop") or ("failed" if run_dir.exists() else "pending")
@@ -50,21 +55,38 @@ def collect(cell, train_images: int) -> dict:
             "best_ap": max((ap for _, ap in curve), default=None), "iterations": iterations,
             "stop_epoch": round(iterations * to_epoch, 4) if iterations is not None else None,
             "time_s": summary.get("elapsed_s"), "wall_s": launch.get("wall_s"), "failure": summary.get("failure"),
-            "curve": curve}
+            "curve": curve, "diagnostics": diagnostics([r for r in records if r.get("type") == "train"])}
+
+
+def diagnostics(train: list[dict]) -> dict:
+    """{trust_ratio | agvm_variance | agvm_lr_scale: {module: median over the run}} from train records
+    (a trust ratio record holds each module's min / median / max: its median is taken)."""
+    out = {}
+    for key in ("trust_ratio", "agvm_variance", "agvm_lr_scale"):
+        per_module: dict[str, list[float]] = {}
+        for rec in (r for r in train if r.get(key)):
+            for module, value in rec[key].items():
+                value = value["median"] if isinstance(value, dict) else value
+                if value is not None and math.isfinite(value):
+                    per_module.setdefault(module, []).append(value)
+        if per_module:
+            out[key] = {m: statistics.median(v) for m, v in per_module.items()}
+    return out
 
 
 def write_report(grid: dict, cells: list, dataset: dict, runs_dir: Path) -> list[Path]:
-    """results.json, results.md, ap_vs_batch.png and ap_vs_epoch.png under ``runs_dir``."""
+    """results.json, results.md, ap_vs_batch.png, ap_vs_epoch.png and diagnostics_vs_batch.png under
+    ``runs_dir``."""
     rows = [collect(c, dataset["train_images"]) for c in cells]
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     doc = {"study": "global batch x optimizer x normalization (benchmarks/study.py)", "grid": grid,
            "dataset": dataset, "provenance": provenance(), "cells": rows}
     paths = [runs_dir / "results.json", runs_dir / "results.md", runs_dir / "ap_vs_batch.png",
-             runs_dir / "ap_vs_epoch.png"]
+             runs_dir / "ap_vs_epoch.png", runs_dir / "diagnostics_vs_batch.png"]
     paths[0].write_text(json.dumps(doc, indent=2) + "\n")
     paths[1].write_text(markdown(doc))
-    plot(rows, paths[2], paths[3])
+    plot(rows, *paths[2:])
     return paths
 
 
@@ -117,7 +139,7 @@ def _order(rows: list[dict], key: str) -> list:
     return list(dict.fromkeys(r[key] for r in rows))
 
 
-def plot(rows: list[dict], batch_png: Path, epoch_png: Path) -> None:
+def plot(rows: list[dict], batch_png: Path, epoch_png: Path, diagnostics_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only
@@ -125,7 +147,7 @@ def plot(rows: list[dict], batch_png: Path, epoch_png: Path) -> None:
 
     colours = {o: f"C{i}" for i, o in enumerate(_order(rows, "optimizer"))}
     styles = {n: ("-", "--", ":", "-.")[i % 4] for i, n in enumerate(_order(rows, "norm"))}
-    for path, draw in ((batch_png, _ap_vs_batch), (epoch_png, _ap_vs_epoch)):
+    for path, draw in ((batch_png, _ap_vs_batch), (epoch_png, _ap_vs_epoch), (diagnostics_png, _diagnostics_vs_batch)):
         fig = draw(rows, plt, colours, styles)
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -189,5 +211,39 @@ def _ap_vs_epoch(rows, plt, colours, styles):
     fig.tight_layout()
     handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
     if handles:  # one legend for every panel, right of them (savefig's tight box takes it in)
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    return fig
+
+
+def _diagnostics_vs_batch(rows, plt, colours, styles):
+    """Per module (a column each): the median trust ratio of every cell against the batch (top row,
+    one line per optimizer x norm), and AGVM's lr scale where it ran (bottom row)."""
+    modules = list(dict.fromkeys(m for r in rows for m in r.get("diagnostics", {}).get("trust_ratio", {})))
+    modules = modules or ["backbone"]
+    batches = sorted(_order(rows, "batch"))
+    fig, axes = plt.subplots(2, len(modules), figsize=(3.6 * len(modules), 6.4), sharex=True, squeeze=False)
+    for col, module in enumerate(modules):
+        for row, (key, label) in enumerate((("trust_ratio", "median trust ratio ||w|| / ||g||"),
+                                            ("agvm_lr_scale", "AGVM lr scale"))):
+            ax = axes[row][col]
+            for opt in colours:
+                for norm in styles:
+                    pts = sorted((r["batch"], v) for r in rows if r["optimizer"] == opt and r["norm"] == norm
+                                 and (v := r.get("diagnostics", {}).get(key, {}).get(module)) is not None)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), styles[norm], marker="o", color=colours[opt],
+                                label=f"{opt}, {norm}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            if key == "trust_ratio" and ax.lines:
+                ax.set_yscale("log")
+            ax.set(title=module if row == 0 else None, xlabel="global batch" if row == 1 else None)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(label)
+    fig.suptitle("diagnostics vs global batch: trust ratios (LargeDet Fig. 3) and AGVM's lr scales, medians over each run")
+    fig.tight_layout()
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
+    if handles:
         fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return fig

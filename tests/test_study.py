@@ -142,8 +142,9 @@ def test_tiny_grid_runs_resumes_and_records_a_divergence(tmp_path):
         assert json.loads((runs / name / "cell.json").read_text())["command"][0].endswith("horovodrun")
     table = (runs / "results.md").read_text()
     assert "| b4-sgd-local | 4 | sgd | local |" in table and "| diverged |" in table
-    for png in ("ap_vs_batch.png", "ap_vs_epoch.png"):
+    for png in ("ap_vs_batch.png", "ap_vs_epoch.png", "diagnostics_vs_batch.png"):
         assert (runs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"backbone", "roi_box"} <= set(ok["diagnostics"]["trust_ratio"])  # log.diagnostics, in the table
 
     stamps = {n: (runs / n / "summary.json").stat().st_mtime_ns for n in ("b4-sgd-local", "b8-sgd-local")}
     second = run_command(cmd, timeout_s=120, env=rank_env())  # resume: both cells are done, diverged included
@@ -154,3 +155,26 @@ def test_tiny_grid_runs_resumes_and_records_a_divergence(tmp_path):
     assert study.main(["--grid", str(grid), "--runs-dir", str(runs), "--data", str(data), "--report-only"]) == 0
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert [line for line in (runs / "results.md").read_text().splitlines() if line.startswith("|")] == rows
+
+
+def test_a_cells_diagnostics_are_the_medians_over_its_run_and_are_plotted(tmp_path):
+    from benchmarks import study_report
+
+    train = [{"trust_ratio": {"backbone": {"min": 1.0, "median": 10.0, "max": 90.0}, "rpn": {"median": 4.0}},
+              "agvm_lr_scale": {"backbone": 1.0, "rpn": 0.5}},
+             {"trust_ratio": {"backbone": {"median": 30.0}, "rpn": {"median": 2.0}}},  # AGVM not due here
+             {"trust_ratio": {"backbone": {"median": 20.0}, "rpn": {"median": float("inf")}},
+              "agvm_lr_scale": {"backbone": 1.0, "rpn": 0.25}},
+             {"loss": 1.0}]  # diagnostics off
+    got = study_report.diagnostics(train)
+    assert got == {"trust_ratio": {"backbone": 20.0, "rpn": 3.0},  # inf left out: median of 4 and 2
+                   "agvm_lr_scale": {"backbone": 1.0, "rpn": 0.375}}
+    assert study_report.diagnostics([{"loss": 1.0}]) == {}
+
+    rows = [{"cell": f"b{b}-{o}-local", "batch": b, "optimizer": o, "norm": "local", "status": "max_iters",
+             "final_ap": 0.1, "curve": [[1.0, 0.1]], "stop_epoch": 1.0,
+             "diagnostics": got if o == "pmdlamb_agvm" else {"trust_ratio": got["trust_ratio"]}}
+            for b in (16, 64) for o in ("sgd", "pmdlamb_agvm")]
+    pngs = [tmp_path / f"{n}.png" for n in ("batch", "epoch", "diagnostics")]
+    study_report.plot(rows, *pngs)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
