@@ -5,8 +5,9 @@
 ``launch/demo.sh`` (the demo recipe, horovodrun's own controller) with ``eval.mode=sync``,
 ``eval.mode=background`` (the training ranks yield to their evaluators: ``eval.background_nice`` 10)
 and background with ``eval.background_nice=0`` (``background_equal``), alternating, ``--rounds``
-times for each number of training ranks in ``--np`` (``--modes`` picks some). With 2 ranks on this 2-core machine every core already trains; with 1 rank one core is
-free for the evaluator, as a GPU's spare capacity would be. Reports time to target (the rule of each
+times for each number of training ranks in ``--np`` (``--modes`` picks some). With 2 ranks on this
+2-core machine every core already trains; with 1 rank one core is free for the evaluator, as a GPU's
+spare capacity would be. Reports time to target (the rule of each
 mode: docs/training.md), iterations, images/s and the AP of every evaluation (same snapshots, same
 AP: evaluation does not touch training's random numbers). Results: benchmarks/results/eval_modes.json.
 """
