@@ -15,9 +15,8 @@ inference of its shard, then the scoring). Waiting in the evaluator's queue and 
 the ranks next agree are not counted; ``known_elapsed_s`` in the eval record says when training
 learned the result. The run stops at the first result that meets the target.
 
-    evaluator = BackgroundEvaluator(cfg, rank, world_size)   # every rank, in set-up
-    evaluator.wait_ready(timeout_s)
-    yield_to_evaluator(cfg.eval.background_nice)             # CPU hosts: an evaluation is not slowed
+    evaluator = start_evaluator(cfg, heartbeat)              # every rank, in set-up: ready, and on
+                                                             # CPU hosts training yields to it
     evaluator.submit(iteration, model, snapshot)             # at an evaluation iteration
     for result in evaluator.poll():                          # every iteration while busy (collective)
         ...                                                  # EvalResult: iteration, metrics, eval_s
@@ -166,6 +165,20 @@ class BackgroundEvaluator:
         return EvalResult(iteration, metrics, eval_s, snapshot)
 
 
+def start_evaluator(cfg: Config, heartbeat=None) -> BackgroundEvaluator:
+    """This rank's evaluator, ready: part of set-up, before the clock starts (as MLPerf allows). On a
+    CPU host this training process then yields to it (:func:`yield_to_evaluator`)."""
+    evaluator = BackgroundEvaluator(cfg, comm.rank(), comm.size())
+    try:
+        evaluator.wait_ready(comm.timeout_s(), heartbeat)
+    except BaseException:
+        evaluator.close()
+        raise
+    if comm.device().type == "cpu":
+        yield_to_evaluator(cfg.eval.background_nice)
+    return evaluator
+
+
 def yield_to_evaluator(nice: int) -> int:
     """Lower every thread of this training process by ``nice`` (Horovod's and torch's included: on
     Linux niceness is per thread); the evaluator, started before, keeps its priority. Returns the
@@ -177,7 +190,7 @@ def yield_to_evaluator(nice: int) -> int:
     (the 2-rank demo here: 1.6 s an evaluation instead of 0.8 s); niced training ranks let it run at
     nearly full speed (a CFS weight of 1024 against 110 at nice 10), while training still fills any
     time the evaluator leaves. Raising niceness needs no privilege, but it cannot be undone: it lasts
-    for the training process's life. GPU hosts are not changed (the caller decides)."""
+    for the training process's life. GPU hosts are not changed (:func:`start_evaluator` decides)."""
     if nice <= 0:
         return os.getpriority(os.PRIO_PROCESS, 0)
     try:

@@ -98,17 +98,9 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
 def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
     if cfg.eval.mode == "background" and run.evaluator is None:
-        from hvdet.background_eval import BackgroundEvaluator, yield_to_evaluator
+        from hvdet.background_eval import start_evaluator
 
-        run.evaluator = BackgroundEvaluator(cfg, comm.rank(), comm.size())
-        try:
-            run.evaluator.wait_ready(comm.timeout_s(), watchdog.beat)  # set-up, before the clock starts
-        except BaseException:
-            run.evaluator.close()
-            run.evaluator = None
-            raise
-        if comm.device().type == "cpu":
-            yield_to_evaluator(cfg.eval.background_nice)
+        run.evaluator = start_evaluator(cfg, watchdog.beat)  # set-up, before the clock starts
     clock.start = time.perf_counter()
     if not log.started:  # once per run, also when an elastic world change calls the loop again
         log.started = True
