@@ -61,7 +61,33 @@ class StudyData:
 
 @dataclass
 class Method:
-    base_lr: float = 0.0                  # at reference_batch; scaled linearly with the batch
+    base_lr: float = 0.0                  # at reference_batch; scaled by the recipe's rule (linear) with the batch
+    anchor: str | None = None             # instead of base_lr: the winner of anchor_sweeps[anchor]
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pretrain:
+    """The pretrained starting point, made once (as ImageNet weights are for COCO): the recipe trained on
+    another seed of the synthetic data at a small batch; cells load its backbone body."""
+    data_root: str = "data/synthetic_hard64_pretrain"
+    data_seed: int = 1
+    batch: int = 16
+    epochs: float = 4.0
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CellSpec:
+    """Cells given one by one (``cells:``), instead of the product of batches x optimizers x norms."""
+    optimizer: str = ""                   # a key of optimizers
+    norm: str = ""                        # a key of norms
+    batches: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tag: str = ""                         # names the variant: b512-pmdlamb-cross_gpu-sqrt
+    base_lr: float | None = None          # instead of the method's (the anchor sweeps' cells)
+    one_pass: bool = False                # the whole batch in one backward pass (AGVM and its control)
+    images_per_gpu: int | None = None     # per pass, instead of the grid's (BN size of local BN)
     overrides: list[str] = field(default_factory=list)
 
 
@@ -81,6 +107,7 @@ class Grid:
     epochs: float = 12.0
     step_epochs: list[float] = field(default_factory=list)
     warmup_epochs: float = 1.0
+    warmup_iters: int = 0                 # a floor in iterations: the warmup is the longer of the two
     eval_epochs: float = 1.0
     log_epochs: float = 0.5
     batches: list[int] = field(default_factory=list)
@@ -88,6 +115,10 @@ class Grid:
     norms: dict = field(default_factory=dict)         # name -> Norm
     overrides: list[str] = field(default_factory=list)
     cell_overrides: dict[str, list[str]] = field(default_factory=dict)
+    pretrain: Pretrain | None = None
+    anchor_sweeps: dict[str, list[float]] = field(default_factory=dict)  # method -> base lrs tried at reference_batch
+    anchor_norm: str = ""                 # the norm of the sweeps' cells
+    cells: list[CellSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -106,20 +137,53 @@ class Cell:
     eval_interval: int
     output_dir: str
     overrides: list[str]
+    seed: int = 0
+    tag: str = ""
+    base_lr: float = 0.0
+    label: str = ""                       # the line a cell belongs to in the plots (optimizer[+tag])
 
 
 def load_grid(path: str | Path) -> Grid:
     """The study's grid file, checked like a recipe: unknown keys and wrong types are errors."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     sections = {k: raw.pop(k, None) or {} for k in ("optimizers", "norms")}
+    pretrain, specs = raw.pop("pretrain", None), raw.pop("cells", None) or []
     grid = build(Grid, raw, "", str(path))
     grid.optimizers = {n: build(Method, v, f"optimizers.{n}.", str(path)) for n, v in sections["optimizers"].items()}
     grid.norms = {n: build(Norm, v, f"norms.{n}.", str(path)) for n, v in sections["norms"].items()}
-    if not (grid.batches and grid.optimizers and grid.norms):
-        raise ConfigError(f"{path}: batches, optimizers and norms must each name at least one value")
-    if bad := [n for n, m in grid.optimizers.items() if m.base_lr <= 0]:
-        raise ConfigError(f"{path}: optimizers {bad} need a base_lr > 0")
+    grid.pretrain = None if pretrain is None else build(Pretrain, pretrain, "pretrain.", str(path))
+    if not isinstance(specs, list):
+        raise ConfigError(f"{path}: cells must be a list of cell specs")
+    grid.cells = [build(CellSpec, v, f"cells[{i}].", str(path)) for i, v in enumerate(specs)]
+    if not ((grid.batches or grid.cells) and grid.optimizers and grid.norms):
+        raise ConfigError(f"{path}: optimizers, norms and batches (or cells) must each name at least one value")
+    for i, spec in enumerate(grid.cells):
+        if spec.optimizer not in grid.optimizers or spec.norm not in grid.norms or not spec.batches:
+            raise ConfigError(f"{path}: cells[{i}] needs an optimizer of {sorted(grid.optimizers)}, a norm of "
+                              f"{sorted(grid.norms)} and batches; got {spec.optimizer!r}, {spec.norm!r}, {spec.batches}")
+    for name, m in grid.optimizers.items():
+        if m.anchor is not None and m.anchor not in grid.anchor_sweeps:
+            raise ConfigError(f"{path}: optimizers.{name}.anchor {m.anchor!r} is not a key of anchor_sweeps")
+        if m.anchor is None and m.base_lr <= 0:
+            raise ConfigError(f"{path}: optimizers {[name]} need a base_lr > 0 (or an anchor)")
+    if bad := [n for n in grid.anchor_sweeps if n not in grid.optimizers]:
+        raise ConfigError(f"{path}: anchor_sweeps names optimizers the grid does not have: {bad}")
+    if grid.anchor_sweeps and grid.anchor_norm not in grid.norms:
+        raise ConfigError(f"{path}: anchor_norm must be one of {sorted(grid.norms)}, got {grid.anchor_norm!r}")
     return grid
+
+
+def cell_specs(grid: Grid) -> tuple[list[CellSpec], list[CellSpec]]:
+    """Every cell's spec in run order: the anchor sweeps' (their winners set other cells' lr), then
+    the ``cells`` list, or the product batches x optimizers x norms when there is none."""
+    sweeps = [CellSpec(o, grid.anchor_norm, [grid.reference_batch], tag=f"lr{lr:g}", base_lr=lr)
+              for o, lrs in grid.anchor_sweeps.items() for lr in lrs]
+    product = [CellSpec(o, n, [b]) for b in grid.batches for o in grid.optimizers for n in grid.norms]
+    return sweeps, grid.cells or product
+
+
+def cell_name(batch: int, spec: CellSpec, seed: int) -> str:
+    return f"b{batch}-{spec.optimizer}-{spec.norm}" + (f"-{spec.tag}" if spec.tag else "") + (f"-s{seed}" if seed else "")
 
 
 def _layout(batch: int, ranks: int, images_per_gpu: int, one_pass: bool, name: str) -> tuple[int, int]:
@@ -144,22 +208,58 @@ def _bn_size(norm: Norm, images_per_gpu: int, ranks: int) -> int:
     return wanted if fits else images_per_gpu * ranks
 
 
-def derive_cells(grid: Grid, dataset_size: int, data_root: Path, runs_dir: Path) -> list[Cell]:
-    """Every cell of the grid in order (batch, then optimizer, then norm), with hvdet.plan's numbers."""
-    cells = [_cell(grid, b, o, n, dataset_size, data_root, runs_dir)
-             for b in grid.batches for o in grid.optimizers for n in grid.norms]
-    if unknown := set(grid.cell_overrides) - {c.name for c in cells}:
+def derive_cells(grid: Grid, dataset_size: int, data_root: Path, runs_dir: Path,
+                 pretrained: str | None = None) -> list[Cell]:
+    """Every cell of the grid in order, with hvdet.plan's numbers. A cell whose lr is an anchor sweep's
+    winner is left out until every cell of that sweep has finished (:func:`anchors`)."""
+    sweep_cells, cells, won = [], [], {}
+    sweeps, specs = cell_specs(grid)
+    for spec in sweeps + specs:
+        if spec.base_lr is None and (anchor := grid.optimizers[spec.optimizer].anchor) is not None:
+            if anchor not in won:
+                won.update(anchors(grid, sweep_cells, dataset_size))
+            lr = won.get(anchor)
+            if lr is None:
+                continue  # waiting for its sweep
+        else:
+            lr = spec.base_lr if spec.base_lr is not None else grid.optimizers[spec.optimizer].base_lr
+        for batch in spec.batches:
+            for seed in spec.seeds:
+                cell = _cell(grid, batch, spec, seed, lr, dataset_size, data_root, runs_dir, pretrained)
+                (sweep_cells if any(spec is w for w in sweeps) else cells).append(cell)
+    for cell in sweep_cells:  # a sweep's winner is its optimizer's point at the reference batch in the plots
+        if won.get(cell.optimizer) == cell.base_lr:
+            cell.label = cell.optimizer
+    everything = sweep_cells + cells
+    if len({c.name for c in everything}) < len(everything):
+        raise ConfigError("two cells of the grid have the same name; give one a tag")
+    if unknown := set(grid.cell_overrides) - {c.name for c in everything}:
         raise ConfigError(f"cell_overrides names cells the grid does not have: {sorted(unknown)}")
-    return cells
+    return everything
 
 
-def _cell(grid: Grid, batch: int, optimizer: str, norm_name: str, images: int, data_root: Path,
-          runs_dir: Path) -> Cell:
-    name, method, norm = f"b{batch}-{optimizer}-{norm_name}", grid.optimizers[optimizer], grid.norms[norm_name]
+def anchors(grid: Grid, sweep_cells: list[Cell], dataset_size: int) -> dict[str, float]:
+    """{optimizer: its anchor lr} for every sweep whose cells have all finished: the base lr with the
+    best final AP at the reference batch (seed 0; a tie goes to the smaller lr). The protocol's only
+    tuning: every other batch takes the winner, scaled by the rule (LargeDet: "anchor lr at batch 16")."""
+    won = {}
+    for optimizer in grid.anchor_sweeps:
+        rows = [(c.base_lr, collect(c, dataset_size)) for c in sweep_cells if c.optimizer == optimizer]
+        if rows and all(r["status"] in ("max_iters", "target", "diverged") for _, r in rows):
+            finished = [(r["final_ap"], -lr, lr) for lr, r in rows if r["final_ap"] is not None]
+            if finished:
+                won[optimizer] = max(finished)[2]
+    return won
+
+
+def _cell(grid: Grid, batch: int, spec: CellSpec, seed: int, base_lr: float, images: int, data_root: Path,
+          runs_dir: Path, pretrained: str | None) -> Cell:
+    name, method, norm = cell_name(batch, spec, seed), grid.optimizers[spec.optimizer], grid.norms[spec.norm]
     recipe = ROOT / grid.recipe
-    base = [*grid.overrides, *method.overrides]
-    one_pass = load_config(recipe, base).agvm.enabled
-    per_gpu, passes = _layout(batch, grid.ranks, grid.images_per_gpu, one_pass, name)
+    start = [f"model.pretrained_backbone={pretrained}"] if pretrained else []
+    base = [*start, *grid.overrides, *method.overrides, *spec.overrides]
+    one_pass = spec.one_pass or load_config(recipe, base).agvm.enabled
+    per_gpu, passes = _layout(batch, grid.ranks, spec.images_per_gpu or grid.images_per_gpu, one_pass, name)
     bn_size = _bn_size(norm, per_gpu, grid.ranks)
 
     def iters(epochs: float) -> int:  # iterations that cover `epochs` at this batch
@@ -170,25 +270,36 @@ def _cell(grid: Grid, batch: int, optimizer: str, norm_name: str, images: int, d
                  f"bn.size_images={bn_size if norm.norm == 'cross_gpu' else 'null'}",
                  f"data.root={data_root}", f"data.images_per_gpu={per_gpu}",
                  f"solver.backward_passes_per_step={passes}", "solver.lr_scaling=linear",
-                 f"solver.base_lr={method.base_lr}", f"solver.reference_batch={grid.reference_batch}",
-                 "solver.max_iters=0", "solver.steps=[]", "solver.iters_at_batch=null", "solver.iterations_scale=1.0",
+                 "solver.iterations_scale=1.0", f"solver.base_lr={base_lr}",
+                 f"solver.reference_batch={grid.reference_batch}",
+                 "solver.max_iters=0", "solver.steps=[]", "solver.iters_at_batch=null",
                  f"solver.max_epochs={grid.epochs}", f"solver.step_epochs={list(grid.step_epochs)}",
-                 f"solver.warmup_iters={iters(grid.warmup_epochs)}", f"eval.interval={eval_every}",
-                 f"eval.start={eval_every}", f"log.interval={max(1, iters(grid.log_epochs))}",
-                 f"output_dir={runs_dir / name}", *grid.cell_overrides.get(name, [])]
+                 f"solver.warmup_iters={grid.warmup_iters}", f"solver.warmup_epochs={grid.warmup_epochs}",
+                 f"eval.interval={eval_every}", f"eval.start={eval_every}", f"log.interval={max(1, iters(grid.log_epochs))}",
+                 f"seed={seed}", f"output_dir={runs_dir / name}", *grid.cell_overrides.get(name, [])]
+    # The spec's own overrides win over the grid's (a control's lr rule, schedule length or start).
+    overrides += [o for o in spec.overrides if o.split("=", 1)[0] in _CONTROLLED]
     cfg = load_config(recipe, overrides)
     plan = plan_run(cfg, grid.ranks, images)  # the very numbers train.py will use
-    return Cell(name, plan.global_batch, optimizer, norm_name, per_gpu, passes, bn_size, plan.lr, plan.max_iters,
-                plan.steps, cfg.solver.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides)
+    label = spec.optimizer + (f"+{spec.tag}" if spec.tag else "")
+    return Cell(name, plan.global_batch, spec.optimizer, spec.norm, per_gpu, passes, bn_size, plan.lr, plan.max_iters,
+                plan.steps, plan.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides, seed, spec.tag, base_lr,
+                label)
+
+
+# Keys the grid sets for every cell that a spec's overrides may still change (its controls).
+_CONTROLLED = ("solver.lr_scaling", "solver.iterations_scale", "solver.warmup_iters", "solver.warmup_epochs",
+               "solver.base_lr", "model.pretrained_backbone")
 
 
 # ---------------------------------------------------------------------------------------------
 # Data and running
 # ---------------------------------------------------------------------------------------------
 
-def ensure_data(grid: Grid, root: Path, create: bool = True) -> int:
-    """The train set's image count; writes the grid's synthetic set under ``root`` when missing.
-    A dry run (create=False) of a missing set counts what would be written."""
+def ensure_data(grid: Grid, root: Path, create: bool = True, seed: int | None = None) -> int:
+    """The train set's image count; writes the grid's synthetic set under ``root`` when missing (with
+    ``seed``: another draw of it, the pretraining set). A dry run (create=False) of a missing set
+    counts what would be written."""
     train_ann = root / "annotations/instances_train.json"
     if not (root / "annotations/instances_val.json").is_file():
         if not create:
@@ -196,10 +307,40 @@ def ensure_data(grid: Grid, root: Path, create: bool = True) -> int:
         from hvdet.data.synthetic import make_synthetic_coco
 
         d = grid.data
+        seed = d.seed if seed is None else seed
         print(f"study: writing the {d.preset} synthetic set to {root} ({d.train} train / {d.val} val images of "
-              f"{d.size} px, seed {d.seed})", flush=True)
-        make_synthetic_coco(root, d.train, d.val, d.size, d.seed, preset=d.preset)
+              f"{d.size} px, seed {seed})", flush=True)
+        make_synthetic_coco(root, d.train, d.val, d.size, seed, preset=d.preset)
     return len(json.loads(train_ann.read_text())["images"])
+
+
+def pretrain_cell(grid: Grid, runs_dir: Path, create: bool = True) -> Cell | None:
+    """The run that makes the pretrained starting point (``pretrain:``), or None without one. Its
+    data is another seed of the grid's set; its checkpoint is :func:`pretrained_checkpoint`."""
+    p = grid.pretrain
+    if p is None:
+        return None
+    root = (ROOT / p.data_root).resolve()
+    images = ensure_data(grid, root, create, seed=p.data_seed)
+    if p.batch % grid.ranks:
+        raise ConfigError(f"pretrain.batch {p.batch} does not split over {grid.ranks} ranks")
+    overrides = [*grid.overrides, *p.overrides, f"data.root={root}", f"data.images_per_gpu={p.batch // grid.ranks}",
+                 "solver.backward_passes_per_step=1", "solver.max_iters=0", "solver.steps=[]",
+                 "solver.iters_at_batch=null", f"solver.max_epochs={p.epochs}", "solver.step_epochs=[]",
+                 "eval.interval=0", "checkpoint.interval=0", "checkpoint.keep_last=1",
+                 f"output_dir={runs_dir / 'pretrain'}"]
+    cfg = load_config(ROOT / grid.recipe, overrides)
+    plan = plan_run(cfg, grid.ranks, images)
+    return Cell("pretrain", plan.global_batch, cfg.solver.optimizer, cfg.model.norm, p.batch // grid.ranks, 1,
+                p.batch, plan.lr, plan.max_iters, plan.steps, plan.warmup_iters, 0, cfg.output_dir, overrides,
+                cfg.seed, "pretrain", cfg.solver.base_lr, "pretrain")
+
+
+def pretrained_checkpoint(cell: Cell | None) -> str | None:
+    """The pretraining run's final checkpoint (what the cells' ``model.pretrained_backbone`` loads)."""
+    if cell is None:
+        return None
+    return str(Path(cell.output_dir) / "checkpoints" / "last.pt")
 
 
 def launch_command(grid: Grid, cell: Cell, controller: str | None) -> list[str]:
@@ -252,46 +393,82 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
-def run_grid(grid: Grid, cells: list[Cell], todo: list[Cell], dataset: dict, args) -> int:
-    """Run the cells of ``todo`` not done yet, one line each, the report rebuilt after each."""
-    pending = [c for c in todo if not (Path(c.output_dir) / "summary.json").exists()]
-    for c in todo:
-        if c not in pending:
+def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | None) -> int:
+    """Run the cells not done yet, one line each, the report rebuilt after each. ``derive()`` lists the
+    grid's cells and ``todo(cells)`` the selected ones: both are asked again after every cell, since a
+    finished anchor sweep adds the cells that take its winner."""
+    if pretrain is not None and not (Path(pretrain.output_dir) / "summary.json").exists():
+        print(f"study: pretraining the starting point ({pretrain.max_iters} iterations at batch {pretrain.batch})",
+              flush=True)
+        run_cell(grid, pretrain, args.controller, args.cell_timeout)
+        if not Path(pretrained_checkpoint(pretrain)).is_file():
+            print(f"study: the pretraining run left no checkpoint; see {pretrain.output_dir}/{LOG_FILE}", file=sys.stderr)
+            return 1
+    for c in todo(derive()):
+        if (Path(c.output_dir) / "summary.json").exists():
             print(f"study: {c.name}: done already (summary.json), skipped", flush=True)
-    failed, spent, t0 = 0, [], time.perf_counter()
-    for i, cell in enumerate(pending, 1):
-        print(f"[{i}/{len(pending)}] {cell.name}: batch {cell.batch} = {cell.images_per_gpu} x {grid.ranks} ranks x "
+    failed, spent, t0, ran = 0, [], time.perf_counter(), set()
+    while True:
+        cells = derive()
+        pending = [c for c in todo(cells) if c.name not in ran and not (Path(c.output_dir) / "summary.json").exists()]
+        if not pending:
+            break
+        cell, i, left = pending[0], len(spent) + 1, len(pending)
+        print(f"[{i}/{i - 1 + left}] {cell.name}: batch {cell.batch} = {cell.images_per_gpu} x {grid.ranks} ranks x "
               f"{cell.passes} passes, lr {cell.lr:.4g}, {cell.max_iters} iterations (warmup {cell.warmup_iters})",
               flush=True)
         start = time.perf_counter()
         run_cell(grid, cell, args.controller, args.cell_timeout)
+        ran.add(cell.name)  # a crashed cell runs again at the next invocation, not in this one
         spent.append(time.perf_counter() - start)
         row = collect(cell, dataset["train_images"])
         failed += row["status"] == "failed"
-        eta = sum(spent) / len(spent) * (len(pending) - i)
+        eta = sum(spent) / len(spent) * (left - 1)
         ap = "-" if row["final_ap"] is None else f"{row['final_ap']:.3f}"
-        print(f"[{i}/{len(pending)}] {cell.name}: {row['status']}, final AP {ap}, {spent[-1]:.0f} s; "
-              f"elapsed {_clock(time.perf_counter() - t0)}, ETA {_clock(eta)}", flush=True)
-        write_report(grid_doc(grid, args), cells, dataset, args.runs_dir)
+        print(f"[{i}/{i - 1 + left}] {cell.name}: {row['status']}, final AP {ap}, {spent[-1]:.0f} s; "
+              f"elapsed {_clock(time.perf_counter() - t0)}, ETA {_clock(eta)} (+ cells waiting for an anchor)",
+              flush=True)
+        write_report(grid_doc(grid, args, pretrain, dataset), derive(), dataset, args.runs_dir)
     return 1 if failed else 0
 
 
-def grid_doc(grid: Grid, args) -> dict:
+def grid_doc(grid: Grid, args, pretrain: Cell | None = None, dataset: dict | None = None) -> dict:
     path = Path(args.grid).resolve()
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    return {"file": str(shown), "ranks": grid.ranks, "epochs": grid.epochs, "step_epochs": grid.step_epochs,
-            "warmup_epochs": grid.warmup_epochs, "reference_batch": grid.reference_batch,
-            "base_lr": {n: m.base_lr for n, m in grid.optimizers.items()}, "data": asdict(grid.data)}
+    doc = {"file": str(shown), "ranks": grid.ranks, "epochs": grid.epochs, "step_epochs": grid.step_epochs,
+           "warmup_epochs": grid.warmup_epochs, "warmup_iters": grid.warmup_iters,
+           "reference_batch": grid.reference_batch,
+           "base_lr": {n: m.base_lr for n, m in grid.optimizers.items() if m.anchor is None},
+           "anchor_sweeps": grid.anchor_sweeps, "data": asdict(grid.data), "overrides": grid.overrides}
+    if pretrain is not None and dataset is not None:
+        doc["pretrain"] = pretrain_doc(pretrain, dataset)
+    return doc
 
 
-def _select(cells: list[Cell], args) -> list[Cell]:
-    for key, values, known in (("batches", args.batches, {c.batch for c in cells}),
-                               ("optimizers", args.optimizers, {c.optimizer for c in cells}),
-                               ("norms", args.norms, {c.norm for c in cells})):
+def pretrain_doc(cell: Cell, dataset: dict) -> dict:
+    """The pretraining run's row and its checkpoint's sha256 (a re-made one can be compared)."""
+    import hashlib
+
+    row = collect(cell, dataset["train_images"])
+    ckpt = Path(pretrained_checkpoint(cell))
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.is_file() else None
+    keep = ("status", "final_ap", "iterations", "max_iters", "lr", "batch", "time_s", "wall_s")
+    return {**{k: row[k] for k in keep}, "checkpoint": str(ckpt), "sha256": digest, "overrides": cell.overrides}
+
+
+def _filter(grid: Grid, args):
+    """The cells that the --batches/--optimizers/--norms filters select (checked against the grid)."""
+    sweeps, specs = cell_specs(grid)
+    for key, values, known in (("batches", args.batches, {b for s in sweeps + specs for b in s.batches}),
+                               ("optimizers", args.optimizers, set(grid.optimizers)),
+                               ("norms", args.norms, set(grid.norms))):
         if values and (unknown := set(values) - known):
             raise ConfigError(f"--{key} {sorted(unknown)} not in the grid (it has {sorted(known)})")
-    return [c for c in cells if (not args.batches or c.batch in args.batches)
-            and (not args.optimizers or c.optimizer in args.optimizers) and (not args.norms or c.norm in args.norms)]
+
+    def todo(cells: list[Cell]) -> list[Cell]:
+        return [c for c in cells if (not args.batches or c.batch in args.batches)
+                and (not args.optimizers or c.optimizer in args.optimizers) and (not args.norms or c.norm in args.norms)]
+    return todo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,24 +484,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controller", choices=("gloo", "mpi"), help="horovodrun's (default: its own choice, as make demo)")
     p.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell's launch is killed")
     args = p.parse_args(argv)
+    runs_dir = args.runs_dir.resolve()
+    args.runs_dir = runs_dir
     try:
         grid = load_grid(args.grid)
+        create = not (args.dry_run or args.report_only)
         data_root = (args.data or ROOT / grid.data.root).resolve()
-        images = ensure_data(grid, data_root, create=not (args.dry_run or args.report_only))
-        cells = derive_cells(grid, images, data_root, args.runs_dir.resolve())
-        todo = _select(cells, args)
+        images = ensure_data(grid, data_root, create=create)
+        pretrain = pretrain_cell(grid, runs_dir, create=create)
+
+        def derive() -> list[Cell]:
+            return derive_cells(grid, images, data_root, runs_dir, pretrained_checkpoint(pretrain))
+
+        todo = _filter(grid, args)
+        cells = derive()
     except (ConfigError, OSError, yaml.YAMLError) as err:
         print(f"study: {err}", file=sys.stderr)
         return 2
     dataset = {"root": str(data_root), "train_images": images, "preset": grid.data.preset}
     if args.dry_run:
-        print(f"study: {len(todo)} of {len(cells)} cells; {grid.ranks} ranks; {images} train images x {grid.epochs:g} "
-              f"epochs = {images * grid.epochs:.0f} images a cell (lr x0.1 at epochs {grid.step_epochs}), warmup "
-              f"{grid.warmup_epochs:g} epochs")
-        print(cells_table(todo, grid.ranks))
+        names = {c.name for c in cells}
+        waiting = sorted({f"{s.optimizer}/{s.norm}" for s in cell_specs(grid)[1]
+                          if not any(cell_name(b, s, seed) in names for b in s.batches for seed in s.seeds)})
+        print(f"study: {len(todo(cells))} of {len(cells)} cells; {grid.ranks} ranks; {images} train images x "
+              f"{grid.epochs:g} epochs = {images * grid.epochs:.0f} images a cell (lr x0.1 at epochs "
+              f"{grid.step_epochs}), warmup {grid.warmup_epochs:g} epochs (at least {grid.warmup_iters} iterations)"
+              + (f"; the cells of {', '.join(waiting)} wait for their anchor sweep" if waiting else ""))
+        print(cells_table(([pretrain] if pretrain else []) + todo(cells), grid.ranks))
         return 0
-    code = 0 if args.report_only else run_grid(grid, cells, todo, dataset, args)
-    paths = write_report(grid_doc(grid, args), cells, dataset, args.runs_dir)
+    code = 0 if args.report_only else run_grid(grid, derive, todo, dataset, args, pretrain)
+    paths = write_report(grid_doc(grid, args, pretrain, dataset), derive(), dataset, runs_dir)
     print("study: " + ", ".join(str(p) for p in paths))
     return code
 

@@ -49,6 +49,8 @@ def collect(cell, train_images: int) -> dict:
     status = summary.get("stop") or ("failed" if run_dir.exists() else "pending")
     iterations = summary.get("iterations")
     return {"cell": cell.name, "batch": cell.batch, "optimizer": cell.optimizer, "norm": cell.norm,
+            "seed": cell.seed, "tag": cell.tag, "label": cell.label or cell.optimizer, "base_lr": cell.base_lr,
+            "steps": cell.steps,
             "images_per_gpu": cell.images_per_gpu, "passes": cell.passes, "bn_size": cell.bn_size, "lr": cell.lr,
             "max_iters": cell.max_iters, "warmup_iters": cell.warmup_iters, "status": status,
             "final_ap": curve[-1][1] if curve and status in FINISHED else None,
@@ -81,7 +83,7 @@ def write_report(grid: dict, cells: list, dataset: dict, runs_dir: Path) -> list
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     doc = {"study": "global batch x optimizer x normalization (benchmarks/study.py)", "grid": grid,
-           "dataset": dataset, "provenance": provenance(), "cells": rows}
+           "dataset": dataset, "provenance": provenance(), "noise": noise(rows), "cells": rows}
     paths = [runs_dir / "results.json", runs_dir / "results.md", runs_dir / "ap_vs_batch.png",
              runs_dir / "ap_vs_epoch.png", runs_dir / "diagnostics_vs_batch.png"]
     paths[0].write_text(json.dumps(doc, indent=2) + "\n")
@@ -120,15 +122,42 @@ def markdown(doc: dict) -> str:
              f"train images. Code: {commit}. AP is box AP@[.5:.95] on the val set; \"diverged\" is the papers' "
              "\"Failed\"; time is training + evaluation, start-up excluded.")
     lines = ["# Batch-size study: results", "", intro, "",
-             "| cell | batch | optimizer | norm | BN size | lr | final AP | best AP | iterations | time | stop |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| cell | batch | optimizer | norm | BN size | lr | warmup | final AP | best AP | iterations | time | stop |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in doc["cells"]:
         done = "-" if r["iterations"] is None else f"{r['iterations']} / {r['max_iters']}"
         time_s = "-" if r["time_s"] is None else f"{r['time_s']:.0f} s"
         lines.append(f"| {r['cell']} | {r['batch']} | {r['optimizer']} | {r['norm']} | {r['bn_size']} | "
-                     f"{r['lr']:.4g} | {_num(r['final_ap'])} | {_num(r['best_ap'])} | {done} | {time_s} | "
-                     f"{r['status']} |")
+                     f"{r['lr']:.4g} | {r.get('warmup_iters', '-')} | {_num(r['final_ap'])} | {_num(r['best_ap'])} | "
+                     f"{done} | {time_s} | {r['status']} |")
+    noise = doc.get("noise")
+    if noise and noise["pairs"]:
+        summary = (f"Seeds (same cell, another seed: initialization of the heads, data order): "
+                   f"{len(noise['pairs'])} pairs, largest range {noise['max_range']:.3f} AP; noise threshold "
+                   f"max(0.02, 2 x that) = **{noise['threshold']:.3f} AP**: smaller differences are not effects.")
+        lines += ["", summary, "",
+                  "| cell | seeds | final APs | range |", "| --- | --- | --- | ---: |"]
+        lines += [f"| {p['cell']} | {p['seeds']} | {', '.join(_num(a) for a in p['aps'])} | {p['range']:.3f} |"
+                  for p in noise["pairs"]]
     return "\n".join(lines) + "\n"
+
+
+def noise(rows: list[dict], floor: float = 0.02) -> dict:
+    """The seed spread: for every cell run with more than one seed (all finished), its final APs and
+    their range; the threshold below which a difference is not called an effect is max(floor, 2 x the
+    largest range) (issue 20's rule)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        base = r["cell"].rsplit("-s", 1)[0] if r.get("seed") else r["cell"]
+        groups.setdefault(base, []).append(r)
+    pairs = []
+    for cell, members in groups.items():
+        aps = [m["final_ap"] for m in sorted(members, key=lambda m: m.get("seed", 0))]
+        if len(members) > 1 and all(a is not None for a in aps):
+            pairs.append({"cell": cell, "seeds": sorted(m.get("seed", 0) for m in members), "aps": aps,
+                          "range": max(aps) - min(aps)})
+    widest = max((p["range"] for p in pairs), default=0.0)
+    return {"pairs": pairs, "max_range": widest, "threshold": max(floor, 2 * widest)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +174,9 @@ def plot(rows: list[dict], batch_png: Path, epoch_png: Path, diagnostics_png: Pa
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
 
-    colours = {o: f"C{i}" for i, o in enumerate(_order(rows, "optimizer"))}
+    # One line per label (optimizer, or optimizer+control tag), seed 0 only (other seeds: the noise table).
+    rows = [{**r, "optimizer": r.get("label") or r["optimizer"]} for r in rows if not r.get("seed")]
+    colours = {o: f"C{i % 10}" for i, o in enumerate(_order(rows, "optimizer"))}
     styles = {n: ("-", "--", ":", "-.")[i % 4] for i, n in enumerate(_order(rows, "norm"))}
     for path, draw in ((batch_png, _ap_vs_batch), (epoch_png, _ap_vs_epoch), (diagnostics_png, _diagnostics_vs_batch)):
         fig = draw(rows, plt, colours, styles)

@@ -68,15 +68,18 @@ def build_inference_model(cfg: Config, num_classes: int, world_size: int) -> tor
     return build_model(cfg, num_classes, world_size, norm="local" if cfg.model.norm == "cross_gpu" else None)
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float):
-    """The recipe's optimizer over ``model``, wrapped by Horovod to average gradients over the ranks."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, cycle_length: int | None | str = "recipe"):
+    """The recipe's optimizer over ``model``, wrapped by Horovod to average gradients over the ranks.
+    ``cycle_length``: PMD-LAMB's T in iterations (the plan's, when the recipe gives it in epochs);
+    "recipe": ``solver.cycle_length`` as written."""
     from hvdet.optim import build_optimizer as optimizer_over
 
     s = cfg.solver
+    cycle = s.cycle_length if cycle_length == "recipe" else cycle_length
     opt = optimizer_over(model, s.optimizer, lr, s.weight_decay, momentum=s.momentum, betas=tuple(s.betas),
-                         eps=s.eps, alpha=s.alpha, cycle_length=s.cycle_length,
+                         eps=s.eps, alpha=s.alpha, cycle_length=cycle, bias_correction=s.bias_correction,
                          per_module=s.per_module or cfg.agvm.enabled, norm_weight_decay=s.norm_weight_decay,
-                         **s.optimizer_args)
+                         norm_bias_trust=s.norm_bias_trust, **s.optimizer_args)
     return comm.distributed_optimizer(opt, model.named_parameters(),
                                       compression="fp16" if s.fp16_allreduce else "none",
                                       backward_passes_per_step=s.backward_passes_per_step)
@@ -121,9 +124,9 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     train_set, val_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
     plan = plan_run(cfg, world, len(train_set))
     model = build_model(cfg, train_set.num_classes, world)
-    opt = build_optimizer(cfg, model, plan.lr)
+    opt = build_optimizer(cfg, model, plan.lr, plan.cycle_length)
     a = cfg.agvm
-    agvm = AGVM(opt, model, a.interval, a.start_iter, a.momentum, tuple(a.clamp)) if a.enabled else None
+    agvm = AGVM(opt, model, plan.agvm_interval, a.start_iter, plan.agvm_momentum, tuple(a.clamp)) if a.enabled else None
     loader = TrainLoader(train_set, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
     s, device = cfg.solver, comm.device()

@@ -58,14 +58,23 @@ class SolverConfig:
     optimizer_args: dict = field(default_factory=dict)  # more constructor kwargs, e.g. {trust_coefficient: 0.02}
     base_lr: float = 0.02                     # lr at reference_batch images: the linear scaling rule's anchor
     reference_batch: int = 16
-    lr_scaling: str = "linear"                # linear | none (base_lr is then the global lr)
+    lr_scaling: str = "linear"                # linear | sqrt (base_lr x sqrt(batch / reference)) | none (base_lr
+    #   is then the global lr)
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    norm_weight_decay: float = 0.0
+    norm_weight_decay: float = 0.0            # weight decay of norm scales/shifts and biases
+    norm_bias_trust: bool = False             # LAMB family: true puts norm and bias tensors under the trust
+    #   ratio too (LargeDet Algorithm 1 excludes none); false: Apex FusedLAMB's exclusion (an Adam step
+    #   there). Measured (benchmarks/toy_collapse.py, docs/optimizers.md): the trust ratio flips and blows
+    #   up BN scales from lr 6.4 on, the exclusion with bias correction does not
+    bias_correction: bool = True              # LAMB family: Adam's m/(1-beta1^t), v/(1-beta2^t); false: the
+    #   uncorrected moments of Algorithm 1, whose first steps are 3.2x larger (BN scales flipped from lr 1.6)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     alpha: float = 0.012                      # PMD-LAMB's trust-ratio scale (LargeDet Eq. 5)
-    cycle_length: int | None = 200            # PMD-LAMB's T; None -> LAMB
+    cycle_length: int | None = 200            # PMD-LAMB's T in iterations; None -> LAMB
+    cycle_epochs: float | None = None         # PMD-LAMB's T in epochs instead (converted at the run's batch,
+    #   so every batch gets the same number of cycles; LargeDet's T=200 of 3360 iterations = 1/16.8 run)
     per_module: bool = False                  # one param group per module (AGVM needs it)
     schedule: str = "step"                    # step | cosine
     max_iters: int = 0                        # either max_iters/steps ...
@@ -76,7 +85,10 @@ class SolverConfig:
     step_epochs: list[float] = field(default_factory=list)
     iterations_scale: float = 1.0             # MegDet's "longer" policy, e.g. 1.4
     gamma: float = 0.1
-    warmup_iters: int = 0
+    warmup_iters: int = 0                     # linear warmup, in iterations at every batch ...
+    warmup_epochs: float = 0.0                # ... or in epochs (converted at the run's batch); both set:
+    #   the longer. Epochs alone shrink a large batch's warmup to a few steps; an iteration floor
+    #   gives it a real one (LargeDet 4.1, MegDet 3.2: warmup must grow with the batch)
     warmup_start_factor: float = 0.001
     final_lr: float = 0.0                     # cosine only
     clip_grad_norm: float | None = None
@@ -99,9 +111,13 @@ class BNConfig:
 @dataclass
 class AGVMConfig:
     enabled: bool = False
-    interval: int = 10
+    interval: int = 10                        # iterations between variance estimates (upstream's 10) ...
+    interval_epochs: float | None = None      # ... or in epochs (converted at the run's batch)
     start_iter: int = 0
-    momentum: float = 0.97
+    momentum: float = 0.97                    # smoothing of the lr scales per estimate (upstream's 0.97) ...
+    time_constant_epochs: float | None = None  # ... or as the smoothing's time constant in epochs:
+    #   momentum = 1 - interval / time constant (upstream: 10 / 0.03 = 333 iterations), so a short
+    #   large-batch run's AGVM can react
     clamp: list[float] = field(default_factory=lambda: [0.5, 10.0])
 
 
@@ -177,7 +193,7 @@ CHOICES = {
     "bn.backend": ("auto", *registry.GROUP_BACKENDS),
     "bn.stats": registry.BN_STATS,
     "bn.impl": registry.BN_IMPLS,
-    "solver.lr_scaling": ("linear", "none"),
+    "solver.lr_scaling": ("linear", "sqrt", "none"),
     "solver.schedule": ("step", "cosine"),
     "solver.amp_dtype": ("float16", "bfloat16"),
     "checkpoint.on_world_size_change": ("rescale", "refuse"),
@@ -274,6 +290,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: eval.background_nice is a niceness in [0, 19], got {cfg.eval.background_nice}")
     if cfg.comm.timeout_s <= 0:
         raise ConfigError(f"{source}: comm.timeout_s must be > 0, got {cfg.comm.timeout_s}")
+    for key in ("solver.cycle_epochs", "agvm.interval_epochs", "agvm.time_constant_epochs"):
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            raise ConfigError(f"{source}: {key} must be > 0 or null, got {_get(cfg, key)}")
+    if s.warmup_iters < 0 or s.warmup_epochs < 0:
+        raise ConfigError(f"{source}: solver.warmup_iters and warmup_epochs must be >= 0, got {s.warmup_iters}, "
+                          f"{s.warmup_epochs}")
     if s.base_lr <= 0:
         raise ConfigError(f"{source}: solver.base_lr must be > 0, got {s.base_lr}")
     if cfg.agvm.enabled and s.backward_passes_per_step > 1:

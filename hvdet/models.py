@@ -10,6 +10,8 @@ Two families of architectures:
 * ``{faster,mask}rcnn_resnet18_fpn_fast``: the CPU variants the demo and the tests train. Every
   choice in :class:`FastDesign` cuts work that an easy dataset (objects of 15-50% of a 128-px image)
   does not need; ``benchmarks/model_step.py`` measures the effect (docs/models.md has the numbers).
+  ``fasterrcnn_resnet18_fpn_fast64`` is the same at 64 px (:data:`FAST64`: anchors, RoIAlign's
+  canonical scale and the image sizes halved), the batch-size study's model.
 * ``retinanet_*``: the one-stage family (:mod:`hvdet.retinanet`). Families are entries of
   :data:`hvdet.registry.FAMILIES`, architectures of :data:`hvdet.registry.ARCHS`.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet
@@ -82,12 +85,22 @@ class FastDesign:
 
 
 FAST = FastDesign()
+# The 64-px variant (the batch-size study's, docs/study.md): objects of 3-38 px, so every size halves;
+# the stride-8 and -16 maps are 8x8 and 4x4. At 64 px the convolutions are no longer most of a step
+# (RoIAlign's CPU backward was 23%), so training samples half the proposals and RoIs (at most 12
+# objects an image); evaluation keeps the 128-px variant's 100 proposals. A step on 8 images: 107 ms
+# on one thread against 132 ms with the 128-px sampling (the 128-px model: about 190 ms).
+FAST64 = FastDesign(anchor_sizes=((8, 16), (32, 48)), roi_canonical_scale=18, min_size=64, max_size=107,
+                    detector_kwargs=(("rpn_pre_nms_top_n_train", 150), ("rpn_pre_nms_top_n_test", 300),
+                                     ("rpn_post_nms_top_n_train", 50), ("rpn_post_nms_top_n_test", 100),
+                                     ("rpn_batch_size_per_image", 64), ("box_batch_size_per_image", 16)))
+FAST_DESIGNS = {128: FAST, 64: FAST64}  # Arch.image_px -> its design
 
 
 def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_group_size: int | None = None,
                    min_size: int | None = None, max_size: int | None = None,
                    pretrained_backbone: str | os.PathLike | None = None, trainable_backbone_layers: int = 3,
-                   fast_design: FastDesign = FAST, **overrides) -> nn.Module:
+                   fast_design: FastDesign | None = None, **overrides) -> nn.Module:
     """A torchvision detector for ``num_classes`` classes (background included).
 
     ``min_size`` / ``max_size`` (resize of the shorter / longer image side) default to the arch's:
@@ -95,7 +108,8 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
     torchvision's ``FasterRCNN`` / ``MaskRCNN`` (``rpn_pre_nms_top_n_train``, ``box_batch_size_per_image``,
     ...) and win over the fast design's values. ``trainable_backbone_layers`` (0-5) counts ResNet
     stages from the top that train; the others are frozen as in torchvision. ``fast_design`` replaces
-    the ``_fast`` archs' :class:`FastDesign` (benchmarks use it for ablations).
+    the ``_fast`` archs' :class:`FastDesign` (benchmarks use it for ablations; default: the arch's,
+    :data:`FAST_DESIGNS`).
     """
     spec = ARCHS[arch]  # an unknown arch or norm: ValueError naming the closest
     NORMS[norm]
@@ -107,6 +121,7 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
     # cross_gpu starts from ordinary BN layers and converts them below, keeping their parameters.
     norm_layer = NORMS.load("local" if norm == "cross_gpu" else norm)
+    fast_design = fast_design or FAST_DESIGNS[spec.image_px]
     model = FAMILIES.load(spec.family)(spec, num_classes, norm_layer, trainable_backbone_layers, min_size, max_size,
                                        overrides, fast_design)
     if pretrained_backbone is not None:
@@ -189,6 +204,7 @@ def _freeze_stages(body: nn.Module, trainable_layers: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _PREFIXES = ("module.", "backbone.body.", "body.", "backbone.")
+_NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_backbone(model: nn.Module, path: str | os.PathLike) -> dict:
@@ -203,7 +219,10 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_backbone file {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: no code runs from the file. hvdet's own checkpoints also hold numpy RNG states,
+        # whose few numpy types are allowed by name, so a finished run can be a starting point.
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or non-torch file: say which one
         raise ValueError(f"pretrained_backbone file {path!r} is not a readable torch state dict: {err}") from err
     for key in ("model", "state_dict"):

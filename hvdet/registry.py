@@ -46,6 +46,7 @@ class Arch:
     family: str         # a FAMILIES name: which builder makes the detector
     backbone: str       # a torchvision ResNet / ResNeXt constructor name
     fast: bool = False  # the CPU variant (hvdet.models.FastDesign)
+    image_px: int = 128  # the fast variant's image size: its FastDesign (hvdet.models.FAST_DESIGNS)
 
     @property
     def mask(self) -> bool:
@@ -68,6 +69,7 @@ ARCHS = Registry("model.arch", {
     "maskrcnn_resnet50_fpn": Arch("maskrcnn", "resnet50"),
     "maskrcnn_resnet101_fpn": Arch("maskrcnn", "resnet101"),
     "fasterrcnn_resnet18_fpn_fast": Arch("fasterrcnn", "resnet18", fast=True),
+    "fasterrcnn_resnet18_fpn_fast64": Arch("fasterrcnn", "resnet18", fast=True, image_px=64),  # the study's
     "maskrcnn_resnet18_fpn_fast": Arch("maskrcnn", "resnet18", fast=True),
     "retinanet_resnet50_fpn": Arch("retinanet", "resnet50"),
     "retinanet_resnext50_32x4d_fpn": Arch("retinanet", "resnext50_32x4d"),  # MLPerf Training's RetinaNet

@@ -165,3 +165,40 @@ def test_loading_a_config_does_not_import_torch():
     code = ("import sys; import hvdet.config as c; c.load_config('configs/synthetic_demo.yaml');"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_lengths_in_epochs_follow_the_batch_and_warmup_has_a_floor():
+    """Issue 20: warmup, PMD-LAMB's cycle and AGVM's timing given in epochs are converted at the run's global
+    batch (the same share of the run at every batch); warmup_iters is a floor in iterations."""
+    raw = {"solver": {"max_epochs": 12, "step_epochs": [8, 11], "warmup_epochs": 1, "warmup_iters": 25,
+                      "cycle_epochs": 0.7, "base_lr": 0.1, "warmup_start_factor": 0.01},
+           "agvm": {"interval_epochs": 0.1, "time_constant_epochs": 1.0}, "data": {"images_per_gpu": 8}}
+    cfg = from_dict(raw)
+    small = plan_run(cfg, 2, 5120)   # batch 16: 320 iterations an epoch
+    assert (small.max_iters, small.steps, small.warmup_iters) == (3840, [2560, 3520], 320)
+    assert small.cycle_length == 224 and small.agvm_interval == 32 and small.agvm_momentum == pytest.approx(0.9)
+    raw["solver"]["backward_passes_per_step"] = 32
+    big = plan_run(from_dict(raw), 2, 5120)  # batch 512: 10 iterations an epoch; warmup at least 25
+    assert (big.max_iters, big.steps, big.warmup_iters) == (120, [80, 110], 25)
+    assert big.cycle_length == 7 and big.agvm_interval == 1 and big.agvm_momentum == pytest.approx(0.9)
+    assert big.lr == pytest.approx(0.1 * 32)
+    assert lr_at(from_dict(raw), big, 0) == pytest.approx(3.2 * 0.01) and lr_at(from_dict(raw), big, 25) == 3.2
+    # Given in iterations, they stay as written: the recipes' (and the demo's) meaning before issue 20.
+    plain = plan_run(from_dict({"solver": {"max_iters": 100, "warmup_iters": 10}}), 8, 1000)
+    assert (plain.warmup_iters, plain.cycle_length, plain.agvm_interval, plain.agvm_momentum) == (10, 200, 10, 0.97)
+
+
+def test_square_root_lr_scaling():
+    cfg = from_dict({"solver": {"max_iters": 1, "lr_scaling": "sqrt", "base_lr": 0.1, "backward_passes_per_step": 32},
+                     "data": {"images_per_gpu": 8}})
+    assert plan_run(cfg, 2, 10).lr == pytest.approx(0.1 * (512 / 16) ** 0.5)  # 0.566 where the linear rule gives 3.2
+
+
+def test_agvm_timing_from_a_time_constant():
+    from hvdet.plan import agvm_timing
+
+    assert agvm_timing(10, 0.97) == (10, 0.97)                  # upstream's, as given
+    assert agvm_timing(10, 0.97, None, 333) == (10, pytest.approx(1 - 10 / 333))
+    assert agvm_timing(10, 0.97, 5, 4) == (5, 0.0)              # the interval exceeds the time constant
+    with pytest.raises(ConfigError, match="agvm.time_constant_epochs must be > 0"):
+        from_dict({"solver": {"max_iters": 1}, "agvm": {"time_constant_epochs": 0}})

@@ -494,8 +494,10 @@ def test_param_groups_of_a_torchvision_mask_rcnn():
     for g in groups:
         assert g["lr_scale"] == 1.0 and all(module_of(by_id[id(p)]) == g["module"] for p in g["params"])
         no_decay = g["name"].endswith("no_decay")
-        assert g["trust"] is not no_decay and g["weight_decay"] == (0.0 if no_decay else 1e-4)
+        assert g["trust"] is not no_decay and g["weight_decay"] == (0.0 if no_decay else 1e-4)  # Apex's exclusion
         assert all((p.ndim <= 1) == no_decay for p in g["params"])
+    algorithm_1 = param_groups(model, weight_decay=1e-4, per_module=True, norm_bias_trust=True)
+    assert all(g["trust"] for g in algorithm_1)  # Algorithm 1: every tensor under the trust ratio
     flat = param_groups(model, weight_decay=1e-4)
     assert [(g["name"], g["module"]) for g in flat] == [("default", "all"), ("no_decay", "all")]
 
@@ -539,3 +541,101 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="impl='cpp' does not take .*contiguous: False"):
         ops_lamb.lamb_step([q.detach().t()], [q.grad], [torch.zeros(4, 4)], [torch.zeros(4, 4)],
                            torch.zeros(1, len(ops_lamb.COEFS), dtype=torch.float64), impl="cpp")
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanisms of issue 20: norm/bias tensors under the trust ratio, bias correction
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvBN(torch.nn.Module):
+    """A conv + BN + linear net with torchvision-like names: conv weights, BN scales/shifts, a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, bias=False), torch.nn.BatchNorm2d(6),
+                                                 torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.rpn = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.rpn(self.backbone.body(x))
+
+
+@pytest.mark.parametrize("norm_bias_trust", [True, False])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_whole_model_step_is_algorithm_1_in_float64(norm_bias_trust, bias_correction):
+    """build_optimizer's PMD-LAMB over a conv+BN net == LargeDet Algorithm 1 read in float64, one tensor at a
+    time: with norm_bias_trust every tensor (BN gamma/beta, biases) takes the trust ratio and, with
+    norm_weight_decay = weight_decay, the same decay, exactly as Algorithm 1 (which excludes nothing); without
+    it, Apex's exclusion. Bias correction on and off."""
+    torch.manual_seed(0)
+    model = ConvBN()
+    names = [n for n, _ in model.named_parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, "pmdlamb", lr=0.5, weight_decay=5e-4, norm_weight_decay=5e-4, alpha=0.05,
+                          cycle_length=4, bias_correction=bias_correction, norm_bias_trust=norm_bias_trust)
+    gen = torch.Generator().manual_seed(1)
+    grad_steps = []
+    for _ in range(9):  # two full PMD cycles and a bit
+        x, y = torch.randn(8, 3, 5, 5, generator=gen), torch.randn(8, 4, generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grad_steps.append([p.grad.detach().clone() for p in model.parameters()])
+        opt.step()
+    groups = [{"lr": 0.5, "betas": (0.9, 0.999), "eps": 1e-6, "wd": 5e-4, "alpha": 0.05, "T": 4,
+               "bias_correction": bias_correction, "trust": norm_bias_trust or p.ndim > 1} for p in start]
+    want = reference_pmdlamb(start, grad_steps, groups)
+    for name, got, w in zip(names, model.parameters(), want, strict=True):
+        torch.testing.assert_close(got.detach().double(), w, rtol=1e-5, atol=1e-7, msg=name)
+    bn = model.backbone.body[1]
+    assert {g["trust"] for g in opt.param_groups if any(p is bn.weight for p in g["params"])} == {norm_bias_trust}
+
+
+def test_bias_correction_bounds_the_first_steps():
+    """Without bias correction, Algorithm 1's first step is m/sqrt(v) = (1 - b1)/sqrt(1 - b2) = 3.16 per element
+    (an excluded tensor moves lr x alpha x 3.16); with it, 1. Under the trust ratio the move is lr x alpha x ||x||
+    either way."""
+    for bc, per_element in ((False, 0.1 / math.sqrt(0.001)), (True, 1.0)):
+        p = torch.nn.Parameter(torch.ones(16))
+        opt = PMDLAMB([{"params": [p], "trust": False, "weight_decay": 0.0}], lr=2.0, alpha=0.05, eps=0.0,
+                      bias_correction=bc)
+        p.grad = torch.full((16,), 0.3)
+        opt.step()
+        torch.testing.assert_close(1.0 - p.detach(), torch.full((16,), 2.0 * 0.05 * per_element))
+        q = torch.nn.Parameter(torch.ones(16))
+        trusted = PMDLAMB([q], lr=2.0, alpha=0.05, eps=0.0, weight_decay=0.0, bias_correction=bc)
+        q.grad = torch.full((16,), 0.3)
+        trusted.step()
+        assert float((1.0 - q.detach()).norm()) == pytest.approx(2.0 * 0.05 * 4.0)  # lr x alpha x ||x|| = 0.1 x 4
+
+
+def test_build_optimizer_passes_the_mechanisms_to_the_groups():
+    opt = build_optimizer(ConvBN(), "lamb", lr=0.1, weight_decay=5e-4)  # the defaults: Apex's exclusion, corrected
+    assert [g["trust"] for g in opt.param_groups] == [True, False]
+    assert all(g["bias_correction"] for g in opt.param_groups)
+    paper = build_optimizer(ConvBN(), "pmdlamb", lr=0.1, weight_decay=5e-4, norm_bias_trust=True,
+                            bias_correction=False)  # Algorithm 1 as written
+    assert all(g["trust"] for g in paper.param_groups)
+    assert not any(g["bias_correction"] for g in paper.param_groups)
+    sgd = build_optimizer(ConvBN(), "sgd", lr=0.1, weight_decay=5e-4, bias_correction=False)  # not SGD's: ignored
+    assert isinstance(sgd, torch.optim.SGD)
+
+
+def test_toy_collapse_reproduced_and_gone_under_the_default():
+    """Issue 20's toy collapse (benchmarks/toy_collapse.py): a conv+BN net under PMD-LAMB at batch 64's linear-rule
+    lr (1.6, 2-iteration warmup): the old handling (norm/bias excluded from the trust ratio, no bias correction)
+    drives a fifth or more of the BN scales to <= 0; the recipe defaults (hvdet.config.SolverConfig) none."""
+    import sys
+
+    from hvdet.config import SolverConfig
+    from tests.harness import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.toy_collapse import toy_collapse
+
+    old = toy_collapse(64, norm_bias_trust=False, bias_correction=False)
+    assert old["gamma_nonpositive"] >= 0.15, old
+    s = SolverConfig()
+    fixed = toy_collapse(64, norm_bias_trust=s.norm_bias_trust, bias_correction=s.bias_correction)
+    assert fixed["gamma_nonpositive"] == 0.0 and fixed["gamma_min"] > 0.25, fixed

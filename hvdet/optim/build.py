@@ -30,16 +30,23 @@ def module_of(param_name: str) -> str:
 
 
 def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
-    """Biases and normalization scales/shifts (every tensor of rank <= 1): no weight decay, no trust ratio."""
+    """Biases and normalization scales/shifts (every tensor of rank <= 1): their own weight decay
+    (``norm_weight_decay``) and, with ``norm_bias_trust=False``, no trust ratio."""
     return param.ndim <= 1 or name.endswith(".bias")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay: float = 0.0,
-                 per_module: bool = False) -> list[dict]:
+                 per_module: bool = False, norm_bias_trust: bool = False) -> list[dict]:
     """Trainable parameters split by weight-decay exclusion and, with ``per_module``, by module.
 
-    Each group: "params", "weight_decay", "name", "module", "lr_scale": 1.0 and "trust" (False for
-    norm/bias parameters). Names: "default" and "no_decay"; with ``per_module`` (AGVM's groups)
+    Each group: "params", "weight_decay", "name", "module", "lr_scale": 1.0 and "trust" (the LAMB
+    family's trust ratio: for norm/bias parameters, ``norm_bias_trust``). ``norm_bias_trust=True`` is
+    LargeDet's Algorithm 1, which puts every tensor under the trust ratio; False (the default) is Apex
+    FusedLAMB's convention, where they take the raw step lr x alpha x m/sqrt(v): about lr x alpha per
+    element, 3.2x that in the first steps without bias correction. benchmarks/toy_collapse.py chose
+    the default: with bias correction the exclusion kept BN scales positive up to lr 6.4, where the
+    trust ratio (relative steps of lr x alpha = 8% a step, compounding) flipped a third of them.
+    Names: "default" and "no_decay"; with ``per_module`` (AGVM's groups)
     "<module>" and "<module>.no_decay" for each module of :data:`MODULES` that has parameters, and
     "module" says which module a group belongs to ("all" without per_module). Empty groups are left out.
     """
@@ -61,7 +68,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
             else:
                 name = "no_decay" if no_decay else "default"
             groups.append({"params": params, "weight_decay": norm_weight_decay if no_decay else weight_decay,
-                           "name": name, "module": module, "lr_scale": 1.0, "trust": not no_decay})
+                           "name": name, "module": module, "lr_scale": 1.0,
+                           "trust": norm_bias_trust or not no_decay})
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     return groups
@@ -69,7 +77,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, *, momentum: float = 0.9,
                     betas=(0.9, 0.999), eps: float = 1e-6, alpha: float = 0.012, cycle_length: int | None = 200,
-                    per_module: bool = False, norm_weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+                    per_module: bool = False, norm_weight_decay: float = 0.0, norm_bias_trust: bool = False,
+                    bias_correction: bool = True, **kwargs) -> torch.optim.Optimizer:
     """An optimizer over :func:`param_groups`; ``name`` in :data:`hvdet.registry.OPTIMIZERS`.
 
     sgd is MegDet's baseline (momentum SGD; pair it with the linear scaling rule and warmup), adamw
@@ -78,11 +87,11 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     takes (SGD has no betas, LAMB no cycle) and every ``kwargs`` entry (a recipe's
     ``solver.optimizer_args``, e.g. LARS's ``trust_coefficient``), which it must take.
     """
-    groups = param_groups(model, weight_decay, norm_weight_decay, per_module)
+    groups = param_groups(model, weight_decay, norm_weight_decay, per_module, norm_bias_trust)
     factory = OPTIMIZERS.load(name)
     accepted = inspect.signature(factory).parameters
     common = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": tuple(betas), "eps": eps,
-              "alpha": alpha, "cycle_length": cycle_length}
+              "alpha": alpha, "cycle_length": cycle_length, "bias_correction": bias_correction}
     unknown = sorted(set(kwargs) - set(accepted) - {"params"})
     if unknown:
         raise ValueError(f"optimizer {name!r} takes no argument {', '.join(unknown)} (solver.optimizer_args); "
