@@ -45,7 +45,7 @@ from hvdet.dataclass_yaml import ConfigError, build
 from hvdet.optim.schedules import epochs_to_iters
 from hvdet.plan import plan_run
 
-DEFAULT_GRID = ROOT / "configs/study/study_batch.yaml"
+DEFAULT_GRID = ROOT / "configs/study/study_large_batch.yaml"
 CELL_FILE = "cell.json"
 
 

@@ -237,6 +237,33 @@ def test_pretrained_backbone_loads(tmp_path):
     torch.testing.assert_close(model.backbone.body.layer2[0].conv1.weight, resnet18.layer2[0].conv1.weight)
 
 
+def test_an_hvdet_checkpoint_feeds_pretrained_backbone(tmp_path):
+    """A detector checkpoint as hvdet writes it (hvdet.checkpoint.save: the model beside numpy and torch RNG
+    states and plain objects) is a starting point: its body loads under torch.load(weights_only=True)."""
+    import numpy as np
+
+    from hvdet.checkpoint import FORMAT
+
+    torch.manual_seed(4)
+    trained = build_detector("fasterrcnn_resnet18_fpn_fast64", 11, norm="local")
+    path = tmp_path / "iter_0000010.pt"
+    torch.save({"format": FORMAT, "iteration": 10, "model": trained.state_dict(),
+                "rng": {"numpy": np.random.RandomState(0).get_state(), "torch": torch.get_rng_state()},
+                "config": {"solver": {"base_lr": 0.4}}}, path)
+    fresh = build_detector("fasterrcnn_resnet18_fpn_fast64", 6, norm="frozen", pretrained_backbone=path)
+    torch.testing.assert_close(fresh.backbone.body.layer3[0].conv1.weight, trained.backbone.body.layer3[0].conv1.weight)
+    torch.testing.assert_close(fresh.backbone.body.bn1.running_var, trained.backbone.body.bn1.running_var)
+    assert not torch.equal(fresh.backbone.fpn.inner_blocks[0][0].weight, trained.backbone.fpn.inner_blocks[0][0].weight)
+
+
+def test_the_64px_variant_halves_the_sizes():
+    model = build_detector("fasterrcnn_resnet18_fpn_fast64", 4)
+    assert model.transform.min_size == (64,) and model.transform.max_size == 107
+    assert model.rpn.anchor_generator.sizes == ((8, 16), (32, 48))
+    assert model.roi_heads.box_roi_pool.canonical_scale == 18
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16 and model.rpn._post_nms_top_n["testing"] == 100
+
+
 def test_pretrained_backbone_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_detector("fasterrcnn_resnet18_fpn_fast", 3, pretrained_backbone=tmp_path / "nope.pth")

@@ -78,21 +78,107 @@ def test_every_batch_sees_the_same_epochs_and_the_lr_per_image_is_constant(tmp_p
 
 
 def test_default_grid_derives_and_dry_run_lists_the_filtered_cells(tmp_path, capsys):
-    """The committed grid: at least four batches from 16 to 512+, the four methods, two norms."""
+    """The committed grid (issue 20's protocol): batches 16 to 512, SGD / LAMB / PMD-LAMB / AGVM, a pretrained
+    start, the LAMB family's anchor swept at batch 16 only, the controls at 512; equal epochs everywhere."""
     grid = study.load_grid(study.DEFAULT_GRID)
-    assert len(grid.batches) >= 4 and min(grid.batches) <= 16 and max(grid.batches) >= 512
-    assert set(grid.optimizers) >= {"sgd", "lamb", "pmdlamb", "pmdlamb_agvm"} and len(grid.norms) == 2
-    cells = study.derive_cells(grid, grid.data.train, tmp_path, tmp_path)
+    assert study.DEFAULT_GRID.name == "study_large_batch.yaml"
+    assert grid.pretrain is not None and set(grid.anchor_sweeps) == {"pmdlamb"}
+    assert {grid.optimizers[o].anchor for o in ("lamb", "pmdlamb", "pmdlamb_agvm")} == {"pmdlamb"}
+    batches = {b for s in grid.cells for b in s.batches}
+    assert min(batches) == 16 and max(batches) >= 512
+    assert {s.optimizer for s in grid.cells} >= {"sgd", "lamb", "pmdlamb", "pmdlamb_agvm"}
+    assert {s.tag for s in grid.cells} >= {"scratch", "sqrt", "x1.4", "onepass", "bn2", "bn4", "bn8"}
+    cells = study.derive_cells(grid, grid.data.train, tmp_path, tmp_path, "pre.pt")
+    assert {c.name for c in cells} >= {"b16-pmdlamb-cross_gpu-lr0.05", "b512-sgd-cross_gpu", "b16-sgd-frozen"}
     for c in cells:  # the same epochs, to within the one iteration that ceil() may add
-        assert 0 <= c.max_iters * c.batch / grid.data.train - grid.epochs < c.batch / grid.data.train
-    code = study.main(["--dry-run", "--data", str(tmp_path / "missing"), "--batches", "16", "64",
-                       "--optimizers", "sgd", "pmdlamb"])
+        if c.tag != "x1.4":
+            assert 0 <= c.max_iters * c.batch / grid.data.train - grid.epochs < c.batch / grid.data.train
+        assert c.warmup_iters >= grid.warmup_iters
+        assert ("model.pretrained_backbone=pre.pt" in c.overrides) != (c.tag == "scratch")
+    code = study.main(["--dry-run", "--data", str(tmp_path / "missing"), "--runs-dir", str(tmp_path / "runs"),
+                       "--batches", "512", "--optimizers", "sgd"])
     out = capsys.readouterr().out
-    assert code == 0 and f"8 of {len(cells)} cells" in out
-    assert "b64-sgd-local" in out and "b16-pmdlamb-cross_gpu" in out
-    assert "b256" not in out and "-lamb-" not in out and "agvm" not in out
+    assert code == 0 and "b512-sgd-cross_gpu " in out and "b512-sgd-cross_gpu-s1" in out and "b16" not in out
+    assert "wait for their anchor sweep" in out
     assert not (tmp_path / "missing").exists()  # a dry run writes nothing
     assert study.main(["--dry-run", "--data", str(tmp_path / "missing"), "--batches", "24"]) == 2
+
+
+SPECS = {
+    "anchor_sweeps": {"pmdlamb": [0.1, 0.4]}, "anchor_norm": "cross_gpu",
+    "optimizers": {"sgd": {"base_lr": 0.02, "overrides": ["solver.optimizer=sgd"]},
+                   "pmdlamb": {"anchor": "pmdlamb", "overrides": ["solver.optimizer=pmdlamb"]},
+                   "pmdlamb_agvm": {"anchor": "pmdlamb", "overrides": ["solver.optimizer=pmdlamb", "agvm.enabled=true"]}},
+    "cells": [{"optimizer": "pmdlamb", "norm": "cross_gpu", "batches": [512, 64]},
+              {"optimizer": "pmdlamb", "norm": "cross_gpu", "batches": [512], "tag": "sqrt",
+               "overrides": ["solver.lr_scaling=sqrt"]},
+              {"optimizer": "pmdlamb", "norm": "cross_gpu", "batches": [512], "tag": "x1.4",
+               "overrides": ["solver.iterations_scale=1.4"]},
+              {"optimizer": "pmdlamb", "norm": "cross_gpu", "batches": [512], "tag": "scratch",
+               "overrides": ["model.pretrained_backbone=null"]},
+              {"optimizer": "pmdlamb_agvm", "norm": "cross_gpu", "batches": [512]},
+              {"optimizer": "pmdlamb", "norm": "cross_gpu", "batches": [512], "tag": "onepass", "one_pass": True},
+              {"optimizer": "sgd", "norm": "cross_gpu", "batches": [16, 512], "seeds": [0, 1]},
+              {"optimizer": "sgd", "norm": "local", "batches": [16], "tag": "bn2", "images_per_gpu": 2}],
+}
+
+
+def _finish(cell, ap: float | None) -> None:
+    """A fake finished run of ``cell``: summary.json and one eval record (None: diverged)."""
+    run = Path(cell.output_dir)
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"stop": "max_iters" if ap is not None else "diverged",
+                                                  "iterations": cell.max_iters}))
+    if ap is not None:
+        (run / "metrics.jsonl").write_text(json.dumps({"type": "eval", "iteration": cell.max_iters,
+                                                       "bbox": {"AP": ap}}) + "\n")
+
+
+def test_cell_specs_anchor_sweeps_and_controls(tmp_path):
+    """Cells given one by one: the anchor sweep's cells come first; the cells that take its winner appear only
+    once every sweep cell has finished, with the best final AP's lr (the protocol's one tuning, at batch 16);
+    controls change only what they name."""
+    grid = study.load_grid(_grid_file(tmp_path, batches=[], **SPECS))
+
+    def derive() -> dict:
+        return {c.name: c for c in study.derive_cells(grid, 1024, tmp_path / "data", tmp_path / "runs", "pre.pt")}
+
+    cells = derive()
+    assert list(cells)[:2] == ["b16-pmdlamb-cross_gpu-lr0.1", "b16-pmdlamb-cross_gpu-lr0.4"]
+    assert not any(c.optimizer.startswith("pmdlamb") for n, c in cells.items() if "-lr" not in n)  # waiting
+    assert {"b16-sgd-cross_gpu", "b16-sgd-cross_gpu-s1", "b512-sgd-cross_gpu-s1"} <= set(cells)
+    assert "seed=1" in cells["b512-sgd-cross_gpu-s1"].overrides and cells["b512-sgd-cross_gpu-s1"].seed == 1
+    bn2 = cells["b16-sgd-local-bn2"]
+    assert (bn2.images_per_gpu, bn2.passes, bn2.bn_size) == (2, 4, 2)
+    _finish(cells["b16-pmdlamb-cross_gpu-lr0.1"], 0.30)
+    assert "b512-pmdlamb-cross_gpu" not in derive()  # one sweep cell left
+    _finish(cells["b16-pmdlamb-cross_gpu-lr0.4"], 0.25)
+    cells = derive()
+    assert study.anchors(grid, [c for c in cells.values() if "-lr" in c.name], 1024) == {"pmdlamb": 0.1}
+    main, sqrt, longer = (cells[f"b512-pmdlamb-cross_gpu{t}"] for t in ("", "-sqrt", "-x1.4"))
+    assert main.lr == pytest.approx(0.1 * 32) and sqrt.lr == pytest.approx(0.1 * 32 ** 0.5)
+    assert (main.max_iters, longer.max_iters, longer.steps) == (24, 34, [22, 31])  # LargeDet's 1.4x
+    assert "model.pretrained_backbone=pre.pt" in main.overrides
+    assert cells["b512-pmdlamb-cross_gpu-scratch"].overrides[-1] == "model.pretrained_backbone=null"
+    agvm, control = cells["b512-pmdlamb_agvm-cross_gpu"], cells["b512-pmdlamb-cross_gpu-onepass"]
+    assert (agvm.images_per_gpu, agvm.passes, agvm.bn_size) == (control.images_per_gpu, control.passes,
+                                                                control.bn_size) == (256, 1, 512)
+    assert cells["b16-pmdlamb-cross_gpu-lr0.1"].label == "pmdlamb"  # the winner is the 16-point of its line
+    assert cells["b16-pmdlamb-cross_gpu-lr0.4"].label == "pmdlamb+lr0.4"
+
+
+def test_noise_threshold_from_the_seed_pairs():
+    from benchmarks import study_report
+
+    rows = [{"cell": "b16-sgd-cross_gpu", "seed": 0, "final_ap": 0.300},
+            {"cell": "b16-sgd-cross_gpu-s1", "seed": 1, "final_ap": 0.285},
+            {"cell": "b512-sgd-cross_gpu", "seed": 0, "final_ap": 0.100},
+            {"cell": "b512-sgd-cross_gpu-s1", "seed": 1, "final_ap": None},   # not finished: no pair yet
+            {"cell": "b64-sgd-cross_gpu", "seed": 0, "final_ap": 0.2}]
+    got = study_report.noise(rows)
+    assert [p["cell"] for p in got["pairs"]] == ["b16-sgd-cross_gpu"]
+    assert got["max_range"] == pytest.approx(0.015) and got["threshold"] == pytest.approx(0.03)
+    assert study_report.noise(rows[2:])["threshold"] == 0.02  # no pair: the floor
 
 
 def test_grid_file_errors_name_the_key(tmp_path):
@@ -178,3 +264,35 @@ def test_a_cells_diagnostics_are_the_medians_over_its_run_and_are_plotted(tmp_pa
     pngs = [tmp_path / f"{n}.png" for n in ("batch", "epoch", "diagnostics")]
     study_report.plot(rows, *pngs)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+@pytest.mark.multirank
+def test_tiny_grid_pretrains_once_sweeps_the_anchor_and_uses_it(tmp_path):
+    """Issue 20's protocol end to end, tiny: the pretraining run (another seed of the set), then a two-lr anchor
+    sweep at the reference batch, then the cell that takes the winner, loading the pretrained backbone body."""
+    tiny = {**TINY, "batches": [], "reference_batch": 4, "cell_overrides": {},
+            "pretrain": {"data_root": str(tmp_path / "pre_data"), "data_seed": 1, "batch": 4, "epochs": 1,
+                         "overrides": ["solver.optimizer=sgd", "solver.base_lr=0.02"]},
+            "anchor_sweeps": {"sgd": [0.01, 0.02]}, "anchor_norm": "local",
+            "optimizers": {"sgd": {"anchor": "sgd", "overrides": ["solver.optimizer=sgd"]}},
+            "cells": [{"optimizer": "sgd", "norm": "local", "batches": [8]}]}
+    grid, runs, data = tmp_path / "tiny.yaml", tmp_path / "runs", tmp_path / "data"
+    grid.write_text(yaml.safe_dump(tiny))
+    cmd = [sys.executable, "benchmarks/study.py", "--grid", str(grid), "--runs-dir", str(runs), "--data", str(data),
+           "--controller", "gloo", "--cell-timeout", "300"]
+    out = run_command(cmd, timeout_s=600, env=rank_env())
+    assert "pretraining the starting point (4 iterations at batch 4)" in out
+    assert (tmp_path / "pre_data/annotations/instances_train.json").is_file()
+    assert "[1/2] b4-sgd-local-lr0.01" in out and "[3/3] b8-sgd-local:" in out  # the third appears after the sweep
+    results = json.loads((runs / "results.json").read_text())
+    rows = {r["cell"]: r for r in results["cells"]}
+    assert set(rows) == {"b4-sgd-local-lr0.01", "b4-sgd-local-lr0.02", "b8-sgd-local"}
+    sweep = {lr: rows[f"b4-sgd-local-lr{lr}"]["final_ap"] for lr in ("0.01", "0.02")}
+    winner = max(sweep, key=lambda lr: (sweep[lr], -float(lr)))
+    assert rows["b8-sgd-local"]["base_lr"] == float(winner) and rows["b8-sgd-local"]["lr"] == 2 * float(winner)
+    pretrain = results["grid"]["pretrain"]
+    assert pretrain["status"] == "max_iters" and len(pretrain["sha256"]) == 64
+    config = yaml.safe_load((runs / "b8-sgd-local" / "config.yaml").read_text())
+    assert config["model"]["pretrained_backbone"] == pretrain["checkpoint"]
+    again = run_command(cmd, timeout_s=120, env=rank_env())
+    assert "pretraining" not in again and again.count("done already") == 3
