@@ -119,6 +119,8 @@ class Grid:
     anchor_sweeps: dict[str, list[float]] = field(default_factory=dict)  # method -> base lrs tried at reference_batch
     anchor_norm: str = ""                 # the norm of the sweeps' cells
     cells: list[CellSpec] = field(default_factory=list)
+    archive: str = ""                     # the committed copy (results and each finished cell's small files);
+    #   a new checkout restores finished cells from it instead of running them again
 
 
 @dataclass
@@ -384,6 +386,44 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
         _write_json(summary, {"stop": "diverged", "failure": line, "written_by": "benchmarks/study.py"})
 
 
+# A finished cell's files that the report reads, small enough to commit (no checkpoints, no events).
+ARCHIVED = ("summary.json", CELL_FILE, "metrics.jsonl", "config.yaml", LOG_FILE)
+
+
+def archive_cells(cells: list[Cell], archive: Path) -> int:
+    """Copy each finished cell's small files to ``archive/cells/<name>/``; the number copied now."""
+    import shutil
+
+    copied = 0
+    for cell in cells:
+        run_dir, kept = Path(cell.output_dir), archive / "cells" / cell.name
+        if not (run_dir / "summary.json").is_file() or (kept / "summary.json").is_file():
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, kept / name)
+        copied += 1
+    return copied
+
+
+def restore_cells(cells: list[Cell], archive: Path) -> list[str]:
+    """Put the archived files of finished cells that this checkout has not run back into their run
+    directories, so they count as done (the study goes on where a cut-off session stopped)."""
+    import shutil
+
+    restored = []
+    for cell in cells:
+        run_dir, kept = Path(cell.output_dir), archive / "cells" / cell.name
+        if (run_dir / "summary.json").is_file() or not (kept / "summary.json").is_file():
+            continue
+        if run_dir.exists():  # a partial run of a cell that has finished elsewhere
+            shutil.rmtree(run_dir)
+        shutil.copytree(kept, run_dir)
+        restored.append(cell.name)
+    return restored
+
+
 def _write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -404,6 +444,7 @@ def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | Non
         if not Path(pretrained_checkpoint(pretrain)).is_file():
             print(f"study: the pretraining run left no checkpoint; see {pretrain.output_dir}/{LOG_FILE}", file=sys.stderr)
             return 1
+        _compare_with_archive(grid, pretrain, dataset)
     for c in todo(derive()):
         if (Path(c.output_dir) / "summary.json").exists():
             print(f"study: {c.name}: done already (summary.json), skipped", flush=True)
@@ -428,8 +469,32 @@ def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | Non
         print(f"[{i}/{i - 1 + left}] {cell.name}: {row['status']}, final AP {ap}, {spent[-1]:.0f} s; "
               f"elapsed {_clock(time.perf_counter() - t0)}, ETA {_clock(eta)} (+ cells waiting for an anchor)",
               flush=True)
-        write_report(grid_doc(grid, args, pretrain, dataset), derive(), dataset, args.runs_dir)
+        publish(grid, args, pretrain, dataset, derive())
     return 1 if failed else 0
+
+
+def _compare_with_archive(grid: Grid, pretrain: Cell, dataset: dict) -> None:
+    """Say whether a re-made starting point is bit-identical to the one the archived cells started from."""
+    archived = ROOT / grid.archive / "results.json" if grid.archive else None
+    if archived is None or not archived.is_file():
+        return
+    before = json.loads(archived.read_text()).get("grid", {}).get("pretrain", {}).get("sha256")
+    now = pretrain_doc(pretrain, dataset)["sha256"]
+    same = "identical to" if before == now else "DIFFERENT from"
+    print(f"study: the pretrained checkpoint (sha256 {now[:12]}) is {same} the archived cells' ({str(before)[:12]})",
+          flush=True)
+
+
+def publish(grid: Grid, args, pretrain: Cell | None, dataset: dict, cells: list[Cell]) -> list[Path]:
+    """The report in the runs directory and, with ``archive:``, the same report and the finished cells'
+    files in the archive (what a session commits after each cell)."""
+    doc = grid_doc(grid, args, pretrain, dataset)
+    paths = write_report(doc, cells, dataset, args.runs_dir)
+    if grid.archive:
+        archive = ROOT / grid.archive
+        archive_cells(cells, archive)
+        write_report(doc, cells, dataset, archive)
+    return paths
 
 
 def grid_doc(grid: Grid, args, pretrain: Cell | None = None, dataset: dict | None = None) -> dict:
@@ -502,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {err}", file=sys.stderr)
         return 2
     dataset = {"root": str(data_root), "train_images": images, "preset": grid.data.preset}
+    if grid.archive and not args.dry_run:
+        while restored := restore_cells(derive(), ROOT / grid.archive):  # a restored sweep reveals its dependants
+            print(f"study: restored from {grid.archive}: {', '.join(restored)}", flush=True)
     if args.dry_run:
         names = {c.name for c in cells}
         waiting = sorted({f"{s.optimizer}/{s.norm}" for s in cell_specs(grid)[1]
@@ -513,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cells_table(([pretrain] if pretrain else []) + todo(cells), grid.ranks))
         return 0
     code = 0 if args.report_only else run_grid(grid, derive, todo, dataset, args, pretrain)
-    paths = write_report(grid_doc(grid, args, pretrain, dataset), derive(), dataset, runs_dir)
+    paths = publish(grid, args, pretrain, dataset, derive())
     print("study: " + ", ".join(str(p) for p in paths))
     return code
 

@@ -296,3 +296,23 @@ def test_tiny_grid_pretrains_once_sweeps_the_anchor_and_uses_it(tmp_path):
     assert config["model"]["pretrained_backbone"] == pretrain["checkpoint"]
     again = run_command(cmd, timeout_s=120, env=rank_env())
     assert "pretraining" not in again and again.count("done already") == 3
+
+
+def test_finished_cells_are_archived_and_restored_in_a_new_checkout(tmp_path):
+    """A study longer than a session: each finished cell's small files go to the archive (committed); a fresh
+    checkout (no runs directory) restores them, so only unfinished cells run again."""
+    grid = study.load_grid(_grid_file(tmp_path, batches=[], **SPECS))
+    cells = {c.name: c for c in study.derive_cells(grid, 1024, tmp_path / "data", tmp_path / "runs", "pre.pt")}
+    _finish(cells["b16-pmdlamb-cross_gpu-lr0.1"], 0.30)
+    Path(cells["b16-sgd-cross_gpu"].output_dir).mkdir(parents=True)  # started, not finished: not archived
+    archive = tmp_path / "archive"
+    assert study.archive_cells(list(cells.values()), archive) == 1
+    assert sorted(p.name for p in (archive / "cells/b16-pmdlamb-cross_gpu-lr0.1").iterdir()) == [
+        "metrics.jsonl", "summary.json"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a new checkout
+    assert study.restore_cells(list(cells.values()), archive) == ["b16-pmdlamb-cross_gpu-lr0.1"]
+    row = study.collect(cells["b16-pmdlamb-cross_gpu-lr0.1"], 1024)
+    assert (row["status"], row["final_ap"]) == ("max_iters", 0.30)
+    assert study.restore_cells(list(cells.values()), archive) == []  # done already
