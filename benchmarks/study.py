@@ -74,7 +74,7 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
     # Ranks share the cores: one math thread each, as make demo runs (and the run is repeatable).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    start, code = time.perf_counter(), None
+    start, code, load_start = time.perf_counter(), None, os.getloadavg()
     with open(run_dir / LOG_FILE, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -85,8 +85,11 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
             if proc.poll() is None:  # time-out or Ctrl-C: the whole launcher tree, so no rank lives on
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    # The machine's 1/5/15-minute load averages at the start and the end: a cell's minutes mean
+    # something only beside what else ran (its own two ranks make about 2).
     _write_json(run_dir / CELL_FILE, {**asdict(cell), "command": cmd, "exit_code": code,
-                                      "wall_s": time.perf_counter() - start})
+                                      "wall_s": time.perf_counter() - start, "load_avg_start": load_start,
+                                      "load_avg_end": os.getloadavg()})
     summary = run_dir / "summary.json"
     if not summary.exists() and (line := divergence_line(run_dir / LOG_FILE)):
         _write_json(summary, {"stop": "diverged", "failure": line, "written_by": "benchmarks/study.py"})

@@ -57,6 +57,7 @@ def collect(cell, train_images: int) -> dict:
             "best_ap": max((ap for _, ap in curve), default=None), "iterations": iterations,
             "stop_epoch": round(iterations * to_epoch, 4) if iterations is not None else None,
             "time_s": summary.get("elapsed_s"), "wall_s": launch.get("wall_s"), "failure": summary.get("failure"),
+            "load_avg": [launch.get("load_avg_start"), launch.get("load_avg_end")],
             "curve": curve, "diagnostics": diagnostics([r for r in records if r.get("type") == "train"])}
 
 
