@@ -68,14 +68,20 @@ def load(path: str | os.PathLike) -> dict:
 
 def model_state(path: str | os.PathLike) -> dict:
     """The model weights of an hvdet checkpoint, or of a file holding a plain state_dict."""
+    return model_and_config(path)[0]
+
+
+def model_and_config(path: str | os.PathLike) -> tuple[dict, dict | None]:
+    """The model weights of a checkpoint (read once) and, for an hvdet checkpoint, the config of the
+    run that wrote it (a plain dict, :func:`hvdet.config.to_dict`'s); None for a plain state_dict."""
     path = resolve(path)
     state = _read(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return state["model"]
+        return state["model"], state.get("config")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        return state["model"]
-    if isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values()):
-        return state
+        return state["model"], None
+    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        return state, None
     raise CheckpointError(f"{path} holds neither an hvdet checkpoint nor a model state_dict")
 
 

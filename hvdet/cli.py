@@ -1,8 +1,10 @@
-"""Command line: ``hvdet train|eval|report|make-synthetic|project`` and ``python train.py``.
+"""Command line: ``hvdet train|eval|config|predict|report|make-synthetic|project`` and ``python train.py``.
 
     python train.py --config configs/synthetic_demo.yaml [key=value ...] [--resume CKPT] [--eval-only CKPT]
     horovodrun -np 8 python train.py --config configs/largedet_fast_320.yaml output_dir=runs/fast
     hvdet eval --config FILE CKPT [key=value ...]          # = train.py --eval-only CKPT
+    hvdet config show RECIPE [key=value ...]               # the resolved recipe (_base_ merged, overrides applied)
+    hvdet predict --checkpoint CKPT --images DIR --out DIR  # draw detections, COCO results JSON
     hvdet report RUN_DIR                                    # = python -m hvdet.report RUN_DIR
     hvdet make-synthetic OUT_DIR [...]                      # = python -m hvdet.data.synthetic OUT_DIR
     hvdet project [--metrics RUN_DIR] [--validate] [...]    # = python -m hvdet.timemodel (docs/scaling.md)
@@ -151,9 +153,28 @@ def _summary_line(s: dict, output_dir: str) -> str:
             f"eval {s['eval_s']:.1f} s -> {output_dir}/summary.json")
 
 
+def config_main(argv: list[str]) -> int:
+    """``hvdet config show RECIPE [key=value ...]``: the resolved recipe as YAML, what a run would write
+    as its config.yaml (no torch is loaded)."""
+    parser = argparse.ArgumentParser(prog="hvdet config", description="Show a recipe as a run resolves it.")
+    show = parser.add_subparsers(dest="action", required=True).add_parser(
+        "show", help="print the recipe with its _base_ files merged and the overrides applied")
+    show.add_argument("recipe", help="a YAML recipe, e.g. configs/largedet_256.yaml")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    from hvdet.config import ConfigError, load_config, to_yaml
+
+    try:
+        print(to_yaml(load_config(args.recipe, args.overrides)), end="")
+    except ConfigError as err:
+        print(f"hvdet: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "eval", "report", "make-synthetic", "project")
+    commands = ("train", "eval", "config", "predict", "report", "make-synthetic", "project")
     if not argv or argv[0] not in commands:
         print(f"usage: hvdet {{{','.join(commands)}}} ...  (hvdet COMMAND --help for each)", file=sys.stderr)
         return EXIT_CONFIG
@@ -167,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("overrides", nargs="*", metavar="key=value")
         args = parser.parse_intermixed_args(rest)
         return _run(args.config, args.overrides, eval_only=args.checkpoint)
+    if command == "config":
+        return config_main(rest)
+    if command == "predict":
+        from hvdet.predict import main as predict_main
+
+        return predict_main(rest)
     if command == "report":
         from hvdet.report import main as report_main
 

@@ -5,7 +5,8 @@
 A recipe is validated against the dataclasses below: an unknown or mistyped key is an error that names
 the key, the file and the closest valid key (difflib); a value of the wrong type is an error too; a
 name (optimizer, architecture, norm, group backend, dataset format) must be one of
-:mod:`hvdet.registry`'s, the same tables the builders use. No inheritance: a recipe is the whole run.
+:mod:`hvdet.registry`'s, the same tables the builders use. A recipe may inherit from others
+(``_base_: other.yaml``, :mod:`hvdet.recipe_base`); the resolved config is the whole run.
 Loading and checking a recipe needs neither torch nor Horovod (``hvdet.plan`` turns it into a run's
 batch, lr and length).
 """
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from hvdet import dataclass_yaml, registry
-from hvdet.dataclass_yaml import ConfigError, build, unknown_key
+from hvdet import dataclass_yaml, recipe_base, registry
+from hvdet.dataclass_yaml import ConfigError, build, unknown_key, where
 
 __all__ = ["Config", "ConfigError", "apply_override", "data_path", "dump", "from_dict", "load_config", "to_dict",
-           "validate"]
+           "to_yaml", "validate"]
 
 
 @dataclass
@@ -58,23 +59,18 @@ class SolverConfig:
     optimizer_args: dict = field(default_factory=dict)  # more constructor kwargs, e.g. {trust_coefficient: 0.02}
     base_lr: float = 0.02                     # lr at reference_batch images: the linear scaling rule's anchor
     reference_batch: int = 16
-    lr_scaling: str = "linear"                # linear | sqrt (base_lr x sqrt(batch / reference)) | none (base_lr
-    #   is then the global lr)
+    lr_scaling: str = "linear"                # linear | sqrt (x sqrt(batch / reference)) | none (the global lr)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     norm_weight_decay: float = 0.0            # weight decay of norm scales/shifts and biases
-    norm_bias_trust: bool = False             # LAMB family: true puts norm and bias tensors under the trust
-    #   ratio too (LargeDet Algorithm 1 excludes none); false: Apex FusedLAMB's exclusion (an Adam step
-    #   there). Measured (benchmarks/toy_collapse.py, docs/optimizers.md): the trust ratio flips and blows
-    #   up BN scales from lr 6.4 on, the exclusion with bias correction does not
-    bias_correction: bool = True              # LAMB family: Adam's m/(1-beta1^t), v/(1-beta2^t); false: the
-    #   uncorrected moments of Algorithm 1, whose first steps are 3.2x larger (BN scales flipped from lr 1.6)
+    norm_bias_trust: bool = False             # LAMB family: norm/bias tensors under the trust ratio (Algorithm 1)
+    bias_correction: bool = True              #   or Apex's exclusion; Adam's bias correction or Algorithm 1's
+    #   none. Both defaults measured: docs/optimizers.md, benchmarks/toy_collapse.py
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     alpha: float = 0.012                      # PMD-LAMB's trust-ratio scale (LargeDet Eq. 5)
     cycle_length: int | None = 200            # PMD-LAMB's T in iterations; None -> LAMB
-    cycle_epochs: float | None = None         # PMD-LAMB's T in epochs instead (converted at the run's batch,
-    #   so every batch gets the same number of cycles; LargeDet's T=200 of 3360 iterations = 1/16.8 run)
+    cycle_epochs: float | None = None         # ... or in epochs (hvdet.plan converts at the run's batch)
     per_module: bool = False                  # one param group per module (AGVM needs it)
     schedule: str = "step"                    # step | cosine
     max_iters: int = 0                        # either max_iters/steps ...
@@ -85,10 +81,8 @@ class SolverConfig:
     step_epochs: list[float] = field(default_factory=list)
     iterations_scale: float = 1.0             # MegDet's "longer" policy, e.g. 1.4
     gamma: float = 0.1
-    warmup_iters: int = 0                     # linear warmup, in iterations at every batch ...
-    warmup_epochs: float = 0.0                # ... or in epochs (converted at the run's batch); both set:
-    #   the longer. Epochs alone shrink a large batch's warmup to a few steps; an iteration floor
-    #   gives it a real one (LargeDet 4.1, MegDet 3.2: warmup must grow with the batch)
+    warmup_iters: int = 0                     # linear warmup in iterations at every batch, and/or in epochs
+    warmup_epochs: float = 0.0                #   (converted at the run's batch): the longer of the two
     warmup_start_factor: float = 0.001
     final_lr: float = 0.0                     # cosine only
     clip_grad_norm: float | None = None
@@ -111,13 +105,11 @@ class BNConfig:
 @dataclass
 class AGVMConfig:
     enabled: bool = False
-    interval: int = 10                        # iterations between variance estimates (upstream's 10) ...
-    interval_epochs: float | None = None      # ... or in epochs (converted at the run's batch)
+    interval: int = 10                        # iterations between variance estimates, or in epochs
+    interval_epochs: float | None = None
     start_iter: int = 0
-    momentum: float = 0.97                    # smoothing of the lr scales per estimate (upstream's 0.97) ...
-    time_constant_epochs: float | None = None  # ... or as the smoothing's time constant in epochs:
-    #   momentum = 1 - interval / time constant (upstream: 10 / 0.03 = 333 iterations), so a short
-    #   large-batch run's AGVM can react
+    momentum: float = 0.97                    # smoothing of the lr scales, or as a time constant in epochs
+    time_constant_epochs: float | None = None  #   (momentum = 1 - interval / it; hvdet.plan.agvm_timing)
     clamp: list[float] = field(default_factory=lambda: [0.5, 10.0])
 
 
@@ -209,19 +201,13 @@ TARGET_KEYS = ("bbox", "segm")
 # ---------------------------------------------------------------------------------------------
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML recipe, apply ``key=value`` overrides, validate, return a :class:`Config`."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    """Read a YAML recipe (merged over its ``_base_`` recipes), apply ``key=value`` overrides, validate,
+    return a :class:`Config`."""
+    raw, sources = recipe_base.load(path)
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw, source=str(path))
+        sources.wrote(item.partition("=")[0].strip(), f"override {item!r}")
+    return from_dict(raw, source=sources)
 
 
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
@@ -237,6 +223,11 @@ def apply_override(raw: dict, item: str) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config (bases merged, overrides applied) as a recipe: what ``hvdet config show`` prints."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +247,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
+            raise ConfigError(f"{where(source, key)}: {key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
     s = cfg.solver
     if (s.max_iters > 0) == (s.max_epochs > 0):
         raise ConfigError(f"{source}: set exactly one of solver.max_iters and solver.max_epochs "
@@ -293,9 +284,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for key in ("solver.cycle_epochs", "agvm.interval_epochs", "agvm.time_constant_epochs"):
         if _get(cfg, key) is not None and _get(cfg, key) <= 0:
             raise ConfigError(f"{source}: {key} must be > 0 or null, got {_get(cfg, key)}")
-    if s.warmup_iters < 0 or s.warmup_epochs < 0:
-        raise ConfigError(f"{source}: solver.warmup_iters and warmup_epochs must be >= 0, got {s.warmup_iters}, "
-                          f"{s.warmup_epochs}")
+    if min(s.warmup_iters, s.warmup_epochs) < 0:
+        raise ConfigError(f"{source}: solver.warmup_iters and warmup_epochs must be >= 0")
     if s.base_lr <= 0:
         raise ConfigError(f"{source}: solver.base_lr must be > 0, got {s.base_lr}")
     if cfg.agvm.enabled and s.backward_passes_per_step > 1:
@@ -303,7 +293,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                           "one backward pass's gradients across ranks)")
     for key, value in cfg.target.items():
         if key not in TARGET_KEYS:
-            raise ConfigError(unknown_key(f"target.{key}", key, TARGET_KEYS, source))
+            raise ConfigError(unknown_key(f"target.{key}", key, TARGET_KEYS, where(source, f"target.{key}")))
         if not 0 < value <= 1:
             raise ConfigError(f"{source}: target.{key} is an AP in (0, 1], got {value}")
         if key not in cfg.eval.iou_types:
@@ -326,5 +316,5 @@ def dump(cfg: Config, path: str | Path) -> None:
     of a run is)."""
     from hvdet.atomic import atomic_write
 
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = to_yaml(cfg)
     atomic_write(path, lambda f: f.write(text))

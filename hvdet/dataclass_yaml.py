@@ -22,6 +22,34 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key and where it came from."""
 
 
+class Sources(str):
+    """A recipe's file name that also knows which file (the recipe, one of its ``_base_`` files, an
+    override) wrote each dotted key, so that an error names where the bad key was written."""
+
+    def __new__(cls, name: str, files: dict[str, str]):
+        self = super().__new__(cls, name)
+        self.files = files
+        return self
+
+    def wrote(self, key: str, writer: str) -> None:
+        """``key`` (and all below it) now comes from ``writer``, e.g. an override."""
+        for k in [k for k in self.files if k.startswith(key + ".")]:
+            del self.files[k]
+        self.files[key] = writer
+
+    def of(self, key: str) -> str:
+        while key:
+            if key in self.files:
+                return self.files[key]
+            key = key.rpartition(".")[0]
+        return str(self)
+
+
+def where(source: str, key: str) -> str:
+    """The file (or override) that wrote ``key``: ``source`` itself unless it is a :class:`Sources`."""
+    return source.of(key) if isinstance(source, Sources) else source
+
+
 def apply_override(raw: dict, item: str, root: type) -> None:
     """Apply ``a.b.c=value`` (value parsed as a YAML scalar or flow collection) to a raw recipe dict."""
     key, sep, text = item.partition("=")
@@ -75,17 +103,18 @@ def unknown_key(full_key: str, key: str, names: typing.Iterable[str], where: str
 
 def build(cls, raw, prefix: str = "", source: str = "<dict>"):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {raw!r}")
+        key = prefix.rstrip(".")
+        raise ConfigError(f"{where(source, key)}: {key or 'the top level'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            raise ConfigError(unknown_key(prefix + str(key), str(key), names, source))
+            raise ConfigError(unknown_key(prefix + str(key), str(key), names, where(source, prefix + str(key))))
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = build(hints[key], value if value is not None else {}, f"{prefix}{key}.", source)
         else:
-            kwargs[key] = _check_type(value, hints[key], prefix + key, source)
+            kwargs[key] = _check_type(value, hints[key], prefix + key, where(source, prefix + key))
     return cls(**kwargs)
 
 

@@ -202,3 +202,126 @@ def test_agvm_timing_from_a_time_constant():
     assert agvm_timing(10, 0.97, 5, 4) == (5, 0.0)              # the interval exceeds the time constant
     with pytest.raises(ConfigError, match="agvm.time_constant_epochs must be > 0"):
         from_dict({"solver": {"max_iters": 1}, "agvm": {"time_constant_epochs": 0}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe inheritance (_base_) and hvdet config show (issue 23)
+# ---------------------------------------------------------------------------------------------
+
+def _write(folder, name: str, text: str):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_recipes_merge_deeply_later_bases_win_and_overrides_come_last(tmp_path):
+    from hvdet.config import dump
+
+    _write(tmp_path, "grand.yaml", "solver: {max_iters: 100, steps: [60, 80], base_lr: 0.1, momentum: 0.8}\n"
+           "model: {norm: local, overrides: {a: 1}}\ndata: {min_sizes: [100, 200], max_size: 400}\n")
+    _write(tmp_path, "sub/mid.yaml", "_base_: ../grand.yaml\nsolver: {base_lr: 0.2}\n"
+           "data: {min_sizes: [300]}\nmodel: {overrides: {b: 2}}\n")          # two levels, path relative to sub/
+    _write(tmp_path, "other.yaml", "solver: {base_lr: 0.3}\neval: {interval: 7}\n")
+    child = _write(tmp_path, "child.yaml", "_base_: [sub/mid.yaml, other.yaml]\nsolver: {momentum: 0.7}\n")
+    cfg = load_config(child)
+    assert cfg.solver.base_lr == 0.3                     # the later base wins
+    assert (cfg.solver.momentum, cfg.solver.max_iters, cfg.solver.steps) == (0.7, 100, [60, 80])  # merged key by key
+    assert cfg.data.min_sizes == [300] and cfg.data.max_size == 400   # a list replaces, its siblings stay
+    assert cfg.model.norm == "local" and cfg.model.overrides == {"a": 1, "b": 2} and cfg.eval.interval == 7
+    over = load_config(child, ["solver.base_lr=0.5", "data.min_sizes=[64]", "model.overrides.a=3"])
+    assert (over.solver.base_lr, over.data.min_sizes, over.model.overrides) == (0.5, [64], {"a": 3, "b": 2})
+    # The dump is the whole resolved recipe, without _base_: it runs on its own.
+    dump(over, tmp_path / "resolved.yaml")
+    assert "_base_" not in (tmp_path / "resolved.yaml").read_text()
+    assert load_config(tmp_path / "resolved.yaml") == over
+
+
+def test_delete_replaces_the_base_mapping(tmp_path):
+    _write(tmp_path, "base.yaml", "solver: {max_iters: 100, steps: [60], momentum: 0.8}\ntarget: {bbox: 0.3}\n"
+           "model: {overrides: {a: 1}}\n")
+    child = _write(tmp_path, "child.yaml", "_base_: base.yaml\nsolver: {_delete_: true, max_epochs: 2}\n"
+                   "model: {overrides: {_delete_: true, b: 2}}\n")
+    cfg = load_config(child)
+    assert (cfg.solver.max_iters, cfg.solver.steps, cfg.solver.max_epochs) == (0, [], 2.0)  # merged: "exactly one"
+    assert cfg.solver.momentum == 0.9 and cfg.model.overrides == {"b": 2} and cfg.target == {"bbox": 0.3}
+    _write(tmp_path, "bad.yaml", "_base_: base.yaml\nsolver: {_delete_: 1}\n")
+    assert "solver._delete_ must be true or false" in _error(path=tmp_path / "bad.yaml")
+
+
+def test_base_errors_name_the_files(tmp_path):
+    child = _write(tmp_path, "child.yaml", "_base_: sub/missing.yaml\nsolver: {max_iters: 1}\n")
+    msg = _error(path=child)
+    assert msg.startswith(f"{child}: _base_ 'sub/missing.yaml' does not exist") and str(tmp_path / "sub") in msg
+    _write(tmp_path, "a.yaml", "_base_: sub/b.yaml\n")
+    _write(tmp_path, "sub/b.yaml", "_base_: ../a.yaml\n")
+    assert _error(path=tmp_path / "a.yaml") == (f"_base_ cycle: {tmp_path / 'a.yaml'} -> {tmp_path / 'sub/b.yaml'} "
+                                                f"-> {tmp_path / 'a.yaml'}")
+    assert "_base_ must be a file name or a list" in _error(path=_write(tmp_path, "n.yaml", "_base_: 3\n"))
+    # A key is reported in the file that wrote it: the child, a base, or an override.
+    base = _write(tmp_path, "base.yaml", "solver: {max_iters: 1, optimizer: pmdlam}\n")
+    typo = _write(tmp_path, "typo.yaml", "_base_: base.yaml\nsolver: {base_lrr: 0.1, optimizer: sgd}\n")
+    assert _error(path=typo) == f"{typo}: unknown key 'solver.base_lrr'; did you mean 'solver.base_lr'?"
+    choice = _write(tmp_path, "choice.yaml", "_base_: base.yaml\nsolver: {base_lr: 0.1}\n")
+    assert _error(path=choice).startswith(f"{base}: solver.optimizer must be one of")
+    assert _error(path=choice, overrides=["solver.optimizer=lamm"]).startswith(
+        "override 'solver.optimizer=lamm': solver.optimizer must be one of")
+    wrong = _write(tmp_path, "wrong.yaml", "_base_: base.yaml\nsolver: {optimizer: sgd, momentum: high}\n")
+    assert _error(path=wrong).startswith(f"{wrong}: solver.momentum must be float")
+
+
+def test_the_recipes_that_inherit_resolve_as_they_did_when_written_out():
+    """configs/largedet_{256,512,1056} and agvm_{256,512} inherit from configs/_base_/: resolved, they are
+    the recipes they were when each file spelled out every key (checked against the old files when they
+    were rewritten; a few values here)."""
+    cfg = {name: load_config(ROOT / "configs" / f"{name}.yaml")
+           for name in ("largedet_256", "largedet_512", "largedet_1056", "agvm_256", "agvm_512")}
+    for c in cfg.values():
+        assert (c.model.arch, c.model.norm, c.model.pretrained_backbone) == (
+            "fasterrcnn_resnet50_fpn", "cross_gpu", "weights/resnet50-imagenet.pth")
+        assert (c.solver.base_lr, c.solver.reference_batch, c.solver.max_iters, c.solver.steps,
+                c.solver.iters_at_batch, c.checkpoint.keep_last) == (0.02, 16, 90000, [60000, 80000], 16, 3)
+    l256, l512, l1056, a256, a512 = cfg.values()
+    assert (l256.solver.optimizer, l256.solver.weight_decay, l256.solver.alpha, l256.solver.cycle_length) == (
+        "pmdlamb", 0.0005, 0.012, 200)
+    assert (l256.output_dir, l256.target, l256.data.images_per_gpu, l256.data.num_workers, l256.bn.size_images,
+            l256.solver.iterations_scale, l256.solver.warmup_iters, l256.eval.interval, l256.eval.start,
+            l256.checkpoint.interval) == ("runs/largedet_256", {"bbox": 0.367}, 4, 4, 32, 1.0, 500, 500, 3000, 500)
+    assert (l512.target, l512.data.images_per_gpu, l512.solver.iterations_scale, l512.solver.warmup_iters,
+            l512.bn.size_images, l512.eval.interval, l512.checkpoint.interval) == (
+        {"bbox": 0.365}, 8, 1.4, 500, 32, 250, 250)
+    assert (l1056.bn.size_images, l1056.solver.warmup_iters, l1056.solver.iterations_scale, l1056.eval.start) == (
+        33, 300, 1.4, 1200)
+    for a in (a256, a512):
+        assert (a.solver.optimizer, a.solver.momentum, a.solver.weight_decay, a.solver.per_module) == (
+            "sgd", 0.9, 0.0001, True)
+        assert (a.agvm.enabled, a.agvm.interval, a.agvm.start_iter, a.agvm.momentum, a.agvm.clamp) == (
+            True, 10, 0, 0.97, [0.5, 10.0])
+    assert (a256.solver.clip_grad_norm, a256.solver.iterations_scale, a256.eval.interval) == (None, 1.0, 500)
+    assert (a512.solver.clip_grad_norm, a512.solver.iterations_scale, a512.data.num_workers) == (35.0, 1.4, 6)
+    # Every file under configs/_base_/ is some recipe's base (a base is no recipe: tests glob configs/*.yaml).
+    import yaml
+
+    used = {yaml.safe_load(p.read_text()).get("_base_") for p in RECIPES}
+    assert {f"_base_/{p.name}" for p in (ROOT / "configs" / "_base_").glob("*.yaml")} <= used
+
+
+def test_hvdet_config_show_prints_the_resolved_recipe(tmp_path):
+    import yaml
+
+    from hvdet.config import to_dict
+    from tests.harness import BIN
+
+    out = subprocess.run([str(BIN / "hvdet"), "config", "show", "configs/largedet_512.yaml", "seed=3"], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "_base_" not in out.stdout
+    shown = yaml.safe_load(out.stdout)
+    assert shown == to_dict(load_config(ROOT / "configs" / "largedet_512.yaml", ["seed=3"]))
+    assert shown["seed"] == 3 and shown["solver"]["iterations_scale"] == 1.4 and shown["bn"]["size_images"] == 32
+    bad = _write(tmp_path, "bad.yaml", f"_base_: {ROOT / 'configs' / 'largedet_512.yaml'}\nsolver: {{momentun: 0.9}}\n")
+    out = subprocess.run([str(BIN / "hvdet"), "config", "show", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"hvdet: config error: {bad}: unknown key 'solver.momentun'; did you mean 'solver.momentum'?"]
