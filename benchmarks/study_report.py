@@ -46,7 +46,10 @@ def collect(cell, train_images: int) -> dict:
     evals = [r for r in records if r.get("type") == "eval"]
     to_epoch = cell.batch / train_images
     curve = [[round(r["iteration"] * to_epoch, 4), ap] for r in evals if (ap := ap_of(r)) is not None]
-    status = summary.get("stop") or ("failed" if run_dir.exists() else "pending")
+    # No summary: pending (never started), incomplete (running, or its study was stopped: it runs again),
+    # or failed (its launcher returned without a summary: a crash).
+    status = summary.get("stop") or ("pending" if not run_dir.exists() else
+                                     "failed" if "exit_code" in launch else "incomplete")
     iterations = summary.get("iterations")
     return {"cell": cell.name, "batch": cell.batch, "optimizer": cell.optimizer, "norm": cell.norm,
             "seed": cell.seed, "tag": cell.tag, "label": cell.label or cell.optimizer, "base_lr": cell.base_lr,
@@ -115,13 +118,18 @@ def cells_table(cells: list, ranks: int) -> str:
 
 def markdown(doc: dict) -> str:
     g, d, prov = doc["grid"], doc["dataset"], doc["provenance"]
-    lrs = ", ".join(f"{k} {v:g}" for k, v in g["base_lr"].items())
+    lrs = ", ".join([f"{k} {v:g}" for k, v in g["base_lr"].items()]
+                    + [f"{k}: the best of {v} at batch {g['reference_batch']}" for k, v in g.get("anchor_sweeps", {}).items()])
     commit = (prov.get("commit") or "unknown")[:7] + (" with uncommitted changes" if prov.get("uncommitted_changes") else "")
+    floor = f", at least {g['warmup_iters']} iterations" if g.get("warmup_iters") else ""
+    pre = g.get("pretrain")
+    start = (f" Every cell starts from a pretrained backbone (box AP {pre['final_ap']:.3f} on its own set after "
+             f"{pre['iterations']} iterations; sha256 {str(pre['sha256'])[:12]})." if pre and pre.get("final_ap") else "")
     intro = (f"Grid `{g['file']}`: {g['ranks']} ranks, {g['epochs']:g} epochs at every batch (lr x0.1 at epochs "
-             f"{g['step_epochs']}), warmup {g['warmup_epochs']:g} epochs, lr = base_lr x batch / "
+             f"{g['step_epochs']}), warmup {g['warmup_epochs']:g} epochs{floor}, lr = base_lr x batch / "
              f"{g['reference_batch']} (base_lr: {lrs}). Data: the {d['preset']} synthetic set, {d['train_images']} "
-             f"train images. Code: {commit}. AP is box AP@[.5:.95] on the val set; \"diverged\" is the papers' "
-             "\"Failed\"; time is training + evaluation, start-up excluded.")
+             f"train images.{start} Code: {commit}. AP is box AP@[.5:.95] on the val set; \"diverged\" is the "
+             "papers' \"Failed\"; time is training + evaluation, start-up excluded.")
     lines = ["# Batch-size study: results", "", intro, "",
              "| cell | batch | optimizer | norm | BN size | lr | warmup | final AP | best AP | iterations | time | stop |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
