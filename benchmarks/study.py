@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {len(todo(cells))} of {len(cells)} cells; {grid.ranks} ranks; {images} train images x "
               f"{grid.epochs:g} epochs = {images * grid.epochs:.0f} images a cell (lr x0.1 at epochs "
               f"{grid.step_epochs}), warmup {grid.warmup_epochs:g} epochs (at least {grid.warmup_iters} iterations)"
-              + (f"; the cells of {', '.join(waiting)} wait for their anchor sweep" if waiting else ""))
+              + (f"; the cells of {', '.join(waiting)} wait for an anchor sweep or for the failure they control"
+                 if waiting else ""))
         print(cells_table(([pretrain] if pretrain else []) + todo(cells), grid.ranks))
         return 0
     code = 0 if args.report_only else run_grid(grid, derive, todo, dataset, args, pretrain)

@@ -71,6 +71,8 @@ class CellSpec:
     base_lr: float | None = None          # instead of the method's (the anchor sweeps' cells)
     one_pass: bool = False                # the whole batch in one backward pass (AGVM and its control)
     images_per_gpu: int | None = None     # per pass, instead of the grid's (BN size of local BN)
+    at_first_failure: bool = False        # batches: the first batch where the optimizer's plain cells (same
+    #   norm, no tag, seed 0) fail: diverge, or lose more than failure_loss against the reference batch
     overrides: list[str] = field(default_factory=list)
 
 
@@ -102,6 +104,7 @@ class Grid:
     anchor_sweeps: dict[str, list[float]] = field(default_factory=dict)  # method -> base lrs tried at reference_batch
     anchor_norm: str = ""                 # the norm of the sweeps' cells
     cells: list[CellSpec] = field(default_factory=list)
+    failure_loss: float = 0.05            # relative AP loss against the reference batch that counts as failing
     archive: str = ""                     # the committed copy (results and each finished cell's small files);
     #   a new checkout restores finished cells from it instead of running them again
 
@@ -143,7 +146,8 @@ def load_grid(path: str | Path) -> Grid:
     if not ((grid.batches or grid.cells) and grid.optimizers and grid.norms):
         raise ConfigError(f"{path}: optimizers, norms and batches (or cells) must each name at least one value")
     for i, spec in enumerate(grid.cells):
-        if spec.optimizer not in grid.optimizers or spec.norm not in grid.norms or not spec.batches:
+        if spec.optimizer not in grid.optimizers or spec.norm not in grid.norms or not (spec.batches or
+                                                                                       spec.at_first_failure):
             raise ConfigError(f"{path}: cells[{i}] needs an optimizer of {sorted(grid.optimizers)}, a norm of "
                               f"{sorted(grid.norms)} and batches; got {spec.optimizer!r}, {spec.norm!r}, {spec.batches}")
     for name, m in grid.optimizers.items():
@@ -208,7 +212,10 @@ def derive_cells(grid: Grid, dataset_size: int, data_root: Path, runs_dir: Path,
                 continue  # waiting for its sweep
         else:
             lr = spec.base_lr if spec.base_lr is not None else grid.optimizers[spec.optimizer].base_lr
-        for batch in spec.batches:
+        batches = spec.batches
+        if spec.at_first_failure:
+            batches = first_failure(grid, spec, cells, dataset_size)
+        for batch in batches:
             for seed in spec.seeds:
                 cell = _cell(grid, batch, spec, seed, lr, dataset_size, data_root, runs_dir, pretrained)
                 (sweep_cells if any(spec is w for w in sweeps) else cells).append(cell)
@@ -221,6 +228,23 @@ def derive_cells(grid: Grid, dataset_size: int, data_root: Path, runs_dir: Path,
     if unknown := set(grid.cell_overrides) - {c.name for c in everything}:
         raise ConfigError(f"cell_overrides names cells the grid does not have: {sorted(unknown)}")
     return everything
+
+
+def first_failure(grid: Grid, spec: CellSpec, cells: list[Cell], dataset_size: int) -> list[int]:
+    """[the smallest batch at which ``spec``'s optimizer failed], or [] while its plain cells are not all
+    finished or when none failed (then the control is not needed). Failing: diverged, or a final AP
+    more than ``grid.failure_loss`` (relative) below the reference batch's."""
+    plain = sorted((c for c in cells if c.optimizer == spec.optimizer and c.norm == spec.norm and not c.tag
+                    and c.seed == 0), key=lambda c: c.batch)
+    rows = [collect(c, dataset_size) for c in plain]
+    if not rows or any(r["status"] not in ("max_iters", "target", "diverged") for r in rows):
+        return []
+    reference = next((r["final_ap"] for r in rows if r["batch"] == grid.reference_batch), None)
+    for r in rows:
+        if r["batch"] > grid.reference_batch and (r["status"] == "diverged" or reference is not None and (
+                r["final_ap"] is None or r["final_ap"] < reference * (1 - grid.failure_loss))):
+            return [r["batch"]]
+    return []
 
 
 def anchors(grid: Grid, sweep_cells: list[Cell], dataset_size: int) -> dict[str, float]:
@@ -268,7 +292,7 @@ def _cell(grid: Grid, batch: int, spec: CellSpec, seed: int, base_lr: float, ima
     plan = plan_run(cfg, grid.ranks, images)  # the very numbers train.py will use
     label = spec.optimizer + (f"+{spec.tag}" if spec.tag else "")
     return Cell(name, plan.global_batch, spec.optimizer, spec.norm, per_gpu, passes, bn_size, plan.lr, plan.max_iters,
-                plan.steps, plan.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides, seed, spec.tag, base_lr,
+                plan.steps, plan.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides, seed, spec.tag, cfg.solver.base_lr,
                 label)
 
 

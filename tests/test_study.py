@@ -99,7 +99,7 @@ def test_default_grid_derives_and_dry_run_lists_the_filtered_cells(tmp_path, cap
                        "--batches", "512", "--optimizers", "sgd"])
     out = capsys.readouterr().out
     assert code == 0 and "b512-sgd-cross_gpu " in out and "b512-sgd-cross_gpu-s1" in out and "b16" not in out
-    assert "wait for their anchor sweep" in out
+    assert "wait for an anchor sweep" in out
     assert not (tmp_path / "missing").exists()  # a dry run writes nothing
     assert study.main(["--dry-run", "--data", str(tmp_path / "missing"), "--batches", "24"]) == 2
 
@@ -316,3 +316,26 @@ def test_finished_cells_are_archived_and_restored_in_a_new_checkout(tmp_path):
     row = study.collect(cells["b16-pmdlamb-cross_gpu-lr0.1"], 1024)
     assert (row["status"], row["final_ap"]) == ("max_iters", 0.30)
     assert study.restore_cells(list(cells.values()), archive) == []  # done already
+
+
+def test_the_controls_of_a_failure_run_at_the_first_failing_batch(tmp_path):
+    """SGD's half-lr / 4x-warmup controls (LargeDet Table 1) run at the first batch where its plain cells
+    diverge or lose more than failure_loss against batch 16; they wait until those cells are done, and are
+    not needed when nothing fails."""
+    specs = {"optimizers": {"sgd": SPECS["optimizers"]["sgd"]}, "failure_loss": 0.05,
+             "cells": [{"optimizer": "sgd", "norm": "cross_gpu", "batches": [16, 64, 256, 512]},
+                       {"optimizer": "sgd", "norm": "cross_gpu", "at_first_failure": True, "tag": "halflr",
+                        "overrides": ["solver.base_lr=0.01"]}]}
+    grid = study.load_grid(_grid_file(tmp_path, batches=[], **specs))
+
+    def derive() -> dict:
+        return {c.name: c for c in study.derive_cells(grid, 1024, tmp_path / "data", tmp_path / "runs")}
+
+    cells = derive()
+    assert not any("halflr" in n for n in cells)  # waiting
+    for batch, ap in ((16, 0.30), (64, 0.29), (256, 0.27)):  # 256: 10% below batch 16
+        _finish(cells[f"b{batch}-sgd-cross_gpu"], ap)
+    assert not any("halflr" in n for n in derive())  # 512 not done yet
+    _finish(cells["b512-sgd-cross_gpu"], None)  # diverged
+    control = derive()["b256-sgd-cross_gpu-halflr"]
+    assert control.base_lr == 0.01 and control.lr == pytest.approx(0.16)
