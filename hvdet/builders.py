@@ -6,11 +6,12 @@ together on every rank and continues a checkpoint when asked.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 
-from hvdet import checkpoint, comm
+from hvdet import checkpoint, comm, finetune
 from hvdet.atomic import remove_stale_temps
 from hvdet.config import Config, ConfigError, data_path, dump
 from hvdet.data.protocol import DetectionDataset
@@ -28,12 +29,20 @@ def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
     # Evaluation images are not resized here: the model resizes them and maps boxes back to the
     # original size that COCO's ground truth is in.
     transforms = build_transforms(train, min_sizes=tuple(d.min_sizes), max_size=d.max_size,
-                                  flip_prob=d.flip_prob if train else 0.0)
+                                  flip_prob=d.flip_prob if train else 0.0, augmentation=d.augmentation,
+                                  lsj_scale=tuple(d.lsj_scale))
     split = "train" if train else "val"
     images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_ann")
     # (segm scoring reads the masks from the JSON: decoding them for every val image would be wasted)
     with_masks = train and ARCHS[cfg.model.arch].mask
-    return DATASETS.load(d.format)(images, ann, transforms=transforms, with_masks=with_masks)
+    cls = DATASETS.load(d.format)
+    options = set(inspect.signature(cls).parameters) - {"image_dir", "ann_file", "transforms", "with_masks",
+                                                        "skip_invalid_boxes"}
+    if set(d.format_args) - options:
+        raise ConfigError(f"data.format_args {sorted(set(d.format_args) - options)}: not options of data.format "
+                          f"{d.format} ({cls.__name__} takes {sorted(options) or 'none'})")
+    return cls(images, ann, transforms=transforms, with_masks=with_masks, skip_invalid_boxes=d.skip_invalid_boxes,
+               **d.format_args)
 
 
 def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
@@ -120,10 +129,13 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard)
     logger.mllog(MLLOG.INIT_START)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
+    init = finetune.read(cfg.model.init_from) if cfg.model.init_from and not resume else None
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
     train_set, val_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    report_skipped_boxes(logger, {"train": train_set, "val": val_set})
     plan = plan_run(cfg, world, len(train_set))
     model = build_model(cfg, train_set.num_classes, world)
+    init_model(cfg, model, init, logger, resume)
     opt = build_optimizer(cfg, model, plan.lr, plan.cycle_length)
     a = cfg.agvm
     agvm = AGVM(opt, model, plan.agvm_interval, a.start_iter, plan.agvm_momentum, tuple(a.clamp)) if a.enabled else None
@@ -146,6 +158,39 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
         if opt.state_dict()["state"]:
             comm.broadcast_optimizer_state(opt, root_rank=0)
     return run
+
+
+def init_model(cfg: Config, model: torch.nn.Module, init: tuple | None, logger: RunLogger, resume: str | None) -> None:
+    """``model.init_from``: the weights :func:`hvdet.finetune.read` read (``init``) into the new model,
+    after any ``pretrained_backbone`` (so they win where both load a tensor) and after the Cross-GPU BN
+    conversion, which keeps BatchNorm2d's state-dict names. Every rank loads the same file; rank 0 prints
+    the report and records it in metrics.jsonl. A resumed run's checkpoint holds all the weights: it wins."""
+    if resume and cfg.model.init_from:
+        if comm.is_main_process():
+            print(f"model.init_from {cfg.model.init_from} not loaded: resuming {resume}, whose checkpoint holds "
+                  "all the weights", flush=True)
+        return
+    if init is None:
+        return
+    report = finetune.load_into(model, init[1], init[0], cfg.model.init_skip)
+    if comm.is_main_process():
+        print(report.line(), flush=True)
+    logger.log_event("init_from", report.record())
+
+
+def report_skipped_boxes(logger: RunLogger, datasets: dict) -> None:
+    """``data.skip_invalid_boxes``: what each split dropped, one line on rank 0's console and a
+    ``skipped_boxes`` record in metrics.jsonl (each start of the run records its own)."""
+    from hvdet.data.coco import skipped_boxes_line
+
+    for split, dataset in datasets.items():
+        line = skipped_boxes_line(dataset)
+        if line is None:
+            continue
+        if comm.is_main_process():
+            print(f"hvdet: {split} set: {line}", flush=True)
+        logger.log_event("skipped_boxes", {"iteration": 0, "split": split, "ann_file": str(dataset.ann_file),
+                                           **dataset.skipped_boxes})
 
 
 # ---------------------------------------------------------------------------------------------

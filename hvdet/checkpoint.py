@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hvdet import comm
@@ -17,6 +18,9 @@ from hvdet.atomic import atomic_write
 
 FORMAT = "hvdet-checkpoint-1"
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
+# An hvdet checkpoint holds, besides tensors and plain Python objects, numpy RNG states (an ndarray of
+# uint32): their few numpy types are what torch.load(weights_only=True) must be allowed to rebuild.
+NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RuntimeError):
@@ -46,14 +50,31 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read(path: Path):
+def read_weights_only(path: str | os.PathLike):
+    """``torch.load`` on the CPU with ``weights_only=True``: tensors, plain containers and numbers, and
+    numpy RNG states (:data:`NUMPY_RNG_GLOBALS`, allowed by name), so no code in the file can run.
+    For files from elsewhere: ``model.pretrained_backbone``, ``model.init_from``."""
+    with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(path: Path, weights_only: bool = False):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
+        if weights_only:
+            return read_weights_only(path)
         # Our own files, holding numpy RNG states and plain Python objects besides tensors.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {_cause(err)})") from None
+
+
+def _cause(err: Exception) -> str:
+    """One line of torch's message: a weights_only refusal's paragraphs (advice to load with
+    weights_only=False first) come down to the line naming the global it refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -71,11 +92,12 @@ def model_state(path: str | os.PathLike) -> dict:
     return model_and_config(path)[0]
 
 
-def model_and_config(path: str | os.PathLike) -> tuple[dict, dict | None]:
+def model_and_config(path: str | os.PathLike, weights_only: bool = False) -> tuple[dict, dict | None]:
     """The model weights of a checkpoint (read once) and, for an hvdet checkpoint, the config of the
-    run that wrote it (a plain dict, :func:`hvdet.config.to_dict`'s); None for a plain state_dict."""
+    run that wrote it (a plain dict, :func:`hvdet.config.to_dict`'s); None for a plain state_dict.
+    ``weights_only``: read with :func:`read_weights_only` (a file that may come from anywhere)."""
     path = resolve(path)
-    state = _read(path)
+    state = _read(path, weights_only)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         return state["model"], state.get("config")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

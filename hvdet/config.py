@@ -33,6 +33,8 @@ class ModelConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     norm: str = "frozen"                      # frozen | local | cross_gpu
     pretrained_backbone: str | None = None    # a local .pth file; nothing is ever downloaded
+    init_from: str | None = None              # a detector checkpoint or run dir to fine-tune from (hvdet.finetune)
+    init_skip: list[str] = field(default_factory=list)  # fnmatch patterns of tensors init_from leaves fresh
     trainable_backbone_layers: int = 3
     overrides: dict = field(default_factory=dict)  # torchvision detector kwargs, e.g. rpn_pre_nms_top_n_train
 
@@ -51,6 +53,10 @@ class DataConfig:
     max_size: int = 1333                      # longer side at most; evaluation at max(min_sizes)
     flip_prob: float = 0.5
     aspect_grouping: bool = True
+    augmentation: str = "standard"            # standard (min_sizes + flip) | lsj: large-scale jitter to a
+    lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])  # max_size square (docs/data.md)
+    skip_invalid_boxes: bool = False          # drop (and count) invalid boxes instead of failing on them
+    format_args: dict = field(default_factory=dict)  # more dataset-class kwargs, e.g. voc {allow_empty: true}
 
 
 @dataclass

@@ -15,6 +15,7 @@ CHOICES = {
     "model.arch": tuple(registry.ARCHS),
     "model.norm": tuple(registry.NORMS),
     "data.format": tuple(registry.DATASETS),
+    "data.augmentation": registry.AUGMENTATIONS,
     "solver.optimizer": tuple(registry.OPTIMIZERS),
     "bn.backend": ("auto", *registry.GROUP_BACKENDS),
     "bn.stats": registry.BN_STATS,
@@ -96,5 +97,16 @@ def validate(cfg, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: target.{key} is an AP in (0, 1], got {value}")
         if key not in cfg.eval.iou_types:
             raise ConfigError(f"{source}: target.{key} needs {key!r} in eval.iou_types {cfg.eval.iou_types}")
+    if cfg.model.init_skip and not cfg.model.init_from:
+        raise ConfigError(f"{where(source, 'model.init_skip')}: model.init_skip {cfg.model.init_skip} only applies "
+                          "with model.init_from (the checkpoint to fine-tune from)")
+    d = cfg.data
+    if len(d.lsj_scale) != 2 or not 0 < d.lsj_scale[0] <= d.lsj_scale[1]:
+        raise ConfigError(f"{where(source, 'data.lsj_scale')}: data.lsj_scale is [low, high] with 0 < low <= high, "
+                          f"got {d.lsj_scale}")
+    if d.augmentation == "lsj" and len(d.min_sizes) > 1:
+        raise ConfigError(f"{where(source, 'data.min_sizes')}: data.augmentation=lsj trains at data.max_size with "
+                          f"its own scales, not data.min_sizes {d.min_sizes}: give one, the evaluation scale "
+                          f"(e.g. [{d.max_size}])")
     if "segm" in cfg.eval.iou_types and not registry.ARCHS[cfg.model.arch].mask:
         raise ConfigError(f"{source}: eval.iou_types has 'segm' but model.arch {cfg.model.arch} has no mask head")

@@ -24,14 +24,14 @@ Norm modes (MegDet, Sec. 3.3: BN with few images per GPU is what large-batch det
   (``hvdet.nn.convert_cross_gpu_bn``).
 
 Weights are never downloaded: ``pretrained_backbone`` is an optional local ``.pth`` file with a
-ResNet state dict, loaded into the backbone body.
+ResNet state dict, loaded into the backbone body. A whole trained detector is ``model.init_from``'s
+(:mod:`hvdet.finetune`, applied by :func:`hvdet.builders.build_run` after this).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.models import resnet
@@ -204,7 +204,6 @@ def _freeze_stages(body: nn.Module, trainable_layers: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _PREFIXES = ("module.", "backbone.body.", "body.", "backbone.")
-_NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_backbone(model: nn.Module, path: str | os.PathLike) -> dict:
@@ -215,14 +214,15 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> dict:
     Tensors the body does not have (``fc.*``, ``layer4.*`` of a fast model) are ignored; a missing
     tensor or a shape mismatch is an error naming the file. Returns ``{"loaded", "ignored"}`` counts.
     """
+    from hvdet.checkpoint import read_weights_only  # lazily: hvdet.checkpoint imports the comm layer
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_backbone file {path!r} does not exist")
     try:
         # weights_only: no code runs from the file. hvdet's own checkpoints also hold numpy RNG states,
         # whose few numpy types are allowed by name, so a finished run can be a starting point.
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_only(path)
     except Exception as err:  # a truncated or non-torch file: say which one
         raise ValueError(f"pretrained_backbone file {path!r} is not a readable torch state dict: {err}") from err
     for key in ("model", "state_dict"):

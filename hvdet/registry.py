@@ -105,7 +105,12 @@ GROUP_BACKENDS = Registry("bn.backend", {
 # Dataset formats (hvdet.data.protocol.DetectionDataset); the synthetic set is written as COCO files.
 DATASETS = Registry("data.format", {
     "coco": "hvdet.data.coco:CocoDetection",
+    "voc": "hvdet.data.voc:VOCDetection",  # Pascal VOC XML; train_ann / val_ann: ImageSets/Main/<split>.txt
+    "lvis": "hvdet.data.lvis:LVISDetection",  # LVIS v1 JSON; train_images / val_images: the COCO image root
 })
+
+# Training augmentations (hvdet.data.transforms): multi-scale resize + flip, or large-scale jitter.
+AUGMENTATIONS = ("standard", "lsj")
 
 # Cross-GPU BN's statistics and its local arithmetic (hvdet.nn.cross_gpu_bn, hvdet.ops.bn).
 BN_STATS = ("auto", "chan", "two_pass", "one_pass")

@@ -59,7 +59,8 @@ def load_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
     run = Run(run_dir)
     for record in read_jsonl(metrics):
-        (run.evals if record.get("type") == "eval" else run.train).append(record)
+        if record.get("type") in ("train", "eval"):  # not the events (world, init_from): no points of a curve
+            (run.evals if record["type"] == "eval" else run.train).append(record)
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         try:

@@ -26,7 +26,7 @@ LAYERS = [
     ("hvdet.ops",),
     ("hvdet.nn", "hvdet.optim", "hvdet.data", "hvdet.data.synthetic_hard"),
     ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
-     "hvdet.preempt", "hvdet.mlperf"),
+     "hvdet.preempt", "hvdet.mlperf", "hvdet.finetune"),
     ("hvdet.run", "hvdet.builders", "hvdet.report", "hvdet.background_eval"),
     ("hvdet.evaluate_run", "hvdet.predict"),
     ("hvdet.engine",),

@@ -1,6 +1,8 @@
-"""Data: COCO-format datasets, the synthetic shapes dataset, detection transforms, distributed loaders."""
-from hvdet.data.coco import CocoDetection, DataError, load_coco_json
+"""Data: COCO-format, Pascal VOC and LVIS datasets, the synthetic shapes dataset, detection transforms,
+distributed loaders."""
+from hvdet.data.coco import CocoDetection, DataError, load_coco_json, skipped_boxes_line
 from hvdet.data.loader import TrainLoader, build_eval_loader, collate_lists
+from hvdet.data.lvis import LVISDetection
 from hvdet.data.samplers import (
     EpochBatchSampler,
     epoch_permutation,
@@ -9,13 +11,17 @@ from hvdet.data.samplers import (
     shard_indices,
 )
 from hvdet.data.transforms import DetectionTransforms, build_transforms
+from hvdet.data.voc import VOC_CLASSES, VOCDetection
 
 __all__ = [
+    "VOC_CLASSES",
     "CocoDetection",
     "DataError",
     "DetectionTransforms",
     "EpochBatchSampler",
+    "LVISDetection",
     "TrainLoader",
+    "VOCDetection",
     "build_eval_loader",
     "build_transforms",
     "collate_lists",
@@ -25,6 +31,7 @@ __all__ = [
     "load_coco_json",
     "make_synthetic_coco",
     "shard_indices",
+    "skipped_boxes_line",
 ]
 
 

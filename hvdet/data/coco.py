@@ -20,6 +20,16 @@ checked when they are read. What is an error and what is skipped:
   it; a missing ``iscrowd`` reads as 0 and a missing ``area`` as the box area, the defaults
   COCOeval needs;
 * kept: images without annotations (negatives); torchvision's detectors take empty targets.
+
+``skip_invalid_boxes=True`` (``data.skip_invalid_boxes``) turns the box errors (non-finite, zero or
+negative width or height, wholly outside the image) into drops: such annotations are left out of
+training *and* of the evaluation ground truth, counted per reason in :attr:`CocoDetection.skipped_boxes`
+(:func:`skipped_boxes_line` is its one-line report). A ``bbox`` that is not four numbers stays an error.
+
+Other formats (:mod:`hvdet.data.voc`, :mod:`hvdet.data.lvis`) subclass :class:`CocoDetection`: they
+override :meth:`CocoDetection._read` to produce the same COCO dict, and inherit the checks, the
+image reading and the evaluation ground truth. An image or annotation entry may carry a ``source``
+string (VOC: its XML file), which the messages then name.
 """
 from __future__ import annotations
 
@@ -36,6 +46,8 @@ from pycocotools.coco import COCO
 from torchvision.transforms.v2 import functional as F
 
 MAX_REPORTED = 5  # problems listed in one error message; the count says how many more
+# Reasons a box is invalid (the keys of CocoDetection.skipped_boxes["reasons"]).
+NOT_FINITE, NOT_POSITIVE, OUTSIDE = "not finite", "zero or negative size", "outside the image"
 
 
 class DataError(ValueError):
@@ -65,13 +77,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Attributes: ``coco`` (pycocotools COCO of the annotation file, the evaluation ground truth),
     ``contiguous_to_cat_id`` ({1..K: category id}), ``num_classes`` (K + 1 for background),
-    ``aspect_ratios`` (width / height per image, from the JSON), ``ids`` (image ids, sorted).
+    ``aspect_ratios`` (width / height per image, from the JSON), ``ids`` (image ids, sorted),
+    ``skipped_boxes`` ({} or, with ``skip_invalid_boxes``, ``{"total", "reasons": {reason: count},
+    "images", "files": [the first 5 image files]}`` of the annotations dropped).
     """
 
-    def __init__(self, image_dir, ann_file, transforms=None, with_masks: bool = False):
+    def __init__(self, image_dir, ann_file, transforms=None, with_masks: bool = False,
+                 skip_invalid_boxes: bool = False):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
-        self.transforms, self.with_masks = transforms, with_masks
-        data = load_coco_json(self.ann_file)
+        self.transforms, self.with_masks, self.skip_invalid_boxes = transforms, with_masks, skip_invalid_boxes
+        self.skipped_boxes: dict = {}
+        data = self._read()
         self._check(data)
         self.coco = COCO()
         self.coco.dataset = data
@@ -108,17 +124,21 @@ class CocoDetection(torch.utils.data.Dataset):
             return self.transforms(image, target)
         return F.to_dtype(F.to_image(image), torch.float32, scale=True), target
 
+    def _read(self) -> dict:
+        """The COCO instances dict of ``self.ann_file`` (other formats convert theirs to it)."""
+        return load_coco_json(self.ann_file)
+
     def _load_image(self, info: dict) -> Image.Image:
-        path = self.image_dir / info["file_name"]
+        path, source = self.image_dir / info["file_name"], info.get("source", self.ann_file)
         if not path.is_file():
-            raise FileNotFoundError(f"image file {path} (image id {info['id']} in {self.ann_file}) does not exist")
+            raise FileNotFoundError(f"image file {path} (image id {info['id']} in {source}) does not exist")
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")  # decodes the whole file: truncation shows up here
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             raise DataError(f"cannot decode image file {path} (image id {info['id']}): {err}") from None
         if image.size != (info["width"], info["height"]):
-            raise DataError(f"image file {path} is {image.size[0]}x{image.size[1]} px but {self.ann_file} "
+            raise DataError(f"image file {path} is {image.size[0]}x{image.size[1]} px but {source} "
                             f"says {info['width']}x{info['height']}")
         return image
 
@@ -127,10 +147,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def _check(self, data: dict) -> None:
         images = self._check_images(data["images"])
         cat_ids = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
-        problems, ann_ids = [], set()
+        problems, ann_ids, kept, skipped = [], set(), [], []
         for ann in data["annotations"]:
             ann_id = ann.get("id") if isinstance(ann, dict) else None
-            where = f"annotation {ann_id}"
+            where = (ann.get("source") if isinstance(ann, dict) else None) or f"annotation {ann_id}"
             if ann_id is None:
                 problems.append(f"annotation without an id: {str(ann)[:80]}")
                 continue
@@ -143,12 +163,22 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             where += f" (image {image['file_name']})"
             problem = _annotation_problem(ann, image, cat_ids, self.with_masks)
+            if isinstance(problem, tuple) and self.skip_invalid_boxes:  # (reason, message): an invalid box
+                skipped.append((problem[0], image["file_name"]))
+                continue
             if problem:
-                problems.append(f"{where}: {problem}")
+                problems.append(f"{where}: {problem[1] if isinstance(problem, tuple) else problem}")
                 continue
             # The defaults COCOeval needs (it reads both keys of every ground-truth annotation).
             ann.setdefault("iscrowd", 0)
             ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+            kept.append(ann)
+        if skipped:  # out of the training targets and the evaluation ground truth alike
+            data["annotations"] = kept
+            reasons = {r: n for r in (NOT_FINITE, NOT_POSITIVE, OUTSIDE) if (n := sum(s[0] == r for s in skipped))}
+            files = list(dict.fromkeys(f for _, f in skipped))
+            self.skipped_boxes = {"total": len(skipped), "reasons": reasons, "images": len(files),
+                                  "files": files[:MAX_REPORTED]}
         if problems:
             more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
             raise DataError(f"{self.ann_file}: {len(problems)} invalid annotation(s){more}:\n  "
@@ -168,8 +198,19 @@ class CocoDetection(torch.utils.data.Dataset):
         return images
 
 
-def _annotation_problem(ann: dict, image: dict, cat_ids: set, with_masks: bool) -> str | None:
-    """What is wrong with one annotation, or None."""
+def skipped_boxes_line(dataset) -> str | None:
+    """The one-line report of the boxes ``skip_invalid_boxes`` dropped from ``dataset``, or None."""
+    skipped = getattr(dataset, "skipped_boxes", None)
+    if not skipped:
+        return None
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped["reasons"].items())
+    more = ", ..." if skipped["images"] > len(skipped["files"]) else ""
+    return (f"{dataset.ann_file}: skipped {skipped['total']} invalid box(es) (data.skip_invalid_boxes; {reasons}) "
+            f"in {skipped['images']} image(s): {', '.join(skipped['files'])}{more}")
+
+
+def _annotation_problem(ann: dict, image: dict, cat_ids: set, with_masks: bool) -> str | tuple[str, str] | None:
+    """What is wrong with one annotation, or None; an invalid box is ``(reason, message)``."""
     if ann.get("category_id") not in cat_ids:
         return f"category_id {ann.get('category_id')!r} is not in the file's categories {sorted(cat_ids)}"
     box = ann.get("bbox")
@@ -177,11 +218,11 @@ def _annotation_problem(ann: dict, image: dict, cat_ids: set, with_masks: bool) 
         return f"bbox {box!r} is not [x, y, width, height]"
     x, y, w, h = box
     if not all(math.isfinite(v) for v in box):
-        return f"bbox {box} is not finite"
+        return NOT_FINITE, f"bbox {box} is not finite"
     if w <= 0 or h <= 0:
-        return f"degenerate box {box}: width and height must be > 0 (zero-area box)"
+        return NOT_POSITIVE, f"degenerate box {box}: width and height must be > 0 (zero-area box)"
     if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
-        return f"box {box} lies outside the {image['width']}x{image['height']} image"
+        return OUTSIDE, f"box {box} lies outside the {image['width']}x{image['height']} image"
     if with_masks:
         seg = ann.get("segmentation")
         if not seg:

@@ -1,9 +1,11 @@
 """What hvdet needs of a detection dataset: the contract between a dataset format and the rest.
 
 A format registered in :data:`hvdet.registry.DATASETS` (``data.format`` in a recipe) is a class
-built as ``cls(image_dir, ann_file, transforms=..., with_masks=...)`` whose instances satisfy
-:class:`DetectionDataset`. :class:`hvdet.data.CocoDetection` is the reference implementation;
-the synthetic dataset is written to disk in COCO's format and read by it.
+built as ``cls(image_dir, ann_file, transforms=..., with_masks=..., skip_invalid_boxes=...,
+**data.format_args)`` whose instances satisfy :class:`DetectionDataset`.
+:class:`hvdet.data.CocoDetection` is the reference implementation; the synthetic dataset is written
+to disk in COCO's format and read by it; Pascal VOC (:class:`hvdet.data.VOCDetection`) and LVIS
+(:class:`hvdet.data.LVISDetection`) subclass it, converting their files to a COCO dict in memory.
 
 Who reads what:
 
@@ -12,7 +14,8 @@ Who reads what:
 * the model builder: ``num_classes``;
 * evaluation (:mod:`hvdet.evaluation`): ``ids`` (each image once over the shards), ``coco`` (the
   ground truth pycocotools scores against, and the original image sizes), ``contiguous_to_cat_id``
-  (model labels back to the annotation file's category ids).
+  (model labels back to the annotation file's category ids);
+* the run builder (optional): ``skipped_boxes`` (what ``skip_invalid_boxes`` dropped) and ``ann_file``.
 """
 from __future__ import annotations
 
