@@ -17,6 +17,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "pycocotools==2.0.11",
+        "faster-coco-eval==1.8.0",  # COCOeval in C++, the same metrics (eval.scorer: auto picks it; hvdet.scoring)
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",

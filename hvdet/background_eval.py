@@ -232,7 +232,7 @@ def _evaluator_main(cfg: Config, rank: int, world_size: int, device_index: int |
         else:
             start = time.perf_counter()
             try:
-                metrics, error = score(dataset, gathered, iou_types), None
+                metrics, error = score(dataset, gathered, iou_types, cfg.eval.scorer), None
             except Exception as err:  # noqa: BLE001 - reported to every rank through the broadcast
                 metrics, error = None, str(err)
             results.put(("score", iteration, metrics, error, busy_s + time.perf_counter() - start))

@@ -130,6 +130,8 @@ class EvalConfig:
     images_per_gpu: int = 2
     num_workers: int = 0
     iou_types: list[str] = field(default_factory=lambda: ["bbox"])
+    scorer: str = "auto"                      # COCOeval by pycocotools | faster_coco_eval (the same metrics);
+    #   auto: faster_coco_eval where it imports, else pycocotools (hvdet.scoring)
 
 
 @dataclass

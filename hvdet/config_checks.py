@@ -6,8 +6,9 @@ Each error is one line naming the file (or override) that wrote the key. Torch-f
 from __future__ import annotations
 
 import difflib
+import importlib.util
 
-from hvdet import registry
+from hvdet import registry, scoring
 from hvdet.dataclass_yaml import ConfigError, unknown_key, where
 
 # The allowed values of the keys that name a part: the registries' names, which the builders use.
@@ -27,6 +28,7 @@ CHOICES = {
     "target_metric": ("AP", "AP50", "AP75"),
     "log.mlperf_division": ("open", "closed"),
     "eval.mode": ("sync", "background"),
+    "eval.scorer": scoring.CHOICES,
 }
 TARGET_KEYS = ("bbox", "segm")
 
@@ -76,6 +78,9 @@ def validate(cfg, source: str = "<config>") -> None:
         if cfg.checkpoint.on_world_size_change != "rescale":
             raise ConfigError(f"{source}: elastic.enabled needs checkpoint.on_world_size_change=rescale (the world "
                               "changes while the run goes on)")
+    if cfg.eval.scorer == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
+        raise ConfigError(f"{where(source, 'eval.scorer')}: eval.scorer=faster_coco_eval, but faster_coco_eval is "
+                          "not installed: pip install faster-coco-eval==1.8.0, or set eval.scorer=auto")
     if not 0 <= cfg.eval.background_nice <= 19:
         raise ConfigError(f"{source}: eval.background_nice is a niceness in [0, 19], got {cfg.eval.background_nice}")
     if cfg.comm.timeout_s <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hvdet import checkpoint, comm, evaluate_run, mlperf
+from hvdet import checkpoint, comm, evaluate_run, mlperf, scoring
 from hvdet.builders import build_run
 from hvdet.comm.watchdog import Watchdog
 from hvdet.config import Config
@@ -268,7 +268,8 @@ def finish(run: Run, iterations: int, stop: str, failure: str | None = None) -> 
                "train_s": clock.train_s, "eval_s": clock.eval_s, "elapsed_s": clock.elapsed_s(),
                "iterations": iterations, "max_iters": plan.max_iters, "lr": plan.lr, "stop": stop,
                "evaluations": clock.evaluations, "arch": cfg.model.arch, "norm": cfg.model.norm,
-               "optimizer": cfg.solver.optimizer, "images_per_gpu": cfg.data.images_per_gpu}
+               "optimizer": cfg.solver.optimizer, "images_per_gpu": cfg.data.images_per_gpu,
+               "scorer": scoring.resolve(cfg.eval.scorer)}
     if failure:
         summary["failure"] = failure
     ok = clock.reached or (stop == "max_iters" and not cfg.target)

@@ -7,8 +7,9 @@ scores; the result counts at the wall-clock when it is known (evaluations includ
 :func:`drain` at the end; :mod:`hvdet.background_eval`): training goes on; a result counts at its
 snapshot's wall-clock plus its evaluation time (the rule, documented in docs/training.md).
 
-Both log the same eval record (``metrics.jsonl``), MLPerf events and best/target bookkeeping, in
-:func:`record`, so the two modes differ only in when a result arrives and what time it counts at.
+Both log the same eval record (``metrics.jsonl``, with the ``scorer`` that scored it: ``eval.scorer``,
+:mod:`hvdet.scoring`), MLPerf events and best/target bookkeeping, in :func:`record`, so the two modes
+differ only in when a result arrives and what time it counts at.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from hvdet import checkpoint, comm, mlperf
+from hvdet import checkpoint, comm, mlperf, scoring
 from hvdet.atomic import atomic_write
 from hvdet.builders import build_dataset, build_inference_model
 from hvdet.config import Config
@@ -49,7 +50,7 @@ def record(run: Run, iteration: int, metrics: dict, eval_s: float, counts_at_s: 
     if not clock.reached and target_met(run.cfg.target, metrics, key):
         clock.reached, clock.time_to_target_s = True, counts_at_s
     log.log_eval({"iteration": iteration, "epoch": snapshot["epoch"], "elapsed_s": counts_at_s, "eval_s": eval_s,
-                  **(extra or {}), **metrics})
+                  "scorer": scoring.resolve(run.cfg.eval.scorer), **(extra or {}), **metrics})
     when = snapshot["when"]
     log.mllog(MLLOG.EVAL_ACCURACY, metrics.get("bbox", {}).get(key),
               metadata={**when, **{f"{k}_{key}": v[key] for k, v in metrics.items()}})
@@ -100,7 +101,7 @@ def run_evaluation(model, dataset, cfg: Config, beat=None) -> tuple[dict, float]
     start = time.perf_counter()
     metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
                        iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress,
-                       heartbeat=beat)  # eval mode, then restored
+                       heartbeat=beat, scorer=cfg.eval.scorer)  # eval mode, then restored
     return metrics, time.perf_counter() - start
 
 
@@ -117,7 +118,8 @@ def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     path = checkpoint.resolve(path)  # a run directory means its newest checkpoint
     model.load_state_dict(checkpoint.model_state(path))
     metrics, eval_s = run_evaluation(model, val_set, cfg)
-    result = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s, **metrics}
+    result = {"checkpoint": str(path), "world_size": comm.size(), "eval_s": eval_s,
+              "scorer": scoring.resolve(cfg.eval.scorer), **metrics}
     if comm.is_main_process():
         atomic_write(Path(cfg.output_dir) / "eval.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"))
     return result

@@ -1,27 +1,25 @@
-"""COCO evaluation: distributed inference, detections gathered to rank 0, pycocotools COCOeval there.
+"""COCO evaluation: distributed inference, detections gathered to rank 0, COCOeval there.
 
-    metrics = evaluate(model, val_dataset, images_per_gpu=2, iou_types=("bbox", "segm"))
+    metrics = evaluate(model, val_dataset, images_per_gpu=2, iou_types=("bbox", "segm"), scorer="auto")
     metrics["bbox"]["AP"]   # AP@[.5:.95]; also AP50 (the Open Images-style metric), AP75, APs, APm, APl
 
 Each rank infers its own shard of the val set (``build_eval_loader``: every image on exactly one
 rank), so the merged detections are the single-process detections and the metrics are equal.
 Values are floats in [0, 1], or -1 where COCOeval leaves one undefined (e.g. APl when the set has no
-large objects).
+large objects). COCOeval is pycocotools' or faster-coco-eval's (``scorer``, :mod:`hvdet.scoring`):
+the same metrics.
 """
 from __future__ import annotations
-
-import contextlib
-import io
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from hvdet import comm
 from hvdet.data.loader import build_eval_loader
+from hvdet.scoring import cocoeval_stats
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], in this order
 IOU_TYPES = {"bbox": "bbox", "segm": "segmentation"}  # iou type -> the detection key it scores
@@ -29,11 +27,12 @@ MASK_THRESHOLD = 0.5
 
 
 def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, iou_types=("bbox",),
-             progress: bool = True, heartbeat=None) -> dict:
+             progress: bool = True, heartbeat=None, scorer: str = "auto") -> dict:
     """COCO metrics of ``model`` on ``dataset`` (a :class:`hvdet.data.CocoDetection`), on every rank.
 
     Collective: every rank must call it. The model is put in eval mode and restored afterwards.
-    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` for each of ``iou_types``.
+    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` for each of ``iou_types``;
+    rank 0 scores with ``scorer`` (:func:`hvdet.scoring.resolve`).
     """
     iou_types = tuple(iou_types)
     unknown = set(iou_types) - set(IOU_TYPES)
@@ -54,7 +53,7 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
     metrics, error = None, None
     if comm.is_main_process():
         try:
-            metrics = score(dataset, gathered, iou_types)
+            metrics = score(dataset, gathered, iou_types, scorer)
         except Exception as err:  # noqa: BLE001 -- the others wait in the broadcast: tell them
             error = str(err)
     # ...and every rank returns them, so any rank can decide "target reached, stop".
@@ -86,7 +85,7 @@ def detect_shard(model, dataset, rank: int, world_size: int, *, images_per_gpu: 
         model.train(was_training)
 
 
-def score(dataset, gathered: list[tuple], iou_types) -> dict:
+def score(dataset, gathered: list[tuple], iou_types, scorer: str = "auto") -> dict:
     """COCO metrics of every rank's ``(image_ids, detections, error message or None)``; raises
     RuntimeError naming the ranks that failed, or the scoring's own failure."""
     errors = [f"rank {r}: {message}" for r, (_, _, message) in enumerate(gathered) if message]
@@ -95,7 +94,7 @@ def score(dataset, gathered: list[tuple], iou_types) -> dict:
     try:
         _check_coverage([i for ids, _, _ in gathered for i in ids], dataset)
         merged = [d for _, dets, _ in gathered for d in dets]
-        return {iou_type: coco_eval(dataset.coco, merged, iou_type) for iou_type in iou_types}
+        return {iou_type: coco_eval(dataset.coco, merged, iou_type, scorer) for iou_type in iou_types}
     except Exception as err:
         raise RuntimeError(f"scoring the detections on rank 0 failed: {type(err).__name__}: {err}") from err
 
@@ -106,8 +105,8 @@ def _check_segm_ground_truth(coco_gt: COCO, iou_types) -> None:
                          "this annotation file has boxes only")
 
 
-def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> dict:
-    """pycocotools COCOeval of ``detections`` (COCO result dicts) against ``coco_gt``; one process.
+def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox", scorer: str = "auto") -> dict:
+    """COCOeval of ``detections`` (COCO result dicts) against ``coco_gt`` by ``scorer``; one process.
 
     Each detection has ``image_id``, ``category_id``, ``score`` and ``bbox`` (xywh) and/or
     ``segmentation`` (RLE); only the key of ``iou_type`` is passed on, so segm results are filtered
@@ -119,13 +118,8 @@ def coco_eval(coco_gt: COCO, detections: list[dict], iou_type: str = "bbox") -> 
     _check_segm_ground_truth(coco_gt, (iou_type,))
     results = [{"image_id": d["image_id"], "category_id": d["category_id"], key: d[key], "score": d["score"]}
                for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
-        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(METRICS, evaluator.stats, strict=False)}
+    stats = cocoeval_stats(coco_gt, results, iou_type, scorer)
+    return dict(zip(METRICS, stats, strict=False))
 
 
 def to_coco_detections(output: dict, image_id: int, contiguous_to_cat_id: dict, with_masks: bool = False) -> list[dict]:
@@ -187,11 +181,3 @@ def _check_coverage(image_ids: list[int], dataset) -> None:
         raise RuntimeError(f"evaluation covered {len(image_ids)} images ({len(set(image_ids))} distinct) of "
                            f"{len(dataset.ids)}: the shards must hold every image exactly once")
 
-
-def _empty_results(coco_gt: COCO) -> COCO:
-    """No detections at all (an untrained model): an empty result set, which COCOeval scores as 0."""
-    coco_dt = COCO()
-    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
-                       "categories": list(coco_gt.dataset["categories"])}
-    coco_dt.createIndex()
-    return coco_dt
