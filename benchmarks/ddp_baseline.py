@@ -1,7 +1,7 @@
 """hvdet's engine against a plain PyTorch DistributedDataParallel loop on the same work.
 
     .venv/bin/python benchmarks/ddp_baseline.py [--rounds 3] [--iters 40] [--skip 10]
-                                               [--settings ddp-1 hvdet-1 ddp-2 hvdet-horovodrun-2 hvdet-mpirun-2]
+                                               [--settings ddp-1 hvdet-1 ddp-2 hvdet-horovodrun-gloo-2 ...]
 
 The reference a user holds hvdet to: torchvision's detection references on ``torchrun`` + DDP. Both
 sides train the same model (the demo's ``fasterrcnn_resnet18_fpn_fast``, local BN, the same
@@ -11,8 +11,10 @@ rank. The DDP side is what its users write, with DDP's defaults (25 MB buckets, 
 GPU) and torchvision's ``train_one_epoch`` habits: the loss dict is all-reduced each iteration for
 logging and checked with ``math.isfinite`` (hvdet's loss check does the same work). hvdet is
 ``train.py`` as a user runs it: one plain process, ``horovodrun -np 2 --gloo`` (as ``make demo``)
-and ``launch/mpirun.sh -n 2``; its images/s comes from ``metrics.jsonl`` (``elapsed_s`` between the
-records at ``--skip`` and ``--iters``: logging included), the DDP side's from per-iteration time
+and ``launch/mpirun.sh -n 2``, and ``hvdet-torchrun-2``: hvdet's engine on DDP (``torchrun`` with
+``comm.gradients=ddp``), which isolates the engine's cost from Horovod's; its images/s comes from
+``metrics.jsonl`` (``elapsed_s`` between the records at ``--skip`` and ``--iters``: logging
+included), the DDP side's from per-iteration time
 stamps over the same iterations. Settings run interleaved, round after round (A B C A B C ...), so
 load from other processes hits all alike; medians over rounds are reported.
 
@@ -42,7 +44,8 @@ RECIPE = "configs/synthetic_demo.yaml"
 OVERRIDES = ["model.norm=local", "solver.optimizer=sgd", "solver.base_lr=0.02", "solver.warmup_iters=0",
              "solver.steps=[]", "eval.interval=0", "eval.at_end=false", "checkpoint.interval=0", "target={}",
              "log.progress=false", "log.tensorboard=false", "log.interval=10"]
-SETTINGS = ("ddp-1", "hvdet-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-horovodrun-mpi-2", "hvdet-mpirun-2")
+SETTINGS = ("ddp-1", "hvdet-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-horovodrun-mpi-2", "hvdet-mpirun-2",
+            "hvdet-torchrun-2")
 PY = sys.executable
 
 
@@ -62,6 +65,9 @@ def command(setting: str, overrides: list[str], out: Path) -> list[str]:
     train = [PY, "train.py", "--config", RECIPE, *overrides]
     if np_ == "1":
         return train
+    if launcher[0] == "torchrun":  # hvdet's engine with DDP's gradients
+        return [str(Path(PY).parent / "torchrun"), "--standalone", f"--nproc_per_node={np_}", *train[1:],
+                "comm.gradients=ddp"]
     if launcher[0] == "horovodrun":  # horovodrun-gloo | horovodrun-mpi: the controller
         return [str(Path(PY).parent / "horovodrun"), "-np", np_, "-H", f"localhost:{np_}", f"--{launcher[1]}", *train]
     return ["bash", "launch/mpirun.sh", "-n", np_, "--", *train]

@@ -78,7 +78,8 @@ def build_inference_model(cfg: Config, num_classes: int, world_size: int) -> tor
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, cycle_length: int | None | str = "recipe"):
-    """The recipe's optimizer over ``model``, wrapped by Horovod to average gradients over the ranks.
+    """The recipe's optimizer over ``model``, wrapped by Horovod (or, under ``comm.gradients: ddp``,
+    DistributedDataParallel: hvdet.comm.torch_world) to average gradients over the ranks.
     ``cycle_length``: PMD-LAMB's T in iterations (the plan's, when the recipe gives it in epochs);
     "recipe": ``solver.cycle_length`` as written."""
     from hvdet.optim import build_optimizer as optimizer_over
@@ -91,7 +92,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, cycle_length
                          norm_bias_trust=s.norm_bias_trust, **s.optimizer_args)
     return comm.distributed_optimizer(opt, model.named_parameters(),
                                       compression="fp16" if s.fp16_allreduce else "none",
-                                      backward_passes_per_step=s.backward_passes_per_step)
+                                      backward_passes_per_step=s.backward_passes_per_step, model=model)
 
 
 def holds_a_run(output_dir: str) -> str | None:
@@ -111,7 +112,7 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     from hvdet.data import TrainLoader
     from hvdet.optim import AGVM
 
-    comm.init(timeout_s=cfg.comm.timeout_s)
+    comm.init(timeout_s=cfg.comm.timeout_s, gradients=cfg.comm.gradients)
     world, rank = comm.size(), comm.rank()
     # Rank 0 looks and tells the others: they must not see the file rank 0 is about to create. (A rank
     # that joins an elastic job late must not start collectives of its own: the rank 0 of an elastic

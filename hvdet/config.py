@@ -93,7 +93,7 @@ class SolverConfig:
     final_lr: float = 0.0                     # cosine only
     clip_grad_norm: float | None = None
     backward_passes_per_step: int = 1
-    fp16_allreduce: bool = False              # Horovod fp16 compression of the gradients
+    fp16_allreduce: bool = False              # fp16 compression of the gradients (Horovod's, or DDP's fp16 hook)
     amp: bool = True                          # mixed precision on CUDA (autocast; GradScaler for float16)
     amp_dtype: str = "float16"                # CUDA autocast dtype: float16 (with loss scaling) | bfloat16
     amp_on_cpu: bool = False                  # bf16 autocast on CPU hosts too (no loss scaling needed)
@@ -143,6 +143,7 @@ class CheckpointConfig:
 
 @dataclass
 class CommConfig:
+    gradients: str = "horovod"                # horovod (horovodrun/mpirun) | ddp (torchrun: DistributedDataParallel)
     timeout_s: float = 600.0                  # how long any collective waits for a peer before the job ends
     #   (one policy: Horovod's Gloo time-out and stall shutdown, BN group collectives, the watchdog);
     #   it must exceed rank 0's COCO scoring, which the other ranks wait for

@@ -29,6 +29,7 @@ CHOICES = {
     "log.mlperf_division": ("open", "closed"),
     "eval.mode": ("sync", "background"),
     "eval.scorer": scoring.CHOICES,
+    "comm.gradients": ("horovod", "ddp"),
 }
 TARGET_KEYS = ("bbox", "segm")
 
@@ -78,6 +79,15 @@ def validate(cfg, source: str = "<config>") -> None:
         if cfg.checkpoint.on_world_size_change != "rescale":
             raise ConfigError(f"{source}: elastic.enabled needs checkpoint.on_world_size_change=rescale (the world "
                               "changes while the run goes on)")
+    if cfg.comm.gradients == "ddp":
+        if cfg.elastic.enabled:
+            raise ConfigError(f"{source}: elastic.enabled is Horovod elastic and needs comm.gradients=horovod "
+                              "(under torchrun, comm.gradients=ddp, a lost rank ends the job: resume from its "
+                              "checkpoint)")
+        if cfg.bn.backend in ("horovod", "mpi"):
+            needs = "a Horovod world" if cfg.bn.backend == "horovod" else "a job launched by mpirun"
+            raise ConfigError(f"{where(source, 'bn.backend')}: bn.backend={cfg.bn.backend} needs "
+                              f"comm.gradients=horovod ({needs}); with comm.gradients=ddp use auto, shm or torch")
     if cfg.eval.scorer == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
         raise ConfigError(f"{where(source, 'eval.scorer')}: eval.scorer=faster_coco_eval, but faster_coco_eval is "
                           "not installed: pip install faster-coco-eval==1.8.0, or set eval.scorer=auto")

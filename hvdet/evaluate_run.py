@@ -112,7 +112,7 @@ def target_met(target: dict, metrics: dict, key: str = "AP") -> bool:
 
 def evaluate_checkpoint(cfg: Config, path: str) -> dict:
     """``--eval-only``: COCO metrics of a checkpoint's model, written to ``output_dir/eval.json``."""
-    comm.init(timeout_s=cfg.comm.timeout_s)
+    comm.init(timeout_s=cfg.comm.timeout_s, gradients=cfg.comm.gradients)
     val_set = build_dataset(cfg, train=False)
     model = build_inference_model(cfg, val_set.num_classes, comm.size())
     path = checkpoint.resolve(path)  # a run directory means its newest checkpoint

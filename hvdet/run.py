@@ -66,7 +66,7 @@ class Run:
     cfg: Config
     plan: Plan
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer      # Horovod's DistributedOptimizer
+    optimizer: torch.optim.Optimizer      # Horovod's DistributedOptimizer (comm.gradients=ddp: DDP's, same protocol)
     loader: TrainLoader
     val_set: DetectionDataset
     logger: RunLogger

@@ -14,7 +14,10 @@ On every rank (``backward_passes_per_step`` batches of ``images_per_gpu`` images
 
 The optimizer is Horovod's DistributedOptimizer (``hvdet.comm.distributed_optimizer``) in a
 training run, or a plain torch optimizer in a world of one (the unit tests use that): everything
-here takes its parts as arguments and knows nothing of the run around it.
+here takes its parts as arguments and knows nothing of the run around it. Under ``comm.gradients:
+ddp`` it is the same optimizer with DistributedDataParallel behind Horovod's protocol
+(:mod:`hvdet.comm.torch_world`): each forward runs through the module its ``forward_pass`` gives,
+and DDP averages the gradients inside backward (its ``synchronize()`` has nothing left to wait for).
 """
 from __future__ import annotations
 
@@ -63,14 +66,15 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
     device = device or comm.device()
     optimizer.zero_grad()
     loss_sum = None  # the logged losses cover all passes, not only the last
-    for _ in range(passes):
+    for i in range(passes):
         with timer.phase("data_s"):
             images, targets = next(batches)
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-        with timer.phase("forward_s"), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_dict = model(images, targets)
+        with timer.phase("forward_s"), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
+                forward_module(optimizer, model, last=i == passes - 1) as module:
+            loss_dict = module(images, targets)
         with timer.phase("backward_allreduce_s"):
             mean = check_losses(loss_dict, step, lr, stop)
             loss_sum = mean if loss_sum is None else loss_sum + mean
@@ -86,6 +90,15 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
         apply_gradients(optimizer, model, scaler, step, lr, agvm, clip_grad_norm)
     timer.step()
     return dict(zip(loss_dict, (loss_sum / passes).tolist(), strict=True))
+
+
+def forward_module(optimizer, model: torch.nn.Module, last: bool = True):
+    """A context giving the module a pass's forward calls: the model itself, whose parameters' hooks
+    Horovod's optimizer averages through; or, for an optimizer with ``forward_pass`` (comm.gradients
+    ddp), DistributedDataParallel's wrapper of it, which must see the forward to average in backward
+    and accumulates locally on all passes but the ``last`` (Horovod's backward_passes_per_step)."""
+    forward_pass = getattr(optimizer, "forward_pass", None)
+    return contextlib.nullcontext(model) if forward_pass is None else forward_pass(last)
 
 
 def check_losses(loss_dict: dict, step: int, lr: float, stop=None) -> torch.Tensor:
@@ -113,8 +126,8 @@ def apply_gradients(opt, model: torch.nn.Module, scaler: torch.amp.GradScaler, s
                     agvm=None, clip_grad_norm: float | None = None) -> None:
     """The optimizer half of a step, after ``opt.synchronize()`` (gradients averaged, still scaled).
 
-    ``opt``: Horovod's DistributedOptimizer (hvdet.comm.distributed_optimizer), or a plain optimizer
-    in a world of one.
+    ``opt``: Horovod's DistributedOptimizer (hvdet.comm.distributed_optimizer; under comm.gradients
+    ddp, the optimizer behind DDP, same protocol), or a plain optimizer in a world of one.
 
     The order matters: AGVM compares the world-mean gradients with the ones it captured during
     backward, which were scaled by the AMP loss scale, so it runs BEFORE unscaling (its variances,

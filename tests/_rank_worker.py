@@ -1,8 +1,9 @@
 """One rank of a test job: ``python -m tests._rank_worker module:function OUT_DIR``.
 
-Started by a real launcher (horovodrun / mpirun) from :func:`tests.harness.run_ranks`. Initializes
-hvdet.comm, calls the function with the keyword arguments pickled in OUT_DIR/kwargs.pkl, and writes
-its return value (or the traceback) to OUT_DIR/rank<R>.pkl.
+Started by a real launcher (horovodrun / mpirun / torchrun) from :func:`tests.harness.run_ranks`.
+Initializes hvdet.comm (``gradients="ddp"`` under torchrun), calls the function with the keyword
+arguments pickled in OUT_DIR/kwargs.pkl, and writes its return value (or the traceback) to
+OUT_DIR/rank<R>.pkl.
 """
 import importlib
 import os
@@ -17,8 +18,9 @@ def main() -> int:
     target, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from hvdet import comm
+    from hvdet.comm import torch_world
 
-    comm.init()
+    comm.init(gradients="ddp" if torch_world.launched() else "horovod")
     module_name, func_name = target.split(":")
     with open(os.path.join(out_dir, "kwargs.pkl"), "rb") as f:
         kwargs = pickle.load(f)

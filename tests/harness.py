@@ -2,7 +2,8 @@
 
     results = run_ranks("tests.test_comm:case_allreduce", np=2, launcher="horovodrun", n=3)
 
-``launcher`` is one of ``horovodrun`` (Gloo controller), ``horovodrun-mpi`` or ``mpirun``. The
+``launcher`` is one of ``horovodrun`` (Gloo controller), ``horovodrun-mpi``, ``mpirun`` or ``torchrun``
+(``comm.gradients: ddp``: torch.distributed's world, gradients by DistributedDataParallel). The
 function runs after ``hvdet.comm.init()`` and must return something picklable. A launch that
 fails, hangs past ``timeout_s`` or loses a rank raises :class:`LaunchError` with every rank's
 output: a distributed test never skips silently.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-LAUNCHERS = ("horovodrun", "horovodrun-mpi", "mpirun")
+LAUNCHERS = ("horovodrun", "horovodrun-mpi", "mpirun", "torchrun")
 # OpenMPI inside containers: no CMA single-copy (ptrace is usually denied), no InfiniBand probing.
 MPIRUN_FLAGS = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
                 "--mca", "btl_vader_single_copy_mechanism", "none", "--mca", "btl", "^openib"]
@@ -57,6 +58,8 @@ def launch_command(np: int, launcher: str, program: list[str]) -> list[str]:
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--mpi",
                 # horovodrun sets btl and run-as-root itself; a repeated MCA param is an error.
                 "--mpi-args=--oversubscribe --mca btl_vader_single_copy_mechanism none", python, *program]
+    if launcher == "torchrun":  # one host; a free rendezvous port of its own (--standalone)
+        return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={np}", *program]
     if launcher == "mpirun":
         exported = [a for k in ("PYTHONPATH", "OMP_NUM_THREADS", "PATH") for a in ("-x", k)]
         return [shutil.which("mpirun") or "mpirun", "-np", str(np), *MPIRUN_FLAGS, *exported, python, *program]

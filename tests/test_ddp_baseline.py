@@ -37,13 +37,14 @@ def test_both_sides_train_under_their_launchers(tmp_path):
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "benchmarks/ddp_baseline.py", "--rounds", "1", "--iters", "4", "--skip", "2",
            "--data", str(tmp_path / "data"), "--out", str(out), "log.interval=2", "data.min_sizes=[64]",
-           "data.images_per_gpu=2", "--settings", "ddp-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-mpirun-2"]
+           "data.images_per_gpu=2", "--settings", "ddp-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-mpirun-2",
+           "hvdet-torchrun-2"]
     # The harness's environment: not this process's C-level one, which an in-process MPI singleton
     # (another test's comm.init()) has filled with variables that make a child's mpirun fail.
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False, env=rank_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"ddp-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-mpirun-2"}
+    assert set(results) == {"ddp-1", "ddp-2", "hvdet-horovodrun-gloo-2", "hvdet-mpirun-2", "hvdet-torchrun-2"}
     for r in results.values():
         assert r["images_per_s_median"] > 0
         assert r["forward_s"] > 0 and r["backward_allreduce_s"] > 0

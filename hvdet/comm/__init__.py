@@ -2,7 +2,9 @@
 reads like single-process PyTorch.
 
 * :mod:`hvdet.comm.world`: the world of ranks over Horovod (init, rank/size, gradient averaging,
-  broadcasts, gathers); the only module in hvdet that imports Horovod.
+  broadcasts, gathers); the only module in hvdet that imports Horovod. Under ``comm.gradients: ddp``
+  (torchrun) the same calls run over torch.distributed, gradients averaged by DistributedDataParallel
+  (:mod:`hvdet.comm.torch_world`).
 * :mod:`hvdet.comm.groups`: collectives over groups of consecutive ranks (Cross-GPU BN, AGVM), with
   one module per backend: ``horovod_group``, ``torch_group``, ``mpi_group``, ``shm``.
 
@@ -25,6 +27,7 @@ from hvdet.comm.world import (
     distributed_optimizer,
     elastic_launch,
     gather_object,
+    gradients,
     horovod_available,
     init,
     is_initialized,
@@ -42,5 +45,6 @@ from hvdet.registry import GROUP_BACKENDS
 __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableError", "allgather_object",
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
-           "distributed_optimizer", "elastic_launch", "gather_object", "horovod_available", "init", "is_initialized",
-           "is_main_process", "is_peer_loss", "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size", "timeout_s"]
+           "distributed_optimizer", "elastic_launch", "gather_object", "gradients", "horovod_available", "init",
+           "is_initialized", "is_main_process", "is_peer_loss", "local_rank", "local_size", "mpi_available", "rank",
+           "reset", "shutdown", "size", "timeout_s"]

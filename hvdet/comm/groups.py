@@ -4,7 +4,8 @@ Several backends, one module each (:data:`hvdet.registry.GROUP_BACKENDS`), becau
 decides the cost of a BN layer; each is a class with ``open(group_size)`` (collective over the world;
 None where it cannot work in this job), ``allreduce(tensor, op)`` and ``allgather(tensor)``:
 
-* ``"horovod"`` (:mod:`hvdet.comm.horovod_group`): a Horovod process set; waits for Horovod's cycle.
+* ``"horovod"`` (:mod:`hvdet.comm.horovod_group`): a Horovod process set; waits for Horovod's cycle
+  (none under ``comm.gradients: ddp``, whose world is torch.distributed's: ``auto`` takes shm or torch).
 * ``"torch"`` (:mod:`hvdet.comm.torch_group`): torch.distributed, NCCL for CUDA and Gloo for CPU tensors.
 * ``"mpi"`` (:mod:`hvdet.comm.mpi_group`): an mpi4py communicator; only when launched by ``mpirun``.
 * ``"shm"`` (:mod:`hvdet.comm.shm`): a shared-memory segment per group when every group's ranks share
@@ -28,6 +29,7 @@ from hvdet.registry import GROUP_BACKENDS
 # in whole CGBN steps 1.02x vs 1.45x local BN at 160 px), Gloo 0.85-1.65 ms, Horovod one 20 ms cycle.
 AUTO_ORDER = {"cpu": ("shm", "mpi", "torch", "horovod"), "cuda": ("torch", "horovod")}
 _UNAVAILABLE = {"mpi": "backend 'mpi' needs the job launched by mpirun and mpi4py installed",
+                "horovod": "backend 'horovod' needs Horovod's world (comm.gradients=horovod)",
                 "shm": "backend 'shm' needs every group's ranks on one x86-64 host with a shared {dir}"}
 
 _OPEN: dict[tuple[str, int], object] = {}     # (backend, group size) -> this rank's backend, or None
@@ -97,7 +99,7 @@ class Group:
             opened = self._backend(name)
             if opened is not None and (opened.max_numel is None or numel <= opened.max_numel):
                 return name
-        raise AssertionError("unreachable: horovod and torch always open")
+        raise AssertionError("unreachable: torch always opens")
 
     def _backend(self, name: str):
         if name not in self._backends:

@@ -18,8 +18,11 @@ class HorovodBackend:
         self.process_set, self.size = process_set, group_size
 
     @classmethod
-    def open(cls, group_size: int) -> HorovodBackend:
-        """Collective over the world: every rank adds every group's process set, in the same order."""
+    def open(cls, group_size: int) -> HorovodBackend | None:
+        """Collective over the world: every rank adds every group's process set, in the same order.
+        None under comm.gradients=ddp, whose world has no Horovod."""
+        if world.gradients() != "horovod":
+            return None
         hvd = world.hvd
         n = world.size()
         if group_size == n:

@@ -18,8 +18,8 @@ def mpi_available() -> bool:
     global _AVAILABLE
     if _AVAILABLE is None:
         _AVAILABLE = False
-        if "OMPI_COMM_WORLD_SIZE" in os.environ and world.is_initialized() and world.horovod_available() \
-                and world.hvd.mpi_enabled():
+        if "OMPI_COMM_WORLD_SIZE" in os.environ and world.gradients() == "horovod" and world.is_initialized() \
+                and world.horovod_available() and world.hvd.mpi_enabled():
             try:
                 from mpi4py import MPI
                 _AVAILABLE = MPI.COMM_WORLD.Get_size() == world.size()

@@ -48,7 +48,8 @@ class TorchBackend:
 
 
 def init_torch_distributed() -> None:
-    """A torch.distributed world with Horovod's ranks: Gloo for CPU tensors, NCCL for CUDA ones."""
+    """A torch.distributed world with Horovod's ranks: Gloo for CPU tensors, NCCL for CUDA ones
+    (under comm.gradients=ddp the world is torch.distributed's already: its groups are made in it)."""
     if torch.distributed.is_initialized():
         return
     world.check_init()

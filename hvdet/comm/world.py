@@ -1,6 +1,6 @@
 """The world of ranks, over Horovod: the only module in hvdet that imports Horovod.
 
-The same calls work in three settings:
+The same calls work in three settings (``comm.gradients: horovod``, the default):
 
 * one plain process (``python train.py``): Horovod is initialized as a world of size 1 (where
   Horovod is not installed, a world of one without it, training included: the optimizer is not
@@ -10,15 +10,25 @@ The same calls work in three settings:
 
 World collectives (gradient averaging, metric reduction, broadcasts, gathers) use Horovod; groups of
 consecutive ranks are :mod:`hvdet.comm.groups`.
+
+``comm.gradients: ddp`` (``torchrun --nproc_per_node N train.py ...``): :func:`init` chooses
+torch.distributed once, and every call below marked ``@_or_torch`` then runs its counterpart in
+:mod:`hvdet.comm.torch_world` (gradients averaged by DistributedDataParallel), Horovod untouched.
+
+Longer than 300 lines because the world's API is this one list of calls, each with its Horovod body
+and, marked on it, its torch.distributed counterpart; split, the two paths could drift apart.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 
 import torch
 
+from hvdet.comm import torch_world
 from hvdet.comm.horovod_env import apply_defaults
+from hvdet.dataclass_yaml import ConfigError
 
 _FIX = ("run `make venv` in the hvdet checkout (or `PYTHON=<your python> launch/build_horovod.sh`), "
         "which builds Horovod 0.28.1 with PyTorch, Gloo and MPI support")
@@ -55,6 +65,24 @@ except HorovodUnavailableError as _err:
     # needs other ranks, or Horovod's optimizer wrapper, raises this error with the fix.
     hvd, OPS, _COMPRESSION, _HOROVOD_ERROR = None, {}, {"none": None, "fp16": None}, _err
 _SINGLE = False  # initialized as a world of one without Horovod
+_DDP = False     # comm.gradients=ddp: the world is torch.distributed's (hvdet.comm.torch_world)
+GRADIENTS = ("horovod", "ddp")
+
+
+def _or_torch(torch_fn):
+    """The decorated Horovod call, or ``torch_fn`` (its hvdet.comm.torch_world counterpart) once
+    :func:`init` chose ``gradients="ddp"``; the Horovod bodies below are unchanged by that path."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return (torch_fn if _DDP else fn)(*args, **kwargs)
+        return call
+    return wrap
+
+
+def gradients() -> str:
+    """How this world averages gradients: 'horovod' or 'ddp' (``comm.gradients``, chosen at init)."""
+    return "ddp" if _DDP else "horovod"
 
 
 def horovod_available() -> bool:
@@ -82,7 +110,7 @@ def timeout_s() -> float:
     return _TIMEOUT_S
 
 
-def init(timeout_s: float | None = None) -> None:
+def init(timeout_s: float | None = None, gradients: str = "horovod") -> None:
     """Initialize Horovod (idempotent). Dynamic process sets are enabled so groups can be made later.
 
     ``timeout_s`` (a recipe's ``comm.timeout_s``; default 600 s) is the one stall policy: Horovod's
@@ -92,12 +120,30 @@ def init(timeout_s: float | None = None) -> None:
     while the others wait for its metrics.
 
     Without Horovod, a process that no launcher started becomes a world of one; a launched one raises.
+
+    ``gradients`` (``comm.gradients``) chooses the world once per process: ``"horovod"``, or ``"ddp"``
+    (torch.distributed, :mod:`hvdet.comm.torch_world`: torchrun's ranks, or a world of one in a plain
+    process). A launcher that does not match is a ConfigError naming the fix, raised before any
+    rendezvous: torchrun with ``horovod`` would otherwise start N unrelated worlds of one, each
+    writing the same output_dir.
     """
-    global _SINGLE, _TIMEOUT_S
+    global _SINGLE, _TIMEOUT_S, _DDP
+    if gradients not in GRADIENTS:
+        raise ValueError(f"gradients must be one of {', '.join(GRADIENTS)}, got {gradients!r}")
     if timeout_s is not None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         _TIMEOUT_S = float(timeout_s)
+    _check_launcher(gradients)
+    if gradients == "ddp":
+        if _SINGLE or _hvd_up():
+            raise RuntimeError("comm.init(gradients='ddp'): this process already initialized the Horovod world")
+        _DDP = True
+        torch_world.init(_TIMEOUT_S)
+        return
+    if _DDP:
+        raise RuntimeError("comm.init(gradients='horovod'): this process already initialized the torch.distributed "
+                           "world (comm.gradients=ddp)")
     if hvd is None:
         if _launched():
             _need_horovod("a job started by horovodrun/mpirun")
@@ -122,12 +168,25 @@ def init(timeout_s: float | None = None) -> None:
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
 
 
+def _check_launcher(gradients: str) -> None:
+    """A launcher that does not match ``gradients``: one line saying what to change."""
+    if gradients == "ddp" and _launched() and not torch_world.launched():  # (srun may run torchrun: trust torchrun)
+        raise ConfigError("comm.gradients=ddp needs torchrun (torchrun --nproc_per_node N train.py ...), but "
+                          "horovodrun/mpirun started this process: drop comm.gradients=ddp to average with "
+                          "Horovod, or launch with torchrun")
+    if gradients == "horovod" and torch_world.launched() and not _launched():
+        raise ConfigError("torchrun started this process, but comm.gradients=horovod: add comm.gradients=ddp "
+                          "to average gradients with DistributedDataParallel, or launch with horovodrun/mpirun")
+
+
+@_or_torch(torch_world.peer_lost)
 def peer_lost(message: str) -> Exception:
     """The error for "a peer is gone": Horovod's own HorovodInternalError, so that Horovod elastic
     recovers from it as from a failed Horovod op (a RuntimeError without Horovod)."""
     return hvd.HorovodInternalError(message) if hvd is not None else RuntimeError(message)
 
 
+@_or_torch(torch_world.is_peer_loss)
 def is_peer_loss(err: BaseException) -> bool:
     """``err`` says a peer died or the hosts changed (Horovod's errors for it), not what this rank did."""
     return type(err).__name__ in ("HorovodInternalError", "HostsUpdatedInterrupt")
@@ -144,6 +203,7 @@ def elastic_api():
     return State, run_fn
 
 
+@_or_torch(torch_world.is_initialized)
 def is_initialized() -> bool:
     return _SINGLE if hvd is None else hvd.is_initialized()
 
@@ -157,18 +217,22 @@ def check_init() -> None:
         raise RuntimeError("hvdet.comm.init() must be called first")
 
 
+@_or_torch(torch_world.rank)
 def rank() -> int:
     return hvd.rank() if _hvd_up() else 0
 
 
+@_or_torch(torch_world.size)
 def size() -> int:
     return hvd.size() if _hvd_up() else 1
 
 
+@_or_torch(torch_world.local_rank)
 def local_rank() -> int:
     return hvd.local_rank() if _hvd_up() else 0
 
 
+@_or_torch(torch_world.local_size)
 def local_size() -> int:
     return hvd.local_size() if _hvd_up() else 1
 
@@ -182,12 +246,14 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+@_or_torch(torch_world.controller)
 def controller() -> str:
-    """'mpi' or 'gloo': how Horovod's ranks talk to each other."""
+    """'mpi' or 'gloo': how Horovod's ranks talk to each other (under ddp: torch.distributed's backend)."""
     check_init()
     return "mpi" if _need_horovod("controller()").mpi_enabled() else "gloo"
 
 
+@_or_torch(torch_world.build_info)
 def build_info() -> dict:
     hvd = _need_horovod("build_info()")
     return {"gloo": hvd.gloo_built(), "mpi": hvd.mpi_built(), "nccl": hvd.nccl_built(),
@@ -195,9 +261,10 @@ def build_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# World collectives (Horovod)
+# World collectives (Horovod; under comm.gradients=ddp, hvdet.comm.torch_world's)
 # ---------------------------------------------------------------------------------------------
 
+@_or_torch(torch_world.allreduce)
 def allreduce(tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> torch.Tensor:
     """Allreduce over all ranks; returns a new tensor. op: sum | mean | max | min."""
     if size() == 1:
@@ -205,6 +272,7 @@ def allreduce(tensor: torch.Tensor, op: str = "sum", name: str | None = None) ->
     return hvd.allreduce(tensor, name=name, op=OPS[op])
 
 
+@_or_torch(torch_world.allgather_object)
 def allgather_object(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (pickled)."""
     if size() == 1:
@@ -214,6 +282,7 @@ def allgather_object(obj) -> list:
     return hvd.allgather_object(obj, name="hvdet.allgather_object")
 
 
+@_or_torch(torch_world.gather_object)
 def gather_object(obj, root_rank: int = 0) -> list | None:
     """Every rank's ``obj``, in rank order, on ``root_rank`` only (None elsewhere); pickled.
 
@@ -231,6 +300,7 @@ def gather_object(obj, root_rank: int = 0) -> list | None:
     return [pickle.loads(part.numpy().tobytes()) for part in torch.split(received, counts.tolist())]
 
 
+@_or_torch(torch_world.broadcast_object)
 def broadcast_object(obj, root_rank: int = 0):
     """Root's ``obj`` on every rank (pickled); the others may pass anything, e.g. None."""
     if size() == 1:
@@ -240,29 +310,34 @@ def broadcast_object(obj, root_rank: int = 0):
     return hvd.broadcast_object(obj, root_rank=root_rank, name="hvdet.broadcast_object")
 
 
+@_or_torch(torch_world.broadcast_parameters)
 def broadcast_parameters(state, root_rank: int = 0) -> None:
     """Overwrite every rank's parameters/buffers (a state_dict or named_parameters) with root's."""
     if size() > 1:
         hvd.broadcast_parameters(state, root_rank=root_rank)
 
 
+@_or_torch(torch_world.broadcast_optimizer_state)
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
     """Root's optimizer state (moments, step counters, hyper-parameters) on every rank."""
     if size() > 1:
         hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
 
 
+@_or_torch(torch_world.barrier)
 def barrier() -> None:
     if size() > 1:
         hvd.barrier()
 
 
+@_or_torch(torch_world.distributed_optimizer)
 def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *, compression: str = "none",
-                          backward_passes_per_step: int = 1, op: str = "mean"):
+                          backward_passes_per_step: int = 1, op: str = "mean", model: torch.nn.Module | None = None):
     """Wrap ``optimizer`` so ``step()`` applies gradients ring-allreduced over all ranks.
 
     Gradients are allreduced asynchronously as backward produces them; ``synchronize()`` waits for
-    them (call it before clipping, then step inside ``skip_synchronize()``).
+    them (call it before clipping, then step inside ``skip_synchronize()``). ``model`` (the module
+    that owns ``named_parameters``) is for the ddp path, which wraps it; Horovod does not need it.
     """
     if compression not in _COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
@@ -278,6 +353,7 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *,
                                     backward_passes_per_step=backward_passes_per_step, op=OPS[op])
 
 
+@_or_torch(torch_world.shutdown)
 def shutdown() -> None:
     if _hvd_up():
         hvd.shutdown()

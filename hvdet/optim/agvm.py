@@ -30,11 +30,11 @@ class AGVM:
         opt.synchronize(); agvm.after_synchronize(it)
         with opt.skip_synchronize(): opt.step()
 
-    Why the hooks: Horovod overwrites ``p.grad`` with the world mean during backward, so on due
-    iterations tensor hooks copy each rank's *local* gradient into a flat buffer first. The world
-    mean that Horovod computed is then reused: with two equal halves it is (a + b) / 2, so each rank
-    gets the other half's mean as 2 * world_mean - own_half_mean, and a due iteration costs one
-    half-world allreduce of the gradients plus one tiny allreduce of statistics (upstream also
+    Why the hooks: Horovod (or DDP, under comm.gradients=ddp) overwrites ``p.grad`` with the world
+    mean during backward, so on due iterations tensor hooks copy each rank's *local* gradient into a
+    flat buffer first. The world mean that Horovod computed is then reused: with two equal halves it
+    is (a + b) / 2, so each rank gets the other half's mean as 2 * world_mean - own_half_mean, and a
+    due iteration costs one half-world allreduce of the gradients plus one tiny allreduce of statistics (upstream also
     all-gathers both half means, the whole gradient, onto rank 0).
     Call :meth:`after_synchronize` before clipping or unscaling the gradients: it checks that
     ``p.grad`` really is the world mean of the captured gradients and says so if not.
