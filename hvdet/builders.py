@@ -127,7 +127,8 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     if rank == 0:  # temp files of writes that a killed run left (no write runs now)
         for folder in (Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"):
             remove_stale_temps(folder)
-    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard)
+    logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard,
+                       config=cfg)
     logger.mllog(MLLOG.INIT_START)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
     init = finetune.read(cfg.model.init_from) if cfg.model.init_from and not resume else None
@@ -228,4 +229,5 @@ def rebuild_for_world(run: Run) -> None:
             m.group_size = group
     if run.logger.enabled != comm.is_main_process():
         run.logger.close()
-        run.logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard)
+        run.logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard,
+                               config=cfg)

@@ -161,6 +161,10 @@ class LogConfig:
     progress: bool = True                     # tqdm bar on rank 0
     diagnostics: bool = True                  # trust ratios per module (+ AGVM's variances) in train records
     tensorboard: bool = True                  # TensorBoard events beside metrics.jsonl (when it is installed)
+    wandb: bool = False                       # a Weights & Biases run (the wandb extra; WANDB_MODE=offline works)
+    mlflow: bool = False                      # an MLflow run (the mlflow extra)
+    project: str = "hvdet"                    # the W&B project and the MLflow experiment
+    mlflow_tracking_uri: str = ""             # "": file:<output_dir>/mlruns, a local file store
     mlperf_org: str = "hvdet"                 # mllog.txt's submission_org, _platform ("": N x this device),
     mlperf_platform: str = ""                 #   _division (closed | open) and _benchmark (retinanet, ...; "":
     mlperf_division: str = "open"             #   none, a detector MLPerf does not benchmark today)

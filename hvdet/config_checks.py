@@ -91,6 +91,10 @@ def validate(cfg, source: str = "<config>") -> None:
     if cfg.eval.scorer == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
         raise ConfigError(f"{where(source, 'eval.scorer')}: eval.scorer=faster_coco_eval, but faster_coco_eval is "
                           "not installed: pip install faster-coco-eval==1.8.0, or set eval.scorer=auto")
+    for sink in ("wandb", "mlflow"):  # the import name is the extra's name
+        if getattr(cfg.log, sink) and importlib.util.find_spec(sink) is None:
+            raise ConfigError(f"{where(source, f'log.{sink}')}: log.{sink}=true, but {sink} is not installed: "
+                              f"pip install -e '.[{sink}]', or set log.{sink}=false")
     if not 0 <= cfg.eval.background_nice <= 19:
         raise ConfigError(f"{source}: eval.background_nice is a niceness in [0, 19], got {cfg.eval.background_nice}")
     if cfg.comm.timeout_s <= 0:

@@ -17,14 +17,20 @@ Files in ``output_dir`` (rank 0 writes; every other rank's logger is a no-op, so
 checks): ``metrics.jsonl`` (one JSON object per line, ``"type": "train"`` or ``"eval"``, appended so a
 resumed run continues it), ``mllog.txt`` (``:::MLLOG {...}`` lines that MLPerf's tooling parses) and
 ``summary.json`` (replaced atomically, so a reader never sees half a file).
+
+Sinks: TensorBoard (``tensorboard=True``) and, where ``config.log`` turns them on, Weights & Biases and
+MLflow (hvdet.wandb_log, hvdet.mlflow_log) take every train and eval record and the summary; W&B and
+MLflow also take the config. A sink that fails is dropped with one warning: logging never stops training.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,19 +78,19 @@ def _drop_partial_last_line(path: Path) -> None:
 class RunLogger:
     """Rank 0's record of a run. ``enabled=False`` (every other rank) turns each method into a no-op."""
 
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = False):
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = False,
+                 config=None):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.started = False  # run_start logged (the engine's loop may start again after an elastic reset)
         self.in_block = False  # an MLPerf block_start without its block_stop yet (hvdet.mlperf)
         self._metrics = None
         self._ml = None
-        self._tb = None
+        self._sinks = []
         if not enabled:
             return
-        if tensorboard:  # train and eval records also as TensorBoard scalars (hvdet.tensorboard_log)
-            self._tb = TensorBoardLog.open(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._sinks = open_sinks(self.output_dir, tensorboard, config)
         # Line-buffered append: a crashed or resumed run keeps every line already logged.
         path = self.output_dir / METRICS_FILE
         _drop_partial_last_line(path)
@@ -119,8 +125,18 @@ class RunLogger:
             raise ValueError(f"a {kind} record needs an 'iteration' key; got keys {sorted(record)}")
         line = json.dumps({"type": kind, **_jsonable(record)}, allow_nan=False)
         self._metrics.write(line + "\n")
-        if self._tb is not None and kind in ("train", "eval"):
-            self._tb.add(kind, record)
+        if kind in ("train", "eval"):
+            self._to_sinks("add", kind, record)
+
+    def _to_sinks(self, method: str, *args) -> None:
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as err:  # noqa: BLE001 -- a full disk, a lost server: the run matters more than its log
+                # Dropped without its close(): against a lost server that would wait out the retries again.
+                self._sinks.remove(sink)
+                warnings.warn(f"hvdet: {type(sink).__name__}.{method} failed ({err!r}); it logs nothing more "
+                              "in this run, training goes on", stacklevel=3)
 
     # -- MLPerf --------------------------------------------------------------------------------
     def mllog(self, key: str, value=None, metadata: dict | None = None) -> None:
@@ -163,12 +179,13 @@ class RunLogger:
             json.dump(_jsonable(summary), f, indent=2, allow_nan=False)
             f.write("\n")
 
-        return atomic_write(self.output_dir / SUMMARY_FILE, write)
+        path = atomic_write(self.output_dir / SUMMARY_FILE, write)
+        self._to_sinks("summary", _jsonable(summary))
+        return path
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._to_sinks("close")
+        self._sinks = []
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -183,6 +200,22 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_sinks(output_dir: Path, tensorboard: bool, config=None) -> list:
+    """The sinks asked for: TensorBoard, and W&B / MLflow where ``config.log`` (a Config's) turns them on,
+    with the resolved config as their run's config / params. One that fails to open warns and is left out."""
+    sinks = [TensorBoardLog.open(output_dir)] if tensorboard else []
+    log = config.log if config is not None else None
+    if log is not None and log.wandb:
+        from hvdet.wandb_log import WandbLog  # lazily: optional, and slow to import
+
+        sinks.append(WandbLog.open(output_dir, log.project, dataclasses.asdict(config)))
+    if log is not None and log.mlflow:
+        from hvdet.mlflow_log import MlflowLog
+
+        sinks.append(MlflowLog.open(output_dir, log.project, log.mlflow_tracking_uri, dataclasses.asdict(config)))
+    return [sink for sink in sinks if sink is not None]
 
 
 class StepTimer:

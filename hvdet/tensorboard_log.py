@@ -31,6 +31,11 @@ def flatten(record: dict, prefix: str) -> dict[str, float]:
     return out
 
 
+def summary_scalars(summary: dict) -> dict[str, float]:
+    """summary.json's numbers as ``summary/<key>`` scalars (W&B, MLflow); ``reached`` counts as 1.0 / 0.0."""
+    return flatten({k: float(v) if isinstance(v, bool) else v for k, v in summary.items()}, "summary")
+
+
 class TensorBoardLog:
     def __init__(self, writer):
         self._writer = writer
@@ -51,6 +56,9 @@ class TensorBoardLog:
         for tag, value in flatten(record, kind).items():
             self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()  # the run may be killed at any time; events are few
+
+    def summary(self, summary: dict) -> None:
+        """Nothing: summary.json holds it (W&B and MLflow, the other sinks, take it)."""
 
     def close(self) -> None:
         self._writer.close()
