@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.provenance import ROOT
+from benchmarks.provenance import ROOT, provenance
 from benchmarks.study_grid import (  # noqa: F401 - the grid's names, re-exported for callers and tests
     CELL_FILE,
     DEFAULT_GRID,
@@ -74,7 +74,7 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
     # Ranks share the cores: one math thread each, as make demo runs (and the run is repeatable).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    start, code, load_start = time.perf_counter(), None, os.getloadavg()
+    start, code, load_start, code_at_start = time.perf_counter(), None, os.getloadavg(), provenance()
     with open(run_dir / LOG_FILE, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -89,7 +89,7 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
     # something only beside what else ran (its own two ranks make about 2).
     _write_json(run_dir / CELL_FILE, {**asdict(cell), "command": cmd, "exit_code": code,
                                       "wall_s": time.perf_counter() - start, "load_avg_start": load_start,
-                                      "load_avg_end": os.getloadavg()})
+                                      "load_avg_end": os.getloadavg(), "provenance": code_at_start})
     summary = run_dir / "summary.json"
     if not summary.exists() and (line := divergence_line(run_dir / LOG_FILE)):
         _write_json(summary, {"stop": "diverged", "failure": line, "written_by": "benchmarks/study.py"})
@@ -112,6 +112,10 @@ def archive_cells(cells: list[Cell], archive: Path) -> int:
         for name in ARCHIVED:
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, kept / name)
+        # train.py's summary does not know the commit; the archived copy carries the one the cell ran on.
+        launch = json.loads((kept / CELL_FILE).read_text()) if (kept / CELL_FILE).is_file() else {}
+        summary = json.loads((kept / "summary.json").read_text())
+        _write_json(kept / "summary.json", {**summary, "provenance": launch.get("provenance")})
         copied += 1
     return copied
 
