@@ -95,6 +95,14 @@ def run_cell(grid: Grid, cell: Cell, controller: str | None, timeout_s: float) -
         _write_json(summary, {"stop": "diverged", "failure": line, "written_by": "benchmarks/study.py"})
 
 
+def done(run_dir: Path) -> bool:
+    """A cell ran to its end (or diverged): it has a summary that is not a preemption's. Stopping the
+    study stops its cell's ranks with SIGTERM, and train.py then checkpoints and writes a "preempted"
+    summary: such a cell runs again from the start."""
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("stop") != "preempted"
+
+
 # A finished cell's files that the report reads, small enough to commit (no checkpoints, no events).
 ARCHIVED = ("summary.json", CELL_FILE, "metrics.jsonl", "config.yaml", LOG_FILE)
 
@@ -106,7 +114,7 @@ def archive_cells(cells: list[Cell], archive: Path) -> int:
     copied = 0
     for cell in cells:
         run_dir, kept = Path(cell.output_dir), archive / "cells" / cell.name
-        if not (run_dir / "summary.json").is_file() or (kept / "summary.json").is_file():
+        if not done(run_dir) or (kept / "summary.json").is_file():
             continue
         kept.mkdir(parents=True, exist_ok=True)
         for name in ARCHIVED:
@@ -128,7 +136,7 @@ def restore_cells(cells: list[Cell], archive: Path) -> list[str]:
     restored = []
     for cell in cells:
         run_dir, kept = Path(cell.output_dir), archive / "cells" / cell.name
-        if (run_dir / "summary.json").is_file() or not (kept / "summary.json").is_file():
+        if done(run_dir) or not (kept / "summary.json").is_file():
             continue
         if run_dir.exists():  # a partial run of a cell that has finished elsewhere
             shutil.rmtree(run_dir)
@@ -150,7 +158,7 @@ def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | Non
     """Run the cells not done yet, one line each, the report rebuilt after each. ``derive()`` lists the
     grid's cells and ``todo(cells)`` the selected ones: both are asked again after every cell, since a
     finished anchor sweep adds the cells that take its winner."""
-    if pretrain is not None and not (Path(pretrain.output_dir) / "summary.json").exists():
+    if pretrain is not None and not done(Path(pretrain.output_dir)):
         print(f"study: pretraining the starting point ({pretrain.max_iters} iterations at batch {pretrain.batch})",
               flush=True)
         run_cell(grid, pretrain, args.controller, args.cell_timeout)
@@ -159,12 +167,12 @@ def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | Non
             return 1
         _compare_with_archive(grid, pretrain, dataset)
     for c in todo(derive()):
-        if (Path(c.output_dir) / "summary.json").exists():
+        if done(Path(c.output_dir)):
             print(f"study: {c.name}: done already (summary.json), skipped", flush=True)
     failed, spent, t0, ran = 0, [], time.perf_counter(), set()
     while True:
         cells = derive()
-        pending = [c for c in todo(cells) if c.name not in ran and not (Path(c.output_dir) / "summary.json").exists()]
+        pending = [c for c in todo(cells) if c.name not in ran and not done(Path(c.output_dir))]
         if not pending:
             break
         cell, i, left = pending[0], len(spent) + 1, len(pending)
@@ -201,12 +209,14 @@ def _compare_with_archive(grid: Grid, pretrain: Cell, dataset: dict) -> None:
 def publish(grid: Grid, args, pretrain: Cell | None, dataset: dict, cells: list[Cell]) -> list[Path]:
     """The report in the runs directory and, with ``archive:``, the same report and the finished cells'
     files in the archive (what a session commits after each cell)."""
-    doc = grid_doc(grid, args, pretrain, dataset)
-    paths = write_report(doc, cells, dataset, args.runs_dir)
+    import shutil
+
+    paths = write_report(grid_doc(grid, args, pretrain, dataset), cells, dataset, args.runs_dir)
     if grid.archive:
         archive = ROOT / grid.archive
         archive_cells(cells, archive)
-        write_report(doc, cells, dataset, archive)
+        for path in paths:  # the same files: rendered once
+            shutil.copy2(path, archive / path.name)
     return paths
 
 

@@ -339,3 +339,14 @@ def test_the_controls_of_a_failure_run_at_the_first_failing_batch(tmp_path):
     _finish(cells["b512-sgd-cross_gpu"], None)  # diverged
     control = derive()["b256-sgd-cross_gpu-halflr"]
     assert control.base_lr == 0.01 and control.lr == pytest.approx(0.16)
+
+
+def test_a_preempted_cell_is_not_done(tmp_path):
+    """Stopping the study sends its cell SIGTERM, and train.py writes a "preempted" summary: that cell is
+    neither done, nor archived, and runs again."""
+    run = tmp_path / "b64-x"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"stop": "preempted", "iterations": 56}))
+    assert not study.done(run)
+    (run / "summary.json").write_text(json.dumps({"stop": "diverged"}))
+    assert study.done(run)
