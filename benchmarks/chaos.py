@@ -389,7 +389,8 @@ def _hvdet_lines(log: str) -> list[str]:
 def _names_rank(log: str, rank: int) -> bool:
     # The waiting rank's time-out ("group ranks [1] did not arrive"), or the stalled rank's own
     # watchdog ("rank 1: no progress ..."), or another's listing ("last progress: rank 1 16 s ago").
-    return any(f"ranks [{rank}]" in line or f"rank {rank}: no progress" in line or f"last progress: rank {rank} " in line
+    return any(f"ranks [{rank}]" in line or f"rank {rank} on " in line and ": no progress" in line
+               or f"last progress: rank {rank} " in line
                for line in log.splitlines())
 
 

@@ -7,6 +7,7 @@ together on every rank and continues a checkpoint when asked.
 from __future__ import annotations
 
 import inspect
+import socket
 from pathlib import Path
 
 import torch
@@ -130,6 +131,8 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard,
                        config=cfg)
     logger.mllog(MLLOG.INIT_START)
+    if not elastic:
+        report_hosts(logger)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
     init = finetune.read(cfg.model.init_from) if cfg.model.init_from and not resume else None
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
@@ -160,6 +163,29 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
         if opt.state_dict()["state"]:
             comm.broadcast_optimizer_state(opt, root_rank=0)
     return run
+
+
+def report_hosts(logger: RunLogger, iteration: int = 0) -> None:
+    """Where the launcher put the ranks: one line on rank 0 (``4 ranks on 2 hosts: h1 (ranks 0-1),
+    h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl; at the start, and in an elastic job at
+    each new world. Collective (every rank's hostname)."""
+    layout: dict[str, list[int]] = {}
+    for rank, host in enumerate(comm.allgather_object(socket.gethostname())):
+        layout.setdefault(host, []).append(rank)
+    if comm.is_main_process() and comm.size() > 1:
+        where = ", ".join(f"{host} (ranks {_spans(ranks)})" for host, ranks in layout.items())
+        print(f"hvdet: {comm.size()} ranks on {len(layout)} host{'s' * (len(layout) > 1)}: {where}", flush=True)
+    logger.log_event("hosts", {"iteration": iteration, "world_size": comm.size(), "hosts": layout})
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans, start = [], ranks[0]
+    for prev, cur in zip(ranks, [*ranks[1:], None]):
+        if cur != prev + 1:
+            spans.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = cur
+    return ", ".join(spans)
 
 
 def init_model(cfg: Config, model: torch.nn.Module, init: tuple | None, logger: RunLogger, resume: str | None) -> None:

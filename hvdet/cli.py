@@ -117,7 +117,7 @@ def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C twice): no checkpoint written"
     if name == "HorovodInternalError":  # a peer died or left: its own line names the cause
         return EXIT_FAILED, f"a peer rank failed or left ({name}: {text.split('. ')[0]}); see its own message"
-    known = ("CheckpointError", "DivergenceError", "DataError", "WriteError")
+    known = ("CheckpointError", "DivergenceError", "DataError", "WriteError", "PeerDiedError")
     return EXIT_FAILED, text if name in known else f"{name}: {text[:500]}"
 
 

@@ -49,20 +49,23 @@ def rank_env(threads: int = 1) -> dict:
     return env
 
 
-def launch_command(np: int, launcher: str, program: list[str]) -> list[str]:
-    """The command line that starts ``program`` (argv after 'python') on ``np`` local ranks."""
+def launch_command(np: int, launcher: str, program: list[str], hosts: str | None = None) -> list[str]:
+    """The command line that starts ``program`` (argv after 'python') on ``np`` ranks: local ones, or
+    on ``hosts`` ("h1:2,h2:2", tests/cluster.py's test cluster; not for torchrun)."""
     python = sys.executable
+    where = hosts or f"localhost:{np}"
     if launcher == "horovodrun":
-        return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", python, *program]
+        return [str(BIN / "horovodrun"), "-np", str(np), "-H", where, "--gloo", python, *program]
     if launcher == "horovodrun-mpi":
-        return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--mpi",
+        return [str(BIN / "horovodrun"), "-np", str(np), "-H", where, "--mpi",
                 # horovodrun sets btl and run-as-root itself; a repeated MCA param is an error.
                 "--mpi-args=--oversubscribe --mca btl_vader_single_copy_mechanism none", python, *program]
     if launcher == "torchrun":  # one host; a free rendezvous port of its own (--standalone)
         return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={np}", *program]
     if launcher == "mpirun":
         exported = [a for k in ("PYTHONPATH", "OMP_NUM_THREADS", "PATH") for a in ("-x", k)]
-        return [shutil.which("mpirun") or "mpirun", "-np", str(np), *MPIRUN_FLAGS, *exported, python, *program]
+        placed = ["--host", hosts] if hosts else []
+        return [shutil.which("mpirun") or "mpirun", "-np", str(np), *MPIRUN_FLAGS, *placed, *exported, python, *program]
     raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
 
 
@@ -86,12 +89,17 @@ def run_command(cmd: list[str], timeout_s: float, env: dict | None = None, cwd: 
 
 
 def run_ranks(target: str, np: int = 2, launcher: str = "horovodrun", timeout_s: float = 600,
-              threads: int = 1, **kwargs) -> list:
-    """Run ``target`` ('module:function') on ``np`` ranks; return the results in rank order."""
+              threads: int = 1, hosts: str | None = None, **kwargs) -> list:
+    """Run ``target`` ('module:function') on ``np`` ranks; return the results in rank order.
+    ``hosts``: on the test cluster's hosts ("hvdet-h1:2,hvdet-h2:2"), launched from the first one."""
     with tempfile.TemporaryDirectory(prefix="hvdet-ranks-") as out_dir:
         with open(os.path.join(out_dir, "kwargs.pkl"), "wb") as f:
             pickle.dump(kwargs, f)
-        cmd = launch_command(np, launcher, ["-m", "tests._rank_worker", target, out_dir])
+        cmd = launch_command(np, launcher, ["-m", "tests._rank_worker", target, out_dir], hosts)
+        if hosts:
+            from tests.cluster import launch_on
+
+            cmd = launch_on(cmd, env=rank_env(threads))
         try:
             out = run_command(cmd, timeout_s, rank_env(threads))
         except LaunchError as err:

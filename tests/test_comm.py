@@ -216,6 +216,24 @@ def test_shm_is_all_groups_or_none():
     from hvdet.comm import shm
 
     # What rank 1 of a group of 2 sees: rank 0's path (not on this host), then the attach flags.
-    answers = iter([["/nonexistent/hvdet-elsewhere", None], [True, False]])
+    here = shm.host_identity()
+    answers = iter([[(here, "/nonexistent/hvdet-elsewhere"), (here, None)], [True, False]])
     with pytest.warns(UserWarning, match="no shared-memory group collective"):
         assert shm.open_group_segment(1, 2, lambda obj: next(answers)) is None
+
+
+def test_shm_is_not_tried_across_hosts(tmp_path):
+    """A creator on another host whose file this rank could open (a folder both nodes see) is not
+    attached to: its stores would never arrive. No warning: spanning hosts is a normal layout."""
+    import warnings
+
+    from hvdet.comm import shm
+
+    seg = shm.ShmAllreduce(str(tmp_path / "seg"), 0, 2, create=True)
+    other_node = ("node-b", shm.host_identity()[1])
+    answers = iter([[(other_node, seg.path), (shm.host_identity(), None)], [True, False]])
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert shm.open_group_segment(1, 2, lambda obj: seen.append(obj) or next(answers)) is None
+    assert seen[0] == (shm.host_identity(), None) and seen[1] is False

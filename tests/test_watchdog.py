@@ -1,6 +1,7 @@
 """hvdet.comm.watchdog: a rank whose main thread blocks with the GIL held (as Horovod's enqueue does
 when a peer's Horovod thread stopped answering) is still ended, with one line and exit code 3."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ from hvdet.comm.watchdog import Watchdog
 import time, pathlib
 with Watchdog(1.0, rank=5, beat_dir=sys.argv[2], grace_s=0.5) as w:
     # Another rank's watchdog noted its last progress now, and then that rank stopped.
-    pathlib.Path(sys.argv[2], "rank2").write_text(f"{time.time()}\tin iteration 6")
+    import socket
+    pathlib.Path(sys.argv[2], "rank2").write_text(f"{time.time()}\t{socket.gethostname()}\tin iteration 6")
     time.sleep(0.3)  # this rank went on a little longer
     w.beat("in iteration 7")
     ctypes.PyDLL(None).sleep(60)  # a C call that keeps the GIL: no Python thread can run
@@ -30,8 +32,9 @@ def test_a_rank_blocked_with_the_gil_held_is_ended_and_says_where(tmp_path):
                          check=False, env={**os.environ, "HVDET_EXIT_FILE": str(exit_file)}, timeout=60)
     assert time.monotonic() - start < 30  # ended by the watchdog, not by the 60 s sleep
     assert out.returncode == -9, out
-    assert "hvdet: rank 5: no progress for" in out.stderr and "while in iteration 7" in out.stderr, out.stderr
-    assert "(last progress: rank 2 " in out.stderr and " s ago, in iteration 6)" in out.stderr, out.stderr
+    assert f"hvdet: rank 5 on {socket.gethostname()}: no progress for" in out.stderr, out.stderr
+    assert "while in iteration 7" in out.stderr and "unreachable" not in out.stderr, out.stderr
+    assert f"(last progress: rank 2 on {socket.gethostname()} " in out.stderr and " s ago, in iteration 6)" in out.stderr, out.stderr
     assert exit_file.read_text() == "3\n"  # what launch/*.sh report
 
 
@@ -59,5 +62,48 @@ def test_a_stopped_rank_is_named_as_stopped(tmp_path):
     proc.send_signal(signal.SIGSTOP)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -9
-    assert "hvdet: rank 1: no progress for" in err and "its process is stopped" in err, err
+    assert f"hvdet: rank 1 on {socket.gethostname()}: no progress for" in err and "its process is stopped" in err, err
     assert "[process stopped]" in (tmp_path / "rank1").read_text()
+
+
+def test_a_killed_peer_is_named_with_its_host(tmp_path):
+    """SIGKILL (the OOM killer, a crash): the rank's watchdog marks its file, and a survivor whose
+    collective broke says which rank on which host was killed, and where it was."""
+    import signal
+
+    from hvdet.comm import watchdog
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from hvdet.comm.watchdog import Watchdog\n"
+            "with Watchdog(30.0, rank=3, beat_dir=sys.argv[2]) as w:\n"
+            "    w.beat('in iteration 9'); time.sleep(1.2); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    with watchdog.Watchdog(30.0, rank=0, beat_dir=tmp_path) as survivor:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        peer_lost = type("HorovodInternalError", (RuntimeError,), {})("Horovod has been shut down")
+        err = survivor.explain(peer_lost)
+    assert isinstance(err, watchdog.PeerDiedError), err
+    assert f"rank 3 on {socket.gethostname()} was killed" in str(err) and "last seen in iteration 9" in str(err), err
+    assert survivor.explain(ValueError("x")).args == ("x",)  # not a peer loss: unchanged
+
+
+def test_unreachable_hosts_are_told_from_refusing_ones():
+    """A refused connection is an answer (the host is up); a handshake that never completes is not:
+    here a listener whose accept queue is full drops the SYN, as a cut link does."""
+    import socket as sk
+
+    from hvdet.comm import _watchdog_child
+
+    with sk.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+        assert _watchdog_child.unreachable(["127.0.0.1"], port=closed.getsockname()[1]) == []
+    with sk.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = [sk.create_connection(("127.0.0.1", port), timeout=1) for _ in range(1)]
+        down = _watchdog_child.unreachable(["127.0.0.1"], timeout_s=0.3, port=port)
+        for c in queued:
+            c.close()
+    assert len(down) == 1 and down[0].startswith("127.0.0.1 ("), down

@@ -1,13 +1,16 @@
 """The watchdog process of hvdet.comm.watchdog (run by path, with ``python -S``: no torch, no
 Horovod, a few MB). Arguments: PID TIMEOUT_S GRACE_S EXIT_CODE BEAT_DIR. Each line on stdin is a beat
-"RANK<TAB>WHERE"; at most once a second it is also written to BEAT_DIR/rank<RANK> (every rank's
-watchdog writes its own file there: the run directory, on a file system the ranks share). After
-TIMEOUT_S + GRACE_S without a beat it reports, with the other ranks' last progress, records
-EXIT_CODE in $HVDET_EXIT_FILE and kills PID. End of input: the rank finished; exit quietly."""
+"RANK<TAB>WHERE"; at most once a second it is also written to BEAT_DIR/rank<RANK> as
+"TIME<TAB>HOST<TAB>WHERE" (every rank's watchdog writes its own file there: the run directory, on a
+file system the ranks share). After TIMEOUT_S + GRACE_S without a beat it reports, with the other
+ranks' last progress and the hosts that do not answer, records EXIT_CODE in $HVDET_EXIT_FILE and
+kills PID. End of input: the rank finished (the file goes) or, if its process is gone, was killed
+(the file stays, marked, so the survivors can name it); either way exit quietly."""
 import contextlib
 import os
 import select
 import signal
+import socket
 import sys
 import time
 
@@ -30,8 +33,15 @@ def main() -> int:
         if ready:
             data = os.read(fd, 65536)
             if not data:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(beats, f"rank{rank}"))
+                # The rank closed its end (it finished, or raised and said why): its file goes. A rank
+                # that is gone without closing was killed (SIGKILL, the OOM killer): the file stays
+                # and says so, for the survivors' message.
+                path = os.path.join(beats, f"rank{rank}")
+                if _running(pid):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                else:
+                    _write(path, f"{last_wall}\t{HOST}\t{where}{DIED}")
                 return 0
             pending += data
             *lines, pending = pending.split(b"\n")
@@ -44,11 +54,11 @@ def main() -> int:
         stopped = _stopped(pid)
         if (last_wall > written or stopped != was_stopped) and time.monotonic() - flushed >= 1.0:
             written, flushed, was_stopped = last_wall, time.monotonic(), stopped
-            _write(os.path.join(beats, f"rank{rank}"), f"{last_wall}\t{where}{STOPPED if stopped else ''}")
+            _write(os.path.join(beats, f"rank{rank}"), f"{last_wall}\t{HOST}\t{where}{STOPPED if stopped else ''}")
         idle = time.monotonic() - last
         if idle > limit:
             cause = "its process is stopped" if _stopped(pid) else "a peer is dead or stalled"
-            print(f"hvdet: rank {rank}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
+            print(f"hvdet: rank {rank} on {HOST}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
                   f"{cause}{others(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
                   file=sys.stderr, flush=True)
             exit_codes.record(code)
@@ -58,6 +68,17 @@ def main() -> int:
 
 
 STOPPED = " [process stopped]"
+DIED = " [process died]"
+HOST = socket.gethostname()
+PROBE_PORT = 22  # sshd's: every node a launcher reaches over ssh answers on it
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _stopped(pid: int) -> bool:
@@ -76,10 +97,10 @@ def _write(path: str, text: str) -> None:
         os.replace(tmp, path)
 
 
-def others(beats: str, me: str, started: float, timeout_s: float) -> str:
-    """The other ranks' last progress, oldest first, from their files (each holds the time of its
-    rank's latest beat, refreshed within a second): " (last progress: rank 1 15.3 s ago, in iteration 5; ...)"."""
-    now, ages = time.time(), []
+def beats_of_others(beats: str, me: str, started: float, timeout_s: float) -> list[tuple[float, str, str, str]]:
+    """(seconds since the last beat, rank, host, where) of every other rank of this job, from their files
+    (each holds the time of its rank's latest beat, refreshed within a second)."""
+    now, found = time.time(), []
     try:
         names = os.listdir(beats)
     except OSError:
@@ -89,16 +110,40 @@ def others(beats: str, me: str, started: float, timeout_s: float) -> str:
             continue
         try:
             with open(os.path.join(beats, name)) as f:
-                stamp, _, where = f.read().partition("\t")
+                stamp, host, where = f.read().split("\t", 2)
             t = float(stamp)
         except (OSError, ValueError):
             continue
         if t >= started - timeout_s:  # this job's file, not an older run's
-            ages.append((now - t, name[4:], where))
+            found.append((now - t, name[4:], host, where))
+    return found
+
+
+def others(beats: str, me: str, started: float, timeout_s: float) -> str:
+    """The other ranks' last progress, dead or stopped first, then the oldest, and the other hosts
+    that do not answer on the network: " (last progress: rank 1 on h2 15.3 s ago, in iteration 5;
+    ...; unreachable: h2)"."""
+    ages = beats_of_others(beats, me, started, timeout_s)
     if not ages:
         return ""
-    ages.sort(key=lambda a: (STOPPED not in a[2], -a[0]))  # stopped processes first, then the oldest
-    return " (last progress: " + "; ".join(f"rank {r} {age:.1f} s ago, {w}" for age, r, w in ages[:4]) + ")"
+    ages.sort(key=lambda a: (DIED not in a[3], STOPPED not in a[3], -a[0]))
+    text = "; ".join(f"rank {r} on {h} {age:.1f} s ago, {w}" for age, r, h, w in ages[:4])
+    down = unreachable(sorted({h for _, _, h, _ in ages} - {HOST})[:4])
+    return f" (last progress: {text}" + (f"; unreachable from {HOST}: {', '.join(down)}" if down else "") + ")"
+
+
+def unreachable(hosts: list[str], timeout_s: float = 1.0, port: int = PROBE_PORT) -> list[str]:
+    """The hosts that do not complete a TCP handshake on ``port`` (a refused connection is
+    an answer: the host is up). A cut link or a dead node times out."""
+    down = []
+    for host in hosts:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except ConnectionRefusedError:
+            continue
+        except OSError as err:
+            down.append(f"{host} ({type(err).__name__ if not str(err) else err})")
+    return down
 
 
 if __name__ == "__main__":

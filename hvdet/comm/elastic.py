@@ -32,9 +32,12 @@ def _to_cpu(obj):
     return obj
 
 
-def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None]):
+def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None],
+        on_sync: Callable[[], None] = lambda: None):
     """Run ``loop(state)`` elastically; ``save()`` -> the state to commit (collective), ``load(state)``
-    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed."""
+    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed,
+    ``on_sync()`` runs on every rank of each new world once it holds the commit (collectives allowed:
+    the ranks that joined and the ones that stayed call it alike)."""
     hvd = world.hvd
     base, run_fn = world.elastic_api()
 
@@ -52,6 +55,7 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
         def sync(self):
             self.saved = world.broadcast_object(self.saved if world.rank() == 0 else None, root_rank=0)
             load(self.saved)
+            on_sync()
 
         def reset(self):
             groups.reset()

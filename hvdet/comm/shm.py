@@ -34,6 +34,7 @@ import mmap
 import os
 import platform
 import re
+import socket
 import tempfile
 import time
 import uuid
@@ -112,12 +113,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def host_identity() -> tuple[str, str]:
+    """What makes two ranks "on one host" here: the hostname and the kernel's boot id.
+
+    A file that opens is not enough: ``segment_dir`` may be seen by several nodes (the /tmp fallback
+    on a shared file system, containers sharing a mount), where a peer on another node could open
+    the file but never see this node's stores. Ranks of one node share both; nodes differ in the
+    hostname at least (launch/testcluster.py's hosts share the boot id, not the hostname).
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return socket.gethostname(), boot
+
+
 def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | None:
     """This rank's group segment, or None on every rank unless every group got one.
 
     Collective over the whole world (``allgather``: every rank's object, in rank order, on every
-    rank). Each group's first rank creates the file, the others attach, and once all have mapped
-    it the creator unlinks it: the memory stays until the processes exit, the name does not.
+    rank). Each group's first rank creates the file, the others on its host (:func:`host_identity`)
+    attach, and once all have mapped it the creator unlinks it: the memory stays until the processes exit, the name does not.
     """
     first = rank // group_size * group_size
     mine, error = None, None
@@ -128,8 +145,10 @@ def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | 
         except OSError as err:
             error = err
     try:
-        paths = allgather(mine.path if mine else None)
-        if rank != first and paths[first] is not None:
+        found = allgather((host_identity(), mine.path if mine else None))
+        paths = [path for _, path in found]
+        same_host = found[rank][0] == found[first][0]
+        if rank != first and paths[first] is not None and same_host:
             try:
                 mine = ShmAllreduce(paths[first], rank - first, group_size)
             except OSError as err:  # the creator is on another host (or in another container)

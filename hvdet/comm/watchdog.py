@@ -27,6 +27,10 @@ from hvdet.comm import _watchdog_child
 from hvdet.exit_codes import EXIT_STALLED
 
 GRACE_S = 5.0
+
+
+class PeerDiedError(RuntimeError):
+    """A peer rank's process was killed (its watchdog saw it go without a word); names rank and host."""
 _CHILD = Path(__file__).with_name("_watchdog_child.py")
 
 
@@ -58,12 +62,33 @@ class Watchdog:
         down")."""
         from hvdet.comm import world
 
+        if not world.is_peer_loss(err):
+            return err
+        died = self._died_peers()
+        if died:
+            return PeerDiedError(f"{died}; this rank lost it in a collective while {self._where} "
+                                 f"({type(err).__name__})")
         idle = time.monotonic() - self._last
-        if not world.is_peer_loss(err) or idle < 0.9 * self.timeout_s:
+        if idle < 0.9 * self.timeout_s:
             return err
         peers = _watchdog_child.others(str(self.beat_dir), str(self.rank), self._started, self.timeout_s)
         return TimeoutError(f"no progress for {idle:.1f} s while {self._where} (comm.timeout_s={self.timeout_s:g}): "
                             f"a peer stalled and Horovod gave up{peers}")
+
+    def _died_peers(self, wait_s: float = 2.0) -> str:
+        """"rank 2 on h2 died 0.4 s after its last progress, in iteration 5 [...]" for the ranks whose
+        process ended without closing its watchdog (killed), or "". Their watchdogs mark the file as
+        soon as they see it; a peer's connection may break a moment before: wait up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = [b for b in _watchdog_child.beats_of_others(str(self.beat_dir), str(self.rank), self._started,
+                                                                self.timeout_s) if _watchdog_child.DIED in b[3]]
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return "; ".join(f"rank {r} on {host} was killed (its process ended without a word: SIGKILL, the "
+                         f"out-of-memory killer), last seen {where.replace(_watchdog_child.DIED, '')}"
+                         for _, r, host, where in sorted(found, key=lambda b: int(b[1]))[:4])
 
     def __enter__(self) -> Self:
         self.beat_dir.mkdir(parents=True, exist_ok=True)
