@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -101,7 +102,9 @@ def _report(err: BaseException, comm, output_dir: str) -> int:
             where = f" (traceback: {log})"
         except OSError:  # the disk may be the problem: the traceback goes to stderr instead
             traceback.print_exception(err)
-    print(f"hvdet: rank {rank}: {cause}{where}", file=sys.stderr, flush=True)
+    # Across hosts the host is named too (a rank number alone sends the user looking for it).
+    host = f" on {socket.gethostname()}" if comm.is_initialized() and comm.local_size() < comm.size() else ""
+    print(f"hvdet: rank {rank}{host}: {cause}{where}", file=sys.stderr, flush=True)
     return record_exit(code)
 
 

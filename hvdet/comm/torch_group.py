@@ -5,6 +5,7 @@ cycle, so it is the GPU default (Horovod's process sets wait for a negotiation c
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -36,15 +37,32 @@ class TorchBackend:
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         out = tensor.clone()
-        torch.distributed.all_reduce(out, op=_TORCH_OPS[op], group=self.group)
+        with _timeouts_as_stalls(self.size):
+            torch.distributed.all_reduce(out, op=_TORCH_OPS[op], group=self.group)
         if op == "mean":
             out /= self.size
         return out
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, tensor.detach().contiguous(), group=self.group)
+        with _timeouts_as_stalls(self.size):
+            torch.distributed.all_gather(parts, tensor.detach().contiguous(), group=self.group)
         return torch.stack(parts)
+
+
+@contextlib.contextmanager
+def _timeouts_as_stalls(group_size: int):
+    """Gloo's "Timed out waiting 10000ms for recv" (a RuntimeError) is the stall policy's time-out:
+    a TimeoutError, so the rank exits as stalled (exit code 3) like one whose Horovod op timed out,
+    whichever backend its BN group took (a group across hosts takes this one)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "Timed out" not in str(err):
+            raise
+        first = world.rank() // group_size * group_size
+        raise TimeoutError(f"a group collective (torch.distributed, ranks {first}-{first + group_size - 1}) waited "
+                           f"comm.timeout_s={world.timeout_s():g} for a peer: {str(err).splitlines()[0]}") from err
 
 
 def init_torch_distributed() -> None:

@@ -34,6 +34,11 @@ class PeerDiedError(RuntimeError):
 _CHILD = Path(__file__).with_name("_watchdog_child.py")
 
 
+def _explained(err: TimeoutError) -> TimeoutError:
+    err.explained = True  # the peers' progress is in the message already
+    return err
+
+
 class Watchdog:
     """``beat_dir``: where every rank's watchdog notes its rank's last progress (once a second), so
     the one that fires can name the ranks that stalled; the run directory's ``.watchdog``."""
@@ -62,6 +67,10 @@ class Watchdog:
         down")."""
         from hvdet.comm import world
 
+        if isinstance(err, TimeoutError) and not getattr(err, "explained", False):
+            # A group collective's own time-out (shared memory, torch.distributed): add who was where.
+            peers = _watchdog_child.others(str(self.beat_dir), str(self.rank), self._started, self.timeout_s)
+            return _explained(TimeoutError(f"{err}{peers}")) if peers else err
         if not world.is_peer_loss(err):
             return err
         died = self._died_peers()
@@ -72,20 +81,23 @@ class Watchdog:
         if idle < 0.9 * self.timeout_s:
             return err
         peers = _watchdog_child.others(str(self.beat_dir), str(self.rank), self._started, self.timeout_s)
-        return TimeoutError(f"no progress for {idle:.1f} s while {self._where} (comm.timeout_s={self.timeout_s:g}): "
-                            f"a peer stalled and Horovod gave up{peers}")
+        return _explained(TimeoutError(f"no progress for {idle:.1f} s while {self._where} (comm.timeout_s="
+                                       f"{self.timeout_s:g}): a peer stalled and Horovod gave up{peers}"))
 
     def _died_peers(self, wait_s: float = 2.0) -> str:
         """"rank 2 on h2 died 0.4 s after its last progress, in iteration 5 [...]" for the ranks whose
         process ended without closing its watchdog (killed), or "". Their watchdogs mark the file as
         soon as they see it; a peer's connection may break a moment before: wait up to ``wait_s``."""
+        def died() -> list:
+            return [b for b in _watchdog_child.beats_of_others(str(self.beat_dir), str(self.rank), self._started,
+                                                               self.timeout_s) if _watchdog_child.DIED in b[3]]
+
         deadline = time.monotonic() + wait_s
-        while True:
-            found = [b for b in _watchdog_child.beats_of_others(str(self.beat_dir), str(self.rank), self._started,
-                                                                self.timeout_s) if _watchdog_child.DIED in b[3]]
-            if found or time.monotonic() > deadline:
-                break
+        while not (found := died()) and time.monotonic() < deadline:
             time.sleep(0.1)
+        if found:  # a host's ranks die together: give the others' watchdogs a moment to say so too
+            time.sleep(0.5)
+            found = died()
         return "; ".join(f"rank {r} on {host} was killed (its process ended without a word: SIGKILL, the "
                          f"out-of-memory killer), last seen {where.replace(_watchdog_child.DIED, '')}"
                          for _, r, host, where in sorted(found, key=lambda b: int(b[1]))[:4])

@@ -188,8 +188,9 @@ def peer_lost(message: str) -> Exception:
 
 @_or_torch(torch_world.is_peer_loss)
 def is_peer_loss(err: BaseException) -> bool:
-    """``err`` says a peer died or the hosts changed (Horovod's errors for it), not what this rank did."""
-    return type(err).__name__ in ("HorovodInternalError", "HostsUpdatedInterrupt")
+    """``err`` says a peer died or the hosts changed (Horovod's errors for it, or torch.distributed's
+    from a BN group that took that backend), not what this rank did."""
+    return type(err).__name__ in ("HorovodInternalError", "HostsUpdatedInterrupt") or torch_world.is_peer_loss(err)
 
 
 def elastic_launch() -> bool:
