@@ -167,8 +167,8 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
 
 def report_hosts(logger: RunLogger, iteration: int = 0) -> None:
     """Where the launcher put the ranks: one line on rank 0 (``4 ranks on 2 hosts: h1 (ranks 0-1),
-    h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl; at the start, and in an elastic job at
-    each new world. Collective (every rank's hostname)."""
+    h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl. Collective (every rank's hostname); not
+    in elastic jobs, whose ranks join at different points (an allgather in Horovod's state sync hung)."""
     layout: dict[str, list[int]] = {}
     for rank, host in enumerate(comm.allgather_object(socket.gethostname())):
         layout.setdefault(host, []).append(rank)

@@ -19,7 +19,7 @@ from tests.harness import BIN, ROOT, rank_env
 
 SCRIPT = [sys.executable, str(ROOT / "launch" / "testcluster.py")]
 # What a launcher on the first host needs from the test's environment (ssh starts a fresh one).
-FORWARD = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES",
+FORWARD = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "CUDA_VISIBLE_DEVICES",
            "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TRITON_INTERPRET")
 
 

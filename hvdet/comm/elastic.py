@@ -32,12 +32,9 @@ def _to_cpu(obj):
     return obj
 
 
-def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None],
-        on_sync: Callable[[], None] = lambda: None):
+def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None]):
     """Run ``loop(state)`` elastically; ``save()`` -> the state to commit (collective), ``load(state)``
-    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed,
-    ``on_sync()`` runs on every rank of each new world once it holds the commit (collectives allowed:
-    the ranks that joined and the ones that stayed call it alike)."""
+    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed."""
     hvd = world.hvd
     base, run_fn = world.elastic_api()
 
@@ -55,7 +52,6 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
         def sync(self):
             self.saved = world.broadcast_object(self.saved if world.rank() == 0 else None, root_rank=0)
             load(self.saved)
-            on_sync()
 
         def reset(self):
             groups.reset()
@@ -65,10 +61,13 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
     def _reset():
         # A Horovod world again, as hvd.elastic's reset does, without dynamic process sets (elastic
         # worlds use the shared-memory and torch.distributed groups, and the global process set).
+        # torch.distributed's groups go first: their ranks were the old world's, and with one still
+        # open Horovod's re-initialization crashed (SIGSEGV in hvd.init on every rank, measured with
+        # BN groups across launch/testcluster.py's hosts; on one host the groups were shared memory).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         hvd.shutdown()
         hvd.init()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # its ranks were the old world's
 
     state = State()
     return run_fn(loop, _reset)(state)
