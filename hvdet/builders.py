@@ -165,7 +165,7 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     return run
 
 
-def report_hosts(logger: RunLogger, iteration: int = 0) -> None:
+def report_hosts(logger: RunLogger) -> None:
     """Where the launcher put the ranks: one line on rank 0 (``4 ranks on 2 hosts: h1 (ranks 0-1),
     h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl. Collective (every rank's hostname); not
     in elastic jobs, whose ranks join at different points (an allgather in Horovod's state sync hung)."""
@@ -175,7 +175,7 @@ def report_hosts(logger: RunLogger, iteration: int = 0) -> None:
     if comm.is_main_process() and comm.size() > 1:
         where = ", ".join(f"{host} (ranks {_spans(ranks)})" for host, ranks in layout.items())
         print(f"hvdet: {comm.size()} ranks on {len(layout)} host{'s' * (len(layout) > 1)}: {where}", flush=True)
-    logger.log_event("hosts", {"iteration": iteration, "world_size": comm.size(), "hosts": layout})
+    logger.log_event("hosts", {"iteration": 0, "world_size": comm.size(), "hosts": layout})
 
 
 def _spans(ranks: list[int]) -> str:
