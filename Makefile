@@ -11,11 +11,14 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
 setup: system venv horovod kernels
 
-# OpenMPI (mpirun, headers for Horovod's MPI ops and mpi4py); skipped when already there.
+# OpenMPI (mpirun, headers for Horovod's MPI ops and mpi4py); sshd and iproute2 for the multi-host tests'
+# cluster (launch/testcluster.py); skipped when already there.
 system:
-	@if ! command -v mpirun >/dev/null || ! command -v mpicxx >/dev/null || ! command -v cmake >/dev/null; then \
-	  echo "installing libopenmpi-dev openmpi-bin cmake"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin cmake g++ >/dev/null; \
+	@if ! command -v mpirun >/dev/null || ! command -v mpicxx >/dev/null || ! command -v cmake >/dev/null \
+	    || ! test -x /usr/sbin/sshd || ! command -v ip >/dev/null; then \
+	  echo "installing libopenmpi-dev openmpi-bin cmake openssh-server iproute2"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin cmake g++ \
+	    openssh-server openssh-client iproute2 >/dev/null; \
 	fi
 
 # The venv is rebuilt only when setup.py changes (the stamp records that).
