@@ -181,7 +181,7 @@ def report_hosts(logger: RunLogger) -> None:
 def _spans(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     spans, start = [], ranks[0]
-    for prev, cur in zip(ranks, [*ranks[1:], None]):
+    for prev, cur in zip(ranks, [*ranks[1:], None], strict=True):
         if cur != prev + 1:
             spans.append(f"{start}-{prev}" if prev > start else f"{start}")
             start = cur

@@ -24,6 +24,7 @@ unshaped veth's (``status`` measures it: the median TCP connect time to each hos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ def _veth(index: int) -> str:
 def sh(*cmd: str, check: bool = True, netns: str | None = None, capture: bool = True) -> str:
     """Run a command (inside network namespace ``netns`` if given); its stdout, or ClusterError."""
     full = (["ip", "netns", "exec", netns] if netns else []) + list(cmd)
-    proc = subprocess.run(full, capture_output=capture, text=True)
+    proc = subprocess.run(full, capture_output=capture, text=True, check=False)
     if check and proc.returncode:
         raise ClusterError(f"`{' '.join(full)}` failed ({proc.returncode}): {(proc.stderr or '').strip()}")
     return proc.stdout or ""
@@ -80,7 +81,7 @@ def check_prerequisites() -> None:
         raise ClusterError(f"testcluster needs {', '.join(sorted(missing))}: "
                            f"apt-get install -y {' '.join(sorted(missing))}")
     probe = "hvdet-probe"
-    proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise ClusterError(f"this machine cannot make network namespaces: {proc.stderr.strip()}")
     sh("ip", "netns", "del", probe)
@@ -156,16 +157,16 @@ def _start_host(index: int) -> None:
     # every session it starts (a launched rank) lives in the same namespaces.
     script = (f"hostname {name} && mount -t tmpfs -o mode=1777,size=1g tmpfs /dev/shm && "
               f"exec {_which('sshd')} -D -e -f {_sshd_config(index)}")
-    log = open(STATE / f"sshd_{index}.log", "ab")
-    subprocess.Popen(["ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--propagation", "private",
-                      "sh", "-c", script], stdout=log, stderr=log, start_new_session=True)
+    with open(STATE / f"sshd_{index}.log", "ab") as log:  # the child keeps its own descriptor
+        subprocess.Popen(["ip", "netns", "exec", name, "unshare", "--uts", "--mount", "--propagation", "private",
+                          "sh", "-c", script], stdout=log, stderr=log, start_new_session=True)
 
 
 def _wait_ssh(index: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         proc = subprocess.run(["ssh", "-o", "ConnectTimeout=2", "-o", "BatchMode=yes", host_name(index), "hostname"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode == 0 and proc.stdout.strip() == host_name(index):
             return
         if time.monotonic() > deadline:
@@ -315,10 +316,8 @@ def down(quiet: bool = False) -> None:
     """Remove every host, the bridge, the name and ssh blocks and the state directory."""
     for i in hosts():
         for pid in host_pids(i):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         sh("ip", "netns", "del", host_name(i), check=False)
     if sh("ip", "link", "show", BRIDGE, check=False):
         sh("ip", "link", "del", BRIDGE, check=False)

@@ -39,7 +39,7 @@ def hostfile(path: Path, slots: dict[int, int]) -> Path:
 
 def cluster(*args: str, check: bool = True) -> str:
     """launch/testcluster.py with ``args``; its stdout (a failure raises with its message)."""
-    proc = subprocess.run([*SCRIPT, *args], capture_output=True, text=True)
+    proc = subprocess.run([*SCRIPT, *args], capture_output=True, text=True, check=False)
     if check and proc.returncode:
         raise RuntimeError(f"testcluster {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
@@ -50,10 +50,10 @@ def unavailable() -> str | None:
     missing sshd is not a reason: `make setup` installs it, so its absence fails the tests."""
     if os.geteuid() != 0:
         return "the test cluster needs root (network namespaces)"
-    probe = subprocess.run(["ip", "netns", "add", "hvdet-probe"], capture_output=True, text=True)
+    probe = subprocess.run(["ip", "netns", "add", "hvdet-probe"], capture_output=True, text=True, check=False)
     if probe.returncode:
         return f"no network namespaces here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "hvdet-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "hvdet-probe"], capture_output=True, check=False)
     return None
 
 

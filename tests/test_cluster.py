@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests import cluster as cl
-from tests.harness import BIN, ROOT, launch_command, rank_env, run_command, run_ranks
+from tests.harness import ROOT, launch_command, rank_env, run_command, run_ranks
 from tests.test_train import RECIPE, tiny_overrides
 
 pytestmark = [pytest.mark.multirank, pytest.mark.cluster]
@@ -41,8 +41,8 @@ def hosts():
     cl.cluster("up", "--hosts", "3")
     yield
     cl.cluster("down")
-    assert not any(n.startswith("hvdet-h") for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                                   text=True).stdout.split())
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.split()
+    assert not any(n.startswith("hvdet-h") for n in left), left
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_training_across_hosts_logs_the_localhost_losses(hosts, data, reference,
     ref_dir = reference("gloo" if launcher == "horovodrun" else "mpi", group)
     ref, mine = records(ref_dir, "train"), records(out, "train")
     assert [r["iteration"] for r in mine] == [1, 2, 3, 4]  # rank 0 alone writes: one record per iteration
-    worst = max(abs(a["losses"][k] - b["losses"][k]) / abs(b["losses"][k]) for a, b in zip(mine, ref) for k in b["losses"])
+    worst = max(abs(a["losses"][k] - b["losses"][k]) / abs(b["losses"][k]) for a, b in zip(mine, ref, strict=True) for k in b["losses"])
     print(f"{launcher}, BN groups of {group}: largest relative loss difference to localhost {worst:.3g}")
     # The logged loss is averaged over the world's group: shared memory on localhost, the network
     # here, summed in another order: equal to the last bits. The weights must be equal outright.
@@ -235,7 +235,7 @@ class Background:
 def rank_processes(i: int) -> list[str]:
     """train.py processes in host ``i``'s network namespace (the hosts share one PID namespace, so
     ``ps`` on a host would list every host's)."""
-    pids = subprocess.run(["ip", "netns", "pids", cl.host(i)], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(["ip", "netns", "pids", cl.host(i)], capture_output=True, text=True, check=False).stdout.split()
     found = []
     for pid in pids:
         try:
@@ -297,7 +297,7 @@ def test_a_hosts_killed_ranks_are_named_and_nothing_is_left(hosts, data, tmp_pat
     seconds = time.monotonic() - t0
     print(f"ranks on {cl.host(2)} killed: launcher exit {code} after {seconds:.1f} s")
     assert code == 1, log[-3000:]  # failed, as when a rank dies on one host
-    assert f"was killed (its process ended without a word" in log and f"on {cl.host(2)}" in log, log[-3000:]
+    assert "was killed (its process ended without a word" in log and f"on {cl.host(2)}" in log, log[-3000:]
     checkpoints = sorted((out / "checkpoints").glob("iter_*.pt"))
     assert checkpoints and job.iteration() - int(checkpoints[-1].stem[5:]) < 2  # lost: since the last checkpoint
     assert wait_gone(1, 30) == [] and wait_gone(2, 30) == []
