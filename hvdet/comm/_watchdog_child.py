@@ -122,7 +122,7 @@ def beats_of_others(beats: str, me: str, started: float, timeout_s: float) -> li
 def others(beats: str, me: str, started: float, timeout_s: float) -> str:
     """The other ranks' last progress, dead or stopped first, then the oldest, and the other hosts
     that do not answer on the network: " (last progress: rank 1 on h2 15.3 s ago, in iteration 5;
-    ...; unreachable: h2)"."""
+    ...; unreachable from h1: h2 (timed out))"."""
     ages = beats_of_others(beats, me, started, timeout_s)
     if not ages:
         return ""

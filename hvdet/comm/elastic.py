@@ -61,9 +61,8 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
     def _reset():
         # A Horovod world again, as hvd.elastic's reset does, without dynamic process sets (elastic
         # worlds use the shared-memory and torch.distributed groups, and the global process set).
-        # torch.distributed's groups go first: their ranks were the old world's, and with one still
-        # open Horovod's re-initialization crashed (SIGSEGV in hvd.init on every rank, measured with
-        # BN groups across launch/testcluster.py's hosts; on one host the groups were shared memory).
+        # torch.distributed's groups go first: their ranks were the old world's. (Across the hosts of
+        # launch/testcluster.py hvd.init below crashed with SIGSEGV, with or without them: docs/cluster.md.)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         hvd.shutdown()

@@ -134,7 +134,8 @@ def open_group_segment(rank: int, group_size: int, allgather) -> ShmAllreduce | 
 
     Collective over the whole world (``allgather``: every rank's object, in rank order, on every
     rank). Each group's first rank creates the file, the others on its host (:func:`host_identity`)
-    attach, and once all have mapped it the creator unlinks it: the memory stays until the processes exit, the name does not.
+    attach, and once all have mapped it the creator unlinks it: the memory stays until the
+    processes exit, the name does not.
     """
     first = rank // group_size * group_size
     mine, error = None, None
