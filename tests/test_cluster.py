@@ -6,8 +6,8 @@ the MPI controller, ``launch/mpirun.sh -f HOSTFILE`` and ``launch/slurm.sbatch``
 naming the hosts). The oracle for the training runs is the same run with all ranks on localhost: the
 losses must agree at every iteration (they come out bit for bit: Cross-GPU BN gathers every rank's
 statistics and combines them in rank order, whichever backend carries them). Faults: a host's link
-cut, a host's ranks killed. (Horovod elastic across these hosts is not here: the survivors' hvd.init
-in the reset crashed with SIGSEGV when a host was added or removed; docs/cluster.md.)
+cut, a host's ranks killed. (Horovod elastic across these hosts is not here: it does not work yet,
+docs/cluster.md says how it fails.)
 """
 from __future__ import annotations
 

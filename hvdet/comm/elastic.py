@@ -61,8 +61,7 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
     def _reset():
         # A Horovod world again, as hvd.elastic's reset does, without dynamic process sets (elastic
         # worlds use the shared-memory and torch.distributed groups, and the global process set).
-        # torch.distributed's groups go first: their ranks were the old world's. (Across the hosts of
-        # launch/testcluster.py hvd.init below crashed with SIGSEGV, with or without them: docs/cluster.md.)
+        # torch.distributed's groups go first: their ranks were the old world's.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         hvd.shutdown()
