@@ -156,8 +156,14 @@ def noise(rows: list[dict], floor: float = 0.02) -> dict:
     their range; the threshold below which a difference is not called an effect is max(floor, 2 x the
     largest range) (issue 20's rule)."""
     groups: dict[str, list[dict]] = {}
+    names = {r["cell"] for r in rows}
     for r in rows:
         base = r["cell"].rsplit("-s", 1)[0] if r.get("seed") else r["cell"]
+        # A second seed of the anchor's winner pairs with the anchor sweep's cell of the same lr (its
+        # seed-0 run is named for the sweep: b16-pmdlamb-cross_gpu-lr0.4).
+        swept = f"{base}-lr{r['base_lr']:g}" if r.get("seed") and "base_lr" in r else None
+        if base not in names and swept in names:
+            base = swept
         groups.setdefault(base, []).append(r)
     pairs = []
     for cell, members in groups.items():

@@ -174,11 +174,14 @@ def test_noise_threshold_from_the_seed_pairs():
             {"cell": "b16-sgd-cross_gpu-s1", "seed": 1, "final_ap": 0.285},
             {"cell": "b512-sgd-cross_gpu", "seed": 0, "final_ap": 0.100},
             {"cell": "b512-sgd-cross_gpu-s1", "seed": 1, "final_ap": None},   # not finished: no pair yet
-            {"cell": "b64-sgd-cross_gpu", "seed": 0, "final_ap": 0.2}]
+            {"cell": "b64-sgd-cross_gpu", "seed": 0, "final_ap": 0.2},
+            # the anchor sweep's winner (seed 0, named for the sweep) and its second seed
+            {"cell": "b16-pmdlamb-cross_gpu-lr0.4", "seed": 0, "base_lr": 0.4, "final_ap": 0.359},
+            {"cell": "b16-pmdlamb-cross_gpu-s1", "seed": 1, "base_lr": 0.4, "final_ap": 0.356}]
     got = study_report.noise(rows)
-    assert [p["cell"] for p in got["pairs"]] == ["b16-sgd-cross_gpu"]
+    assert [p["cell"] for p in got["pairs"]] == ["b16-sgd-cross_gpu", "b16-pmdlamb-cross_gpu-lr0.4"]
     assert got["max_range"] == pytest.approx(0.015) and got["threshold"] == pytest.approx(0.03)
-    assert study_report.noise(rows[2:])["threshold"] == 0.02  # no pair: the floor
+    assert study_report.noise(rows[2:5])["threshold"] == 0.02  # no pair: the floor
 
 
 def test_grid_file_errors_name_the_key(tmp_path):
