@@ -131,8 +131,6 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     logger = RunLogger(cfg.output_dir, enabled=comm.is_main_process(), tensorboard=cfg.log.tensorboard,
                        config=cfg)
     logger.mllog(MLLOG.INIT_START)
-    if not elastic:
-        report_hosts(logger)
     state = checkpoint.load(resume) if resume else None  # before the slow set-up: a bad path fails fast
     init = finetune.read(cfg.model.init_from) if cfg.model.init_from and not resume else None
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere (rank 0's are broadcast anyway)
@@ -156,6 +154,8 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
         logger.truncate_after(run.iteration)  # records after the checkpoint are about to be redone
     else:
         seed_rank(cfg.seed, rank)
+    if not elastic:
+        report_hosts(logger, run.iteration)
     # Every rank starts from rank 0's weights. A fresh optimizer has no state to send, and Horovod
     # would first create it by a zero-gradient step: weight decay on the weights, a PMD-LAMB step.
     if not elastic:
@@ -165,9 +165,10 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     return run
 
 
-def report_hosts(logger: RunLogger) -> None:
+def report_hosts(logger: RunLogger, iteration: int) -> None:
     """Where the launcher put the ranks: one line on rank 0 (``4 ranks on 2 hosts: h1 (ranks 0-1),
-    h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl. Collective (every rank's hostname); not
+    h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl at the iteration this start begins
+    from (each start of a resumed run has its own). Collective (every rank's hostname); not
     in elastic jobs, whose ranks join at different points (an allgather in Horovod's state sync hung)."""
     layout: dict[str, list[int]] = {}
     for rank, host in enumerate(comm.allgather_object(socket.gethostname())):
@@ -175,7 +176,7 @@ def report_hosts(logger: RunLogger) -> None:
     if comm.is_main_process() and comm.size() > 1:
         where = ", ".join(f"{host} (ranks {_spans(ranks)})" for host, ranks in layout.items())
         print(f"hvdet: {comm.size()} ranks on {len(layout)} host{'s' * (len(layout) > 1)}: {where}", flush=True)
-    logger.log_event("hosts", {"iteration": 0, "world_size": comm.size(), "hosts": layout})
+    logger.log_event("hosts", {"iteration": iteration, "world_size": comm.size(), "hosts": layout})
 
 
 def _spans(ranks: list[int]) -> str:

@@ -104,7 +104,7 @@ def test_resume_under_mpirun_equals_uninterrupted_training(run_a, data, tmp_path
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (pid, name)
     assert a["loader"] == b["loader"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [4]
+    assert [(r["type"], r["iteration"]) for r in records] == [("hosts", 2), ("train", 4)]
 
 
 def test_resume_on_one_plain_process_rescales_or_refuses(run_a, data, tmp_path):
