@@ -168,8 +168,8 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
 def report_hosts(logger: RunLogger, iteration: int) -> None:
     """Where the launcher put the ranks: one line on rank 0 (``4 ranks on 2 hosts: h1 (ranks 0-1),
     h2 (ranks 2-3)``) and a ``hosts`` record in metrics.jsonl at the iteration this start begins
-    from (each start of a resumed run has its own). Collective (every rank's hostname); not
-    in elastic jobs, whose ranks join at different points (an allgather in Horovod's state sync hung)."""
+    from (each start of a resumed run has its own). Collective (every rank's hostname): an elastic job
+    reports from its state sync instead, where the ranks of each new world meet (hvdet.comm.elastic)."""
     layout: dict[str, list[int]] = {}
     for rank, host in enumerate(comm.allgather_object(socket.gethostname())):
         layout.setdefault(host, []).append(rank)

@@ -66,7 +66,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
     """The loop under Horovod elastic: commits every ``elastic.commit_interval`` iterations, and
     after a world change continues from the last commit in the new world (hvdet.comm.elastic)."""
-    from hvdet.builders import rebuild_for_world
+    from hvdet.builders import rebuild_for_world, report_hosts
     from hvdet.comm import elastic
 
     resets = []
@@ -92,7 +92,7 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
         watchdog.rank = comm.rank()
 
     return elastic.run(lambda state: _loop(run, stop, watchdog, state.commit), save=run.state_dict, load=load,
-                       on_reset=on_reset)
+                       on_reset=on_reset, on_sync=lambda: report_hosts(run.logger, run.iteration))
 
 
 def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:

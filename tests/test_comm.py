@@ -154,6 +154,10 @@ def test_horovod_defaults_follow_the_controller_and_the_device():
     for mpi in ({}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"HOROVOD_CONTROLLER": "mpi"}):
         assert horovod_defaults(mpi, cuda=False) == {"HOROVOD_CYCLE_TIME": "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
     assert horovod_defaults(gloo, cuda=True) == {"HOROVOD_CYCLE_TIME": "5"}  # NCCL hosts: no MPI yield
+    # Elastic: no response cache (Horovod keeps it through a re-init; a joining rank's is empty)
+    for cuda in (False, True):
+        assert horovod_defaults({**gloo, "HOROVOD_ELASTIC": "1"}, cuda=cuda)["HOROVOD_CACHE_CAPACITY"] == "0"
+        assert "HOROVOD_CACHE_CAPACITY" not in horovod_defaults(gloo, cuda=cuda)
 
 
 def test_a_users_horovod_setting_wins():

@@ -32,16 +32,21 @@ def _to_cpu(obj):
     return obj
 
 
-def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None]):
+def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], on_reset: Callable[[], None],
+        on_sync: Callable[[], None] = lambda: None):
     """Run ``loop(state)`` elastically; ``save()`` -> the state to commit (collective), ``load(state)``
-    continues from it, ``on_reset()`` rebuilds what depends on the world after it changed."""
+    continues from it (local), ``on_reset()`` rebuilds what depends on the world after it changed (local),
+    ``on_sync()`` runs where every rank of the new world meets (collectives allowed)."""
     hvd = world.hvd
     base, run_fn = world.elastic_api()
 
     class State(base):
         def __init__(self):
+            # Nothing collective before sync: a rank that joins a running job builds its state while the
+            # others already wait in sync (a collective here would meet theirs and hang or mismatch).
+            self.saved = None
+            self.loaded = False  # this rank continues from self.saved already (reset loaded it)
             super().__init__(bcast_object=world.broadcast_object, get_rank=world.rank)
-            self.saved = _to_cpu(save())
 
         def save(self):
             self.saved = _to_cpu(save())
@@ -50,13 +55,24 @@ def run(loop: Callable, save: Callable[[], dict], load: Callable[[dict], None], 
             pass  # on_reset and sync load the last commit in the new world
 
         def sync(self):
-            self.saved = world.broadcast_object(self.saved if world.rank() == 0 else None, root_rank=0)
-            load(self.saved)
+            # Every rank of the new world is here, survivors and newcomers alike. The commit comes from
+            # the lowest rank that holds one (Horovod usually keeps rank 0 on a surviving host, but a
+            # newcomer's empty state must never win); at the first start nobody holds one: commit now.
+            holders = world.allgather_object(self.saved is not None)
+            if not any(holders):
+                self.save()
+            root = holders.index(True) if any(holders) else 0
+            self.saved = world.broadcast_object(self.saved if world.rank() == root else None, root_rank=root)
+            if not self.loaded:  # survivors loaded this commit in reset (commits are collective: the same one)
+                load(self.saved)
+            self.loaded = False
+            on_sync()
 
         def reset(self):
             groups.reset()
             on_reset()
             load(self.saved)
+            self.loaded = True  # sync, if Horovod calls it (a rank joined), need not load it again
 
     def _reset():
         # A Horovod world again, as hvd.elastic's reset does, without dynamic process sets (elastic

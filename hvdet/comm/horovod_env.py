@@ -39,10 +39,19 @@ def horovod_defaults(env, cuda: bool) -> dict[str, str]:
 
     GPU hosts have cores to spare and NCCL carries the gradients: only the 5-ms cycle that the launch
     scripts have always set for large models (fewer, larger fused allreduces than Horovod's 1 ms).
+
+    Elastic jobs (horovodrun --min-np/--max-np) also get ``HOROVOD_CACHE_CAPACITY=0``: Horovod keeps
+    its response cache through ``hvd.shutdown()`` and ``hvd.init()`` (``ResponseCache::set_capacity``
+    clears it only when the capacity changes), so after a world change the surviving ranks hold the old
+    world's cache and a rank that joins holds none; they disagree on the cache bits and Gloo aborts on a
+    message of the wrong size (``op.preamble.length <= op.nbytes``, seen on launch/testcluster.py when a
+    host was added). Without the cache every tensor is negotiated every cycle (docs/cluster.md).
     """
+    elastic = {"HOROVOD_CACHE_CAPACITY": "0"} if env.get("HOROVOD_ELASTIC") == "1" else {}
     if cuda:
-        return {"HOROVOD_CYCLE_TIME": "5"}
-    return {"HOROVOD_CYCLE_TIME": "20" if _gloo_controller(env) else "5", "OMPI_MCA_mpi_yield_when_idle": "1"}
+        return {"HOROVOD_CYCLE_TIME": "5", **elastic}
+    return {"HOROVOD_CYCLE_TIME": "20" if _gloo_controller(env) else "5", "OMPI_MCA_mpi_yield_when_idle": "1",
+            **elastic}
 
 
 def apply_defaults(environ, cuda: bool) -> None:
