@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from hvdet.errors import HvdetError
 
-class WriteError(OSError):
+
+class WriteError(HvdetError, OSError):
     """A file of the run could not be written (a full disk, a lost mount); the message names it."""
 
 

@@ -15,6 +15,7 @@ import torch
 
 from hvdet import comm
 from hvdet.atomic import atomic_write
+from hvdet.errors import HvdetError
 
 FORMAT = "hvdet-checkpoint-1"
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
@@ -23,7 +24,7 @@ _NAME = re.compile(r"^iter_(\d+)\.pt$")
 NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HvdetError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit this run; the message names the file."""
 
 

@@ -37,6 +37,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from hvdet.errors import HvdetError, first_line
 from hvdet.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STALLED
 from hvdet.exit_codes import record as record_exit
 
@@ -89,10 +90,8 @@ def _run(config_path: str, overrides: list[str], resume: str | None = None, eval
 def _report(err: BaseException, comm, output_dir: str) -> int:
     """One line on stderr naming the cause, the traceback in ``output_dir/errors/rank<N>.log``;
     returns the exit code (recorded in ``HVDET_EXIT_FILE`` for the launch scripts)."""
-    from hvdet.config import ConfigError
-
     rank = comm.rank() if comm.is_initialized() else 0
-    code, cause = _classify(err, ConfigError)
+    code, cause = _classify(err)
     where = ""
     if code != EXIT_CONFIG:  # a config error needs no traceback (and its output_dir may be another run's)
         log = Path(output_dir) / "errors" / f"rank{rank}.log"
@@ -108,20 +107,20 @@ def _report(err: BaseException, comm, output_dir: str) -> int:
     return record_exit(code)
 
 
-def _classify(err: BaseException, config_error: type) -> tuple[int, str]:
-    name = type(err).__name__
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else name
-    if isinstance(err, config_error):
-        return EXIT_CONFIG, f"config error: {text}"
-    if isinstance(err, TimeoutError):
+def _classify(err: BaseException) -> tuple[int, str]:
+    """(exit code, the line naming the cause) of a failed run: hvdet's own errors carry both."""
+    from hvdet import comm  # loaded already: _run imports it before anything it reports can fail
+
+    if isinstance(err, HvdetError):
+        return err.exit_code, err.one_line()
+    name, text = type(err).__name__, first_line(err)
+    if isinstance(err, TimeoutError):  # the stall policy's errors name the ranks that stalled
         return EXIT_STALLED, text
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted (Ctrl-C twice): no checkpoint written"
-    if name == "HorovodInternalError":  # a peer died or left: its own line names the cause
+    if comm.is_horovod_error(err):  # a peer died or left: its own line names the cause
         return EXIT_FAILED, f"a peer rank failed or left ({name}: {text.split('. ')[0]}); see its own message"
-    known = ("CheckpointError", "DivergenceError", "DataError", "WriteError", "PeerDiedError")
-    return EXIT_FAILED, text if name in known else f"{name}: {text[:500]}"
+    return EXIT_FAILED, f"{name}: {text[:500]}"  # not anticipated: the class name helps to find it
 
 
 def _exit_now(comm, code: int) -> None:

@@ -15,11 +15,17 @@ import typing
 
 import yaml
 
+from hvdet.errors import HvdetError
+from hvdet.exit_codes import EXIT_CONFIG
+
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(HvdetError, ValueError):
     """A recipe or override is invalid; the message names the key and where it came from."""
+
+    exit_code = EXIT_CONFIG
+    label = "config error: "
 
 
 class Sources(str):

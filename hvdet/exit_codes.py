@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+# 75 is EX_TEMPFAIL (sysexits.h): the run stopped cleanly and can be resumed; 130 is 128 + SIGINT, the shell's.
 EXIT_FAILED, EXIT_CONFIG, EXIT_STALLED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 75, 130
 
 

@@ -39,13 +39,13 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from hvdet import checkpoint
-from hvdet.atomic import WriteError, atomic_write
+from hvdet.atomic import atomic_write
 from hvdet.builders import build_dataset, build_inference_model
-from hvdet.checkpoint import CheckpointError
-from hvdet.config import Config, ConfigError, apply_override, from_dict, load_config
+from hvdet.config import Config, apply_override, from_dict, load_config
 from hvdet.data.coco import DataError, load_coco_json
+from hvdet.errors import HvdetError
 from hvdet.evaluation import to_coco_detections
-from hvdet.exit_codes import EXIT_CONFIG, EXIT_FAILED
+from hvdet.exit_codes import EXIT_CONFIG
 from hvdet.run import check_model_fits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,8 +55,10 @@ PALETTE = [(255, 0, 255), (0, 255, 255), (255, 255, 0), (255, 128, 0), (0, 255, 
            (0, 128, 255), (128, 0, 255), (255, 0, 128), (128, 255, 0)]
 
 
-class UsageError(ValueError):
+class UsageError(HvdetError, ValueError):
     """The command cannot do what was asked (exit 2); the message names the argument or file."""
+
+    exit_code = EXIT_CONFIG  # like argparse's own usage errors
 
 
 def find_images(path: str | Path) -> list[Path]:
@@ -211,19 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # a usage error exits 2
     try:
         s = predict(args.checkpoint, args.images, args.out, args.score, args.config, args.overrides, args.ann)
-    except (UsageError, ConfigError) as err:
-        return _fail(err, EXIT_CONFIG, "config error: " if isinstance(err, ConfigError) else "")
-    except (CheckpointError, DataError, WriteError) as err:
-        return _fail(err, EXIT_FAILED)
+    except HvdetError as err:  # usage, config (exit 2); checkpoint, data, write (exit 1): one line naming the file
+        print(f"hvdet predict: {err.one_line()}", file=sys.stderr, flush=True)
+        return err.exit_code
     print(f"{s['images']} images, {s['detections']} detections ({s['drawn']} drawn at score >= {s['score']:g}) "
           f"on {s['device']} -> {s['results']}", flush=True)
     return 0
-
-
-def _fail(err: Exception, code: int, prefix: str = "") -> int:
-    lines = str(err).strip().splitlines()
-    print(f"hvdet predict: {prefix}{lines[0] if lines else type(err).__name__}", file=sys.stderr, flush=True)
-    return code
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ SIGTERM at the end of the time limit; Ctrl-C is SIGINT). The handler only record
 next training step carries "a rank was signalled" in the loss check it already allreduces every
 iteration (:func:`hvdet.step.check_losses`), so every rank learns it at the same iteration, finishes
 that step, writes a checkpoint and ``summary.json`` with ``stop: preempted``, and exits with
-:data:`EXIT_PREEMPTED`. ``--resume`` then continues bit-exactly.
+:data:`hvdet.exit_codes.EXIT_PREEMPTED`. ``--resume`` then continues bit-exactly.
 
 A second SIGINT (Ctrl-C twice) ends the process at once, as Python's default would.
 """
@@ -15,7 +15,6 @@ import signal
 import threading
 from typing import Self
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 

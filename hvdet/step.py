@@ -27,10 +27,11 @@ from collections.abc import Iterator
 import torch
 
 from hvdet import comm
+from hvdet.errors import HvdetError
 from hvdet.optim.schedules import set_lr  # lr * group["lr_scale"] (AGVM) into every group
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(HvdetError, RuntimeError):
     """The loss became NaN/inf: the run failed, as the papers' tables record it ("Failed")."""
 
 

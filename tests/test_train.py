@@ -206,6 +206,39 @@ def test_missing_checkpoint_is_a_clear_error(data, tmp_path):
     assert f"checkpoint {tmp_path / 'nope.pt'} does not exist" in out.stderr
 
 
+def test_each_failure_maps_to_its_exit_code_and_one_line():
+    """What train.py prints (after "hvdet: rank N: ") and exits with, per kind of failure, without a launch:
+    hvdet's own errors carry both, and their builtin base still catches them."""
+    from hvdet.atomic import WriteError
+    from hvdet.checkpoint import CheckpointError
+    from hvdet.cli import _classify
+    from hvdet.comm import world
+    from hvdet.comm.watchdog import PeerDiedError
+    from hvdet.config import ConfigError
+    from hvdet.data.coco import DataError
+    from hvdet.errors import HvdetError
+    from hvdet.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STALLED
+    from hvdet.predict import UsageError
+    from hvdet.step import DivergenceError
+
+    errors = {ConfigError: (EXIT_CONFIG, ValueError), UsageError: (EXIT_CONFIG, ValueError),
+              DivergenceError: (EXIT_FAILED, RuntimeError), WriteError: (EXIT_FAILED, OSError),
+              CheckpointError: (EXIT_FAILED, RuntimeError), DataError: (EXIT_FAILED, ValueError),
+              PeerDiedError: (EXIT_FAILED, RuntimeError)}
+    for cls, (code, builtin) in errors.items():
+        assert issubclass(cls, HvdetError) and issubclass(cls, builtin) and cls.exit_code == code, cls
+    for cls in errors:  # the first line only (the traceback file holds the rest)
+        line = "config error: f.yaml: bad" if cls is ConfigError else "f.yaml: bad"
+        assert _classify(cls("f.yaml: bad\nmore")) == (errors[cls][0], line), cls
+    assert _classify(ConfigError()) == (EXIT_CONFIG, "config error: ConfigError")
+    assert _classify(TimeoutError("rank 1 stalled\nmore")) == (EXIT_STALLED, "rank 1 stalled")
+    assert _classify(KeyboardInterrupt()) == (EXIT_INTERRUPTED, "interrupted (Ctrl-C twice): no checkpoint written")
+    peer = world.peer_lost("Horovod has been shut down. This was caused by an exception on one of the ranks")
+    peer_line = "a peer rank failed or left (HorovodInternalError: Horovod has been shut down); see its own message"
+    assert _classify(peer) == (EXIT_FAILED, peer_line)
+    assert _classify(RuntimeError("out of memory")) == (EXIT_FAILED, "RuntimeError: out of memory")
+
+
 def test_resume_on_another_batch_continues_at_the_same_images_consumed():
     from hvdet.run import loader_state_for, resumed_iteration
 

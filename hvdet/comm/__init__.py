@@ -30,6 +30,7 @@ from hvdet.comm.world import (
     gradients,
     horovod_available,
     init,
+    is_horovod_error,
     is_initialized,
     is_main_process,
     is_peer_loss,
@@ -46,5 +47,5 @@ __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableEr
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
            "distributed_optimizer", "elastic_launch", "gather_object", "gradients", "horovod_available", "init",
-           "is_initialized", "is_main_process", "is_peer_loss", "local_rank", "local_size", "mpi_available", "rank",
-           "reset", "shutdown", "size", "timeout_s"]
+           "is_horovod_error", "is_initialized", "is_main_process", "is_peer_loss", "local_rank", "local_size",
+           "mpi_available", "rank", "reset", "shutdown", "size", "timeout_s"]

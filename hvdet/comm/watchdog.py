@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Self
 
 from hvdet.comm import _watchdog_child
+from hvdet.errors import HvdetError
 from hvdet.exit_codes import EXIT_STALLED
 
 GRACE_S = 5.0
 
 
-class PeerDiedError(RuntimeError):
+class PeerDiedError(HvdetError, RuntimeError):
     """A peer rank's process was killed (its watchdog saw it go without a word); names rank and host."""
 _CHILD = Path(__file__).with_name("_watchdog_child.py")
 

@@ -193,6 +193,12 @@ def is_peer_loss(err: BaseException) -> bool:
     return type(err).__name__ in ("HorovodInternalError", "HostsUpdatedInterrupt") or torch_world.is_peer_loss(err)
 
 
+def is_horovod_error(err: BaseException) -> bool:
+    """``err`` is Horovod's HorovodInternalError: a Horovod op failed because a peer died or left (or
+    :func:`peer_lost` made it so). Only this module sees Horovod's classes, so the CLI asks here."""
+    return hvd is not None and isinstance(err, hvd.HorovodInternalError)
+
+
 def elastic_launch() -> bool:
     """True in a process that horovodrun started in elastic mode (--min-np / --max-np)."""
     return os.environ.get("HOROVOD_ELASTIC") == "1"

@@ -45,12 +45,14 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torchvision.transforms.v2 import functional as F
 
+from hvdet.errors import HvdetError
+
 MAX_REPORTED = 5  # problems listed in one error message; the count says how many more
 # Reasons a box is invalid (the keys of CocoDetection.skipped_boxes["reasons"]).
 NOT_FINITE, NOT_POSITIVE, OUTSIDE = "not finite", "zero or negative size", "outside the image"
 
 
-class DataError(ValueError):
+class DataError(HvdetError, ValueError):
     """A dataset file is malformed; the message names the file (and annotation) at fault."""
 
 

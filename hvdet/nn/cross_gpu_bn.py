@@ -51,9 +51,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from hvdet import comm
 from hvdet.ops import bn as ops
+from hvdet.registry import BN_STATS
 
 BACKENDS = ("auto", *comm.GROUP_BACKENDS)
-STATS = ("auto", "chan", "two_pass", "one_pass")
+STATS = BN_STATS  # the recipe's bn.stats choices: one tuple, so config and the layer cannot disagree
 _DIMS = ops.DIMS  # everything but the channel
 
 
