@@ -20,7 +20,7 @@ from hvdet.plan import plan_run
 from hvdet.registry import ARCHS, DATASETS
 from hvdet.run import Run, seed_rank
 from hvdet.runlog import METRICS_FILE, MLLOG, RunLogger, read_jsonl
-from hvdet.step import autocast_dtype, grad_scaler
+from hvdet.step import StepSettings, grad_scaler
 
 
 def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
@@ -144,9 +144,9 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     agvm = AGVM(opt, model, plan.agvm_interval, a.start_iter, plan.agvm_momentum, tuple(a.clamp)) if a.enabled else None
     loader = TrainLoader(train_set, cfg.data.images_per_gpu, rank, world, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, aspect_grouping=cfg.data.aspect_grouping)
-    s, device = cfg.solver, comm.device()
-    scaler = grad_scaler(autocast_dtype(s.amp, s.amp_dtype, s.amp_on_cpu, device), device)
-    run = Run(cfg, plan, model, opt, loader, val_set, logger, scaler, agvm)
+    settings = StepSettings.from_solver(cfg.solver, comm.device())
+    run = Run(cfg, plan, model, opt, loader, val_set, logger, grad_scaler(settings.amp_dtype, settings.device), agvm,
+              settings)
     if comm.is_main_process():
         dump(cfg, Path(cfg.output_dir) / "config.yaml")  # the run's resolved recipe, overrides applied
     if state is not None:

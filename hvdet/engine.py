@@ -28,7 +28,7 @@ from hvdet.plan import lr_at
 from hvdet.preempt import StopRequest
 from hvdet.run import Run
 from hvdet.runlog import MLLOG, StepTimer
-from hvdet.step import DivergenceError, autocast_dtype, train_step
+from hvdet.step import DivergenceError, train_step
 
 __all__ = ["DivergenceError", "evaluate_checkpoint", "train"]
 
@@ -186,11 +186,10 @@ def submitted_at(run: Run) -> int | None:
 
 
 def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequest) -> dict:
-    s = run.cfg.solver
-    return train_step(run.model, run.optimizer, run.scaler, run.loader, step=step, lr=lr,
-                      passes=s.backward_passes_per_step,
-                      amp_dtype=autocast_dtype(s.amp, s.amp_dtype, s.amp_on_cpu, comm.device()),
-                      agvm=run.agvm, clip_grad_norm=s.clip_grad_norm, timer=timer, stop=stop)
+    result = train_step(run.model, run.optimizer, run.scaler, run.loader, run.settings, step=step, lr=lr,
+                        agvm=run.agvm, timer=timer, stop_requested=stop.requested)
+    stop.agreed = stop.agreed or result.stop_agreed  # every rank alike: the vote rode on the loss check
+    return result.losses
 
 
 def _evaluate_or_stop(run: Run, bar, checkpointed: bool, evaluate) -> None:

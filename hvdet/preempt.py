@@ -23,7 +23,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None   # the first signal this rank received
-        self.agreed = False              # set by the step: some rank was signalled
+        self.agreed = False              # set by the engine from the step: some rank was signalled
         self._previous: dict = {}
 
     @property

@@ -30,6 +30,7 @@ from hvdet.data.protocol import DetectionDataset
 from hvdet.optim import AGVM
 from hvdet.plan import Plan
 from hvdet.runlog import RunLogger
+from hvdet.step import StepSettings
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Run:
     logger: RunLogger
     scaler: torch.amp.GradScaler
     agvm: AGVM | None = None
+    settings: StepSettings = field(default_factory=StepSettings)  # the step's, from the recipe (builders)
     clock: Clock = field(default_factory=Clock)
     iteration: int = 0                    # iterations done (the next step's 0-based index)
     evaluator: object | None = None       # eval.mode background: hvdet.background_eval.BackgroundEvaluator

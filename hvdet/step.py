@@ -1,6 +1,7 @@
 """One training iteration, from its parts: batches in, averaged gradients applied, losses out.
 
-    losses = train_step(model, optimizer, scaler, batches, step=t, lr=lr_at(cfg, plan, t))
+    settings = StepSettings.from_solver(cfg.solver, comm.device())      # once per run
+    result = train_step(model, optimizer, scaler, batches, settings, step=t, lr=lr_at(cfg, plan, t))
 
 On every rank (``backward_passes_per_step`` batches of ``images_per_gpu`` images each):
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -47,6 +49,41 @@ def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step takes from the recipe, resolved once per run (not every iteration).
+
+    ``passes``: backward passes per optimizer step (solver.backward_passes_per_step); ``amp_dtype``:
+    the autocast dtype or None for fp32 (:func:`autocast_dtype`); ``clip_grad_norm``: the max norm of
+    the averaged gradients, or None; ``device``: where batches go (None: ``comm.device()``)."""
+    passes: int = 1
+    amp_dtype: torch.dtype | None = None
+    clip_grad_norm: float | None = None
+    device: torch.device | None = None
+
+    @classmethod
+    def from_solver(cls, solver, device: torch.device) -> StepSettings:
+        """The settings of a recipe's ``solver`` section on ``device``."""
+        dtype = autocast_dtype(solver.amp, solver.amp_dtype, solver.amp_on_cpu, device)
+        return cls(solver.backward_passes_per_step, dtype, solver.clip_grad_norm, device)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's rank-averaged losses (each the mean over its passes), and whether any rank asked to
+    stop (a preemption signal, agreed at the loss check: every rank gets the same answer)."""
+    losses: dict
+    stop_agreed: bool = False
+
+
+@dataclass(frozen=True)
+class LossCheck:
+    """:func:`check_losses`'s result: the rank-mean losses, all finite or not, and the stop vote."""
+    mean: torch.Tensor
+    finite: bool
+    stop_agreed: bool
+
+
 class _NoTimer:
     def phase(self, name: str):
         return contextlib.nullcontext()
@@ -55,30 +92,33 @@ class _NoTimer:
         pass
 
 
-def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, batches: Iterator, *,
-               step: int, lr: float, passes: int = 1, amp_dtype: torch.dtype | None = None, agvm=None,
-               clip_grad_norm: float | None = None, timer=None, device: torch.device | None = None,
-               stop=None) -> dict:
-    """One optimizer step over ``passes`` batches of ``batches``; returns the rank-averaged losses
-    (each the mean over the passes). ``step`` is the 0-based iteration, ``lr`` its learning rate.
-    ``stop`` (a :class:`hvdet.preempt.StopRequest`) rides on the loss check: its ``agreed`` is set
-    on every rank alike when any rank's ``requested`` is."""
+def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, batches: Iterator,
+               settings: StepSettings = StepSettings(), *, step: int, lr: float, agvm=None, timer=None,
+               stop_requested: bool = False) -> StepResult:
+    """One optimizer step over ``settings.passes`` batches of ``batches``. ``step`` is the 0-based
+    iteration, ``lr`` its learning rate; ``stop_requested``: this rank was signalled to stop (it rides
+    on the loss check, and the result says whether any rank was). Raises DivergenceError on every
+    rank alike when a loss is not finite on any."""
     timer = timer or _NoTimer()
-    device = device or comm.device()
+    device, dtype, passes = settings.device or comm.device(), settings.amp_dtype, settings.passes
     optimizer.zero_grad()
-    loss_sum = None  # the logged losses cover all passes, not only the last
+    loss_sum, stop_agreed = None, False  # the logged losses cover all passes, not only the last
     for i in range(passes):
         with timer.phase("data_s"):
             images, targets = next(batches)
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-        with timer.phase("forward_s"), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
+        with timer.phase("forward_s"), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
                 forward_module(optimizer, model, last=i == passes - 1) as module:
             loss_dict = module(images, targets)
         with timer.phase("backward_allreduce_s"):
-            mean = check_losses(loss_dict, step, lr, stop)
-            loss_sum = mean if loss_sum is None else loss_sum + mean
+            check = check_losses(loss_dict, stop_requested)
+            if not check.finite:
+                raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
+                                      f"{dict(zip(loss_dict, check.mean.tolist(), strict=True))}")
+            stop_agreed |= check.stop_agreed
+            loss_sum = check.mean if loss_sum is None else loss_sum + check.mean
             if agvm is not None:
                 agvm.before_backward(step)  # local gradients, before Horovod replaces them by means
             # Horovod sums the passes' gradients locally and averages over ranks: divide by passes.
@@ -88,9 +128,9 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
         if synchronize is not None:
             synchronize()  # wait for the averaged gradients: clipping and AGVM must see the global ones
     with timer.phase("optimizer_s"):
-        apply_gradients(optimizer, model, scaler, step, lr, agvm, clip_grad_norm)
+        apply_gradients(optimizer, model, scaler, step, lr, agvm, settings.clip_grad_norm)
     timer.step()
-    return dict(zip(loss_dict, (loss_sum / passes).tolist(), strict=True))
+    return StepResult(dict(zip(loss_dict, (loss_sum / passes).tolist(), strict=True)), stop_agreed)
 
 
 def forward_module(optimizer, model: torch.nn.Module, last: bool = True):
@@ -102,25 +142,19 @@ def forward_module(optimizer, model: torch.nn.Module, last: bool = True):
     return contextlib.nullcontext(model) if forward_pass is None else forward_pass(last)
 
 
-def check_losses(loss_dict: dict, step: int, lr: float, stop=None) -> torch.Tensor:
-    """The losses averaged over ranks; raises DivergenceError on every rank if any is not finite.
+def check_losses(loss_dict: dict, stop_requested: bool = False) -> LossCheck:
+    """The losses averaged over ranks, whether they are all finite, and whether any rank asked to stop.
 
     Collective, before backward: the mean over ranks is non-finite on every rank when any rank's
-    loss is, so all ranks stop here together; a rank that stopped alone would leave the others
-    waiting forever in the gradient allreduce. One more element carries ``stop.requested`` (a
+    loss is, so all ranks see the divergence here together; a rank that stopped alone would leave the
+    others waiting forever in the gradient allreduce. One more element carries ``stop_requested`` (a
     preemption signal on this rank) to every rank, at no extra collective.
     """
     values = [v.detach().float() for v in loss_dict.values()]
-    flag = float(stop is not None and stop.requested)
-    both = comm.allreduce_small(torch.stack([*values, torch.tensor(flag, device=values[0].device)]),
-                                op="mean", name="hvdet.losses")
+    flag = torch.tensor(float(stop_requested), device=values[0].device)
+    both = comm.allreduce_small(torch.stack([*values, flag]), op="mean", name="hvdet.losses")
     mean = both[:-1]
-    if stop is not None and both[-1].item() > 0:
-        stop.agreed = True
-    if not torch.isfinite(mean).all():
-        raise DivergenceError(f"diverged at iteration {step + 1} (lr {lr:.6g}): loss "
-                              f"{dict(zip(loss_dict, mean.tolist(), strict=True))}")
-    return mean
+    return LossCheck(mean, bool(torch.isfinite(mean).all()), both[-1].item() > 0)
 
 
 def apply_gradients(opt, model: torch.nn.Module, scaler: torch.amp.GradScaler, step: int, lr: float,

@@ -117,7 +117,7 @@ def test_train_py_under_horovodrun_env_with_ddp_exits_2_with_one_line(data, tmp_
 ONE_PROCESS = """
 import torch
 from hvdet import comm
-from hvdet.step import train_step
+from hvdet.step import StepSettings, train_step
 comm.init(gradients="ddp")
 assert (comm.gradients(), comm.size(), comm.horovod_available()) == ("ddp", 1, False)
 
@@ -140,7 +140,7 @@ batches = [([torch.randn(3) for _ in range(2)], [{"y": torch.randn(1)} for _ in 
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 for net, o in ((model, opt), (plain, plain_opt)):
     for k in range(4):
-        train_step(net, o, scaler, iter(batches[2 * k:2 * k + 2]), step=k, lr=0.1, passes=2)
+        train_step(net, o, scaler, iter(batches[2 * k:2 * k + 2]), StepSettings(passes=2), step=k, lr=0.1)
 assert list(model.state_dict()) == ["lin.weight", "lin.bias"]  # no "module." prefix
 assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
 assert opt.state_dict()["state"].keys() == plain_opt.state_dict()["state"].keys()

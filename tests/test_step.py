@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hvdet import comm
-from hvdet.step import DivergenceError, autocast_dtype, grad_scaler, train_step
+from hvdet.step import DivergenceError, StepSettings, autocast_dtype, check_losses, grad_scaler, train_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,7 +76,7 @@ def test_train_step_equals_the_textbook_step_over_iterations():
     for step in range(3):
         b = batch(step)
         lr = 0.05 * (step + 1)
-        got = train_step(model, opt, scaler, iter([b]), step=step, lr=lr)
+        got = train_step(model, opt, scaler, iter([b]), step=step, lr=lr).losses
         want = reference_step(ref, ref_opt, [b], lr)
         assert got == pytest.approx(want, rel=1e-6)
         assert_same_params(model, ref)
@@ -87,7 +87,7 @@ def test_backward_passes_average_their_batches():
     model, opt, ref, ref_opt = pair(sgd)
     scaler = grad_scaler(None, torch.device("cpu"))
     batches = [batch(10), batch(11, n=2)]
-    got = train_step(model, opt, scaler, iter(batches), step=0, lr=0.1, passes=2)
+    got = train_step(model, opt, scaler, iter(batches), StepSettings(passes=2), step=0, lr=0.1).losses
     want = reference_step(ref, ref_opt, batches, 0.1)
     assert got == pytest.approx(want, rel=1e-6)
     assert_same_params(model, ref)
@@ -99,7 +99,7 @@ def test_gradients_are_clipped_by_their_true_norm_under_loss_scaling():
     model, opt, ref, ref_opt = pair(sgd)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=True)
     b = batch(3, scale=20.0)
-    train_step(model, opt, scaler, iter([b]), step=0, lr=0.1, clip_grad_norm=0.01)
+    train_step(model, opt, scaler, iter([b]), StepSettings(clip_grad_norm=0.01), step=0, lr=0.1)
     reference_step(ref, ref_opt, [b], 0.1, clip=0.01)
     assert_same_params(model, ref, rtol=1e-5, atol=1e-7)
     assert scaler.get_scale() == 2.0**12  # finite gradients: no skip, no back-off
@@ -136,7 +136,7 @@ def test_agvm_sees_the_scaled_gradients_and_an_inf_skips_the_step():
     images, targets = batch(5)
     for t in targets:
         t["y"] = t["y"] + 1000.0  # gradients of ~2000 x 2**127: inf
-    losses = train_step(model, opt, scaler, iter([(images, targets)]), step=8, lr=0.1)
+    losses = train_step(model, opt, scaler, iter([(images, targets)]), step=8, lr=0.1).losses
     assert all(math.isfinite(v) for v in losses.values())
     assert scaler.get_scale() == 2.0**126
     for k, v in model.state_dict().items():
@@ -159,7 +159,8 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32():
     dtype = autocast_dtype(amp=True, amp_dtype="float16", amp_on_cpu=True, device=torch.device("cpu"))
     assert dtype is torch.bfloat16 and grad_scaler(dtype, torch.device("cpu")).is_enabled() is False
     b = batch(8)
-    got = train_step(model, opt, grad_scaler(dtype, torch.device("cpu")), iter([b]), step=0, lr=0.1, amp_dtype=dtype)
+    got = train_step(model, opt, grad_scaler(dtype, torch.device("cpu")), iter([b]), StepSettings(amp_dtype=dtype),
+                     step=0, lr=0.1).losses
     want = reference_step(ref, ref_opt, [b], 0.1)
     assert got == pytest.approx(want, rel=2e-2)  # bf16 keeps 8 bits of mantissa
     assert_same_params(model, ref, rtol=2e-2, atol=2e-3)
@@ -172,3 +173,20 @@ def test_autocast_dtype_follows_the_device():
     assert autocast_dtype(False, "float16", True, cuda) is None
     assert autocast_dtype(True, "float16", False, cpu) is None  # no fast fp16 on CPUs
     assert grad_scaler(torch.float16, cpu).is_enabled() and not grad_scaler(torch.bfloat16, cpu).is_enabled()
+
+
+def test_settings_come_from_the_solver_once_and_the_stop_vote_is_returned():
+    from hvdet.config import Config
+
+    solver = Config().solver
+    solver.backward_passes_per_step, solver.clip_grad_norm, solver.amp, solver.amp_on_cpu = 3, 5.0, True, True
+    cpu = torch.device("cpu")
+    assert StepSettings.from_solver(solver, cpu) == StepSettings(3, torch.bfloat16, 5.0, cpu)
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}
+    check = check_losses(losses, stop_requested=True)  # a world of one: the mean is the rank's own
+    assert check.finite and check.stop_agreed and check.mean.tolist() == [1.0, 2.0]
+    assert not check_losses({"a": torch.tensor(math.inf)}).finite
+    model, opt, _, _ = pair(sgd)
+    result = train_step(model, opt, grad_scaler(None, cpu), iter([batch(9)]), step=0, lr=0.1, stop_requested=True)
+    assert result.stop_agreed and set(result.losses) == {"mse", "l1"}
+    assert not train_step(model, opt, grad_scaler(None, cpu), iter([batch(9)]), step=1, lr=0.1).stop_agreed
