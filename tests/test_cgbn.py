@@ -3,7 +3,8 @@
 Oracle: torch's BatchNorm2d on the concatenation of every rank's elements (flattened per channel,
 so ranks may hold different batch and spatial sizes). Checked on real launches: horovodrun (Gloo)
 at 2 and 4 ranks, mpirun for the mpi backend, and a training step of a converted torchvision model
-under Horovod's DistributedOptimizer.
+under Horovod's DistributedOptimizer. The same oracle runs in the fast loop on simulated ranks
+(threads of one process): tests/test_simulated_ranks.py.
 """
 import copy
 
@@ -101,10 +102,15 @@ def count_group_allreduces(fn):
 COLLECTIVES_PER_FORWARD = {"auto": 2, "chan": 1, "two_pass": 2, "one_pass": 1}  # auto on CPU: two_pass
 
 
-def case_oracle(configs):
-    """Per config: this rank's outputs, input grads, local weight/bias grads and running stats."""
+def case_oracle(configs, sim=None):
+    """Per config: this rank's outputs, input grads, local weight/bias grads and running stats.
+
+    ``sim``: a simulated rank's world (tests/simulated.py; tests/test_simulated_ranks.py), whose own
+    counter counts the collectives (patching comm.Group would count every thread's); None when launched."""
     from hvdet import comm
 
+    rank = sim.rank() if sim else comm.rank()
+    counted = sim.counted if sim else count_group_allreduces
     out = []
     for cfg in configs:
         dtype = getattr(torch, cfg.get("dtype", "float64"))
@@ -113,15 +119,16 @@ def case_oracle(configs):
                                  group_size=cfg.get("group_size"), backend=cfg.get("backend", "auto"),
                                  stats=cfg.get("stats", "chan"), impl=cfg.get("impl", "auto"))
         bn = bn.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        bn.force_group_path = cfg.get("force_group_path", False)  # a group of one still runs CGBN's arithmetic
         init_affine(bn)
         res = {"steps": []}
         for step in range(steps):
             xs, gs = make_inputs(shapes, step, dtype, offset=cfg.get("offset", 0.0))
-            x = xs[comm.rank()].requires_grad_()
+            x = xs[rank].requires_grad_()
             bn.zero_grad()
-            y, n_fwd = count_group_allreduces(lambda bn=bn, x=x: bn(x))
-            g = gs[comm.rank()]
-            _, n_bwd = count_group_allreduces(lambda y=y, g=g: (y * g).sum().backward())
+            y, n_fwd = counted(lambda bn=bn, x=x: bn(x))
+            g = gs[rank]
+            _, n_bwd = counted(lambda y=y, g=g: (y * g).sum().backward())
             res["steps"].append({
                 "y": y.detach(), "dx": x.grad, "n_fwd": n_fwd, "n_bwd": n_bwd,
                 "dw": bn.weight.grad.clone() if bn.affine else None,
@@ -131,7 +138,7 @@ def case_oracle(configs):
         bn.eval()  # eval mode: running statistics, no communication (ranks call it a different number of times)
         probe = torch.randn(2, C, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         probe = probe.to(next(bn.parameters()).dtype if bn.affine else torch.float64)
-        evals = count_group_allreduces(lambda bn=bn, probe=probe: [bn(probe) for _ in range(comm.rank() + 1)])
+        evals = counted(lambda bn=bn, probe=probe: [bn(probe) for _ in range(rank + 1)])
         res["eval"], res["n_eval"] = evals[0][0], evals[1]
         res["probe"] = probe
         res["backend"] = comm.consecutive_groups(bn.group_size).resolve_backend(torch.device("cpu"), bn.backend)

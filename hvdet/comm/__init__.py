@@ -6,7 +6,8 @@ reads like single-process PyTorch.
   (torchrun) the same calls run over torch.distributed, gradients averaged by DistributedDataParallel
   (:mod:`hvdet.comm.torch_world`).
 * :mod:`hvdet.comm.groups`: collectives over groups of consecutive ranks (Cross-GPU BN, AGVM), with
-  one module per backend: ``horovod_group``, ``torch_group``, ``mpi_group``, ``shm``.
+  one module per backend: ``horovod_group``, ``torch_group``, ``mpi_group``, ``shm``; and the hook through
+  which the fast tests simulate ranks as threads (``groups.simulated_world``, tests/simulated.py).
 
 The names below are the API; ``from hvdet import comm; comm.init(); comm.allreduce(t)``.
 """

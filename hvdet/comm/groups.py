@@ -13,9 +13,16 @@ None where it cannot work in this job), ``allreduce(tensor, op)`` and ``allgathe
 
 Opened backends and groups are cached per group size; :func:`reset` forgets them (a world that
 changes size, as elastic training's does, needs new ones).
+
+Simulated ranks: the fast tests run N ranks as N threads of one process (tests/simulated.py). A thread
+that enters :func:`simulated_world` gets its groups from that rank's world: :func:`consecutive_groups`
+(so Cross-GPU BN) and :func:`allreduce_small` (the loss check) answer from it, and AGVM takes its
+collectives from :func:`simulated`. Never entered in a real run, where nothing here changes.
 """
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +41,26 @@ _UNAVAILABLE = {"mpi": "backend 'mpi' needs the job launched by mpirun and mpi4p
 
 _OPEN: dict[tuple[str, int], object] = {}     # (backend, group size) -> this rank's backend, or None
 _GROUPS: dict[int, Group] = {}
+# A ContextVar, not a global: each thread starts with its own empty context, so a simulated rank's world
+# is seen by its own thread only, and by no real run's code (the default, None, is never replaced there).
+_SIMULATED: ContextVar = ContextVar("hvdet_simulated_world", default=None)
+
+
+@contextlib.contextmanager
+def simulated_world(rank_world):
+    """On this thread, within the block: collectives go to ``rank_world``, one rank of a world simulated
+    in one process (tests/simulated.py). It offers ``rank()``, ``size()``, ``allreduce(tensor, op)`` and
+    ``consecutive_groups(group_size)``, whose groups have :class:`Group`'s collectives."""
+    token = _SIMULATED.set(rank_world)
+    try:
+        yield rank_world
+    finally:
+        _SIMULATED.reset(token)
+
+
+def simulated():
+    """This thread's simulated rank world (:func:`simulated_world`), or None: always None in a real run."""
+    return _SIMULATED.get()
 
 
 def open_backend(name: str, group_size: int):
@@ -113,14 +140,22 @@ def consecutive_groups(group_size: int | None = None) -> Group:
     Ranks [0, g), [g, 2g), ... form the groups, as in MegDet, so that on a node of 8 GPUs a group of
     8 stays inside the node. ``group_size`` must divide the world size.
     """
+    if (sim := _SIMULATED.get()) is not None:
+        return sim.consecutive_groups(group_size)
     n = world.size()
-    group_size = n if group_size is None else int(group_size)
-    if group_size < 1 or n % group_size:
-        raise ValueError(f"group size {group_size} must be >= 1 and divide the world size {n}")
+    group_size = checked_group_size(group_size, n)
     if group_size not in _GROUPS:
         first = world.rank() // group_size * group_size
         _GROUPS[group_size] = Group(tuple(range(first, first + group_size)))
     return _GROUPS[group_size]
+
+
+def checked_group_size(group_size: int | None, world_size: int) -> int:
+    """``group_size`` as an int (None: the whole world); ValueError unless it is >= 1 and divides ``world_size``."""
+    group_size = world_size if group_size is None else int(group_size)
+    if group_size < 1 or world_size % group_size:
+        raise ValueError(f"group size {group_size} must be >= 1 and divide the world size {world_size}")
+    return group_size
 
 
 def allreduce_small(tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> torch.Tensor:
@@ -128,9 +163,10 @@ def allreduce_small(tensor: torch.Tensor, op: str = "sum", name: str | None = No
 
     CPU tensors take the group path (shared memory on one host: microseconds) instead of Horovod,
     which answers after its next background cycle (5-20 ms on CPU hosts, see horovod_env.horovod_defaults). CUDA tensors keep
-    Horovod: a NCCL world made only for this would cost more than it saves.
+    Horovod: a NCCL world made only for this would cost more than it saves. A simulated rank's tensors
+    (:func:`simulated_world`) take its groups whatever their device.
     """
-    if tensor.device.type == "cpu":
+    if tensor.device.type == "cpu" or _SIMULATED.get() is not None:
         return consecutive_groups(None).allreduce(tensor, op)
     return world.allreduce(tensor, op, name)
 
