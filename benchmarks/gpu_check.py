@@ -300,7 +300,7 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
 def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
     """``train.py`` with the demo recipe (CGBN as a group of one, Triton PMD-LAMB, AMP fp16,
     channels-last) as one process on this GPU, to box AP 0.5, with ``eval.mode`` sync and
-    background alternating (hvdet.background_eval's evaluator shares the GPU)."""
+    background alternating (hvdet.eval.background's evaluator shares the GPU)."""
     import tempfile
 
     from benchmarks.eval_modes import demo_result

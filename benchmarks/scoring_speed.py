@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.provenance import ROOT, provenance
 from hvdet import scoring
 from hvdet.data import make_synthetic_coco
-from hvdet.evaluation import IOU_TYPES
+from hvdet.eval.coco import IOU_TYPES
 
 SETS = {  # name -> make_synthetic_coco's arguments
     "demo": {"num_val": 128, "image_size": 128, "preset": "shapes"},

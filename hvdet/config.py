@@ -124,7 +124,7 @@ class EvalConfig:
     interval: int = 0                         # iterations between evaluations; 0: only at the end
     start: int = 0                            # no periodic evaluation before this iteration
     at_end: bool = True
-    mode: str = "sync"                        # sync (training waits) | background (hvdet.background_eval)
+    mode: str = "sync"                        # sync (training waits) | background (hvdet.eval.background)
     background_nice: int = 10                 # background on CPU hosts: niceness the training ranks add to
     #   themselves once their evaluators run, so an evaluation is not slowed by sharing a core (0: equal)
     images_per_gpu: int = 2

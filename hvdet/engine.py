@@ -7,7 +7,8 @@ at the lr :func:`hvdet.plan.lr_at` gives (a pure function of the iteration, so r
 the iteration); this module decides when to log, evaluate, checkpoint and stop. Time-to-accuracy is
 wall-clock from the start of training (after set-up, MLPerf's run_start) to the end of the first
 evaluation that meets ``target``, evaluations included; with ``eval.mode: background`` a result
-counts at its snapshot's time plus its evaluation time (:mod:`hvdet.evaluate_run`).
+counts at its snapshot's time plus its evaluation time (:mod:`hvdet.eval.results`); the engine sees
+only :mod:`hvdet.eval.evaluators`' interface, not the mode.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hvdet import checkpoint, comm, evaluate_run, mlperf, scoring
+from hvdet import checkpoint, comm, mlperf, scoring
 from hvdet.builders import build_run
 from hvdet.comm.watchdog import Watchdog
 from hvdet.config import Config
-from hvdet.evaluate_run import evaluate_checkpoint
+from hvdet.eval.evaluators import build_evaluator
+from hvdet.eval.results import evaluate_checkpoint
 from hvdet.plan import lr_at
 from hvdet.preempt import StopRequest
 from hvdet.run import Run
@@ -97,10 +99,8 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
 
 def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     cfg, log, plan, clock = run.cfg, run.logger, run.plan, run.clock
-    if cfg.eval.mode == "background" and run.evaluator is None:
-        from hvdet.background_eval import start_evaluator
-
-        run.evaluator = start_evaluator(cfg, watchdog.beat)  # set-up, before the clock starts
+    if run.evaluator is None:  # background: its processes started and ready; set-up, before the clock starts
+        run.evaluator = build_evaluator(cfg, watchdog.beat)
     clock.start = time.perf_counter()
     if not log.started:  # once per run, also when an elastic world change calls the loop again
         log.started = True
@@ -142,15 +142,13 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
                 bar.close()
                 return finish(run, iteration, stop="preempted", failure=f"stopped by {stop.name()} after iteration "
                               f"{iteration}; continue with --resume {cfg.output_dir}")
-            due = cfg.eval.interval and iteration % cfg.eval.interval == 0 and iteration >= cfg.eval.start
-            if due or (run.evaluator is not None and run.evaluator.busy):
-                _evaluate_or_stop(run, bar, checkpointed, lambda due=due: _evaluate_now(run, due, beat))
+            due = bool(cfg.eval.interval) and iteration % cfg.eval.interval == 0 and iteration >= cfg.eval.start
+            if due or run.evaluator.pending:
+                _evaluate_or_stop(run, bar, checkpointed, lambda due=due: run.evaluator.after_iteration(run, due))
                 if clock.reached and not last:  # metrics broadcast from rank 0: every rank leaves together
                     save_checkpoint(run)
-        final = cfg.eval.at_end and clock.evaluated_at != run.iteration  # also a resumed run whose final one failed
-        if not clock.reached and (final or (run.evaluator is not None and run.evaluator.busy)):
-            submit = final and run.iteration != submitted_at(run)
-            _evaluate_or_stop(run, bar, True, lambda: _evaluate_now(run, submit, beat, wait=True))
+        if not clock.reached:  # the final evaluation if one is owed, and any outstanding results
+            _evaluate_or_stop(run, bar, True, lambda: run.evaluator.finish(run))
     except DivergenceError as err:
         bar.close()
         finish(run, run.iteration, stop="diverged", failure=str(err))
@@ -161,28 +159,9 @@ def _loop(run: Run, stop: StopRequest, watchdog: Watchdog, commit=None) -> dict:
     finally:
         if run.evaluator is not None:  # outstanding background evaluations end with the run
             run.evaluator.close()
-            run.evaluator = None
+            run.evaluator = None  # an elastic world change calls the loop again: a new one there
     bar.close()
     return finish(run, run.iteration, stop="target" if clock.reached else "max_iters")
-
-
-def _evaluate_now(run: Run, due: bool, beat, wait: bool = False) -> None:
-    """eval.mode sync: evaluate at a due iteration. background: submit the snapshot when due, take
-    in the results that arrived, and with ``wait`` (the end of training) all outstanding ones."""
-    if run.evaluator is None:
-        evaluate_run.evaluate_and_log(run, run.iteration, beat)
-        return
-    if due:
-        evaluate_run.submit(run, run.iteration)
-    if wait:
-        evaluate_run.drain(run, beat)
-    else:
-        evaluate_run.poll(run)
-
-
-def submitted_at(run: Run) -> int | None:
-    """The iteration of the latest background snapshot (None in sync mode or before any)."""
-    return run.evaluator.last_submitted if run.evaluator is not None else None
 
 
 def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequest) -> dict:
@@ -194,7 +173,7 @@ def _train_step(run: Run, step: int, lr: float, timer: StepTimer, stop: StopRequ
 
 def _evaluate_or_stop(run: Run, bar, checkpointed: bool, evaluate) -> None:
     """``evaluate()``; on failure keep the work (a checkpoint unless one was just written), record the
-    cause in summary.json and re-raise. Every rank raises alike (hvdet.evaluation tells them)."""
+    cause in summary.json and re-raise. Every rank raises alike (hvdet.eval.coco tells them)."""
     try:
         evaluate()
     except Exception as err:

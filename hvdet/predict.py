@@ -44,7 +44,7 @@ from hvdet.builders import build_dataset, build_inference_model
 from hvdet.config import Config, apply_override, from_dict, load_config
 from hvdet.data.coco import DataError, load_coco_json
 from hvdet.errors import HvdetError
-from hvdet.evaluation import to_coco_detections
+from hvdet.eval.coco import to_coco_detections
 from hvdet.exit_codes import EXIT_CONFIG
 from hvdet.run import check_model_fits
 

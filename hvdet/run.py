@@ -76,7 +76,7 @@ class Run:
     settings: StepSettings = field(default_factory=StepSettings)  # the step's, from the recipe (builders)
     clock: Clock = field(default_factory=Clock)
     iteration: int = 0                    # iterations done (the next step's 0-based index)
-    evaluator: object | None = None       # eval.mode background: hvdet.background_eval.BackgroundEvaluator
+    evaluator: object | None = None       # hvdet.eval.evaluators: Sync- or BackgroundEvaluator, set by the engine
 
     def state_dict(self) -> dict:
         """Everything that continues this run (collective: gathers every rank's RNG states)."""

@@ -1,4 +1,4 @@
-"""eval.mode background (hvdet.background_eval): the same AP at the same snapshots as synchronous
+"""eval.mode background (hvdet.eval.background): the same AP at the same snapshots as synchronous
 evaluation, the time-to-accuracy rule, stopping at the first result that meets the target, and a
 failing evaluation reported on every rank. 2 ranks, tiny synthetic data, train.py as a user runs it."""
 import json
@@ -65,12 +65,12 @@ def test_a_failing_background_evaluation_stops_every_rank_and_says_why(data, tmp
 
 def _same_metrics_in_the_evaluator_process(paths, tmp_path):
     """One process (a world of one): the evaluator process's metrics of a snapshot equal
-    hvdet.evaluation.evaluate's on the same model, with every box kept (score threshold 0), so
+    hvdet.eval.coco.evaluate's on the same model, with every box kept (score threshold 0), so
     that there are many detections to disagree about."""
     from hvdet import comm
-    from hvdet.background_eval import BackgroundEvaluator
     from hvdet.builders import build_dataset, build_model
-    from hvdet.evaluation import evaluate
+    from hvdet.eval.background import EvaluatorProcess
+    from hvdet.eval.coco import evaluate
 
     cfg = load_config(RECIPE, [*tiny_overrides(paths, tmp_path), "model.norm=local",
                                "model.overrides={box_score_thresh: 0.0}", "eval.mode=background"])
@@ -78,7 +78,7 @@ def _same_metrics_in_the_evaluator_process(paths, tmp_path):
     torch.manual_seed(0)
     val = build_dataset(cfg, train=False)
     model = build_model(cfg, val.num_classes, 1)
-    evaluator = BackgroundEvaluator(cfg, 0, 1)
+    evaluator = EvaluatorProcess(cfg, 0, 1)
     try:
         evaluator.submit(3, model, {"elapsed_s": 1.0})
         (result,) = evaluator.drain()
@@ -109,7 +109,7 @@ def test_background_evaluation_is_not_for_elastic_runs(tmp_path):
 
 _NICE_PROBE = """
 import os, subprocess, sys, threading
-from hvdet.background_eval import yield_to_evaluator
+from hvdet.eval.background import yield_to_evaluator
 before = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the evaluator, started first
 stop = threading.Event()
 worker = threading.Thread(target=stop.wait)  # as Horovod's background thread: started before

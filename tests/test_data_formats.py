@@ -18,7 +18,7 @@ from hvdet.data import (
     build_transforms,
     skipped_boxes_line,
 )
-from hvdet.evaluation import evaluate
+from hvdet.eval.coco import evaluate
 
 # --------------------------------------------------------------------------------------------
 # Fixtures

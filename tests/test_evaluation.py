@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hvdet.data import CocoDetection, build_transforms, make_synthetic_coco
-from hvdet.evaluation import coco_eval, evaluate, to_coco_detections
+from hvdet.eval.coco import coco_eval, evaluate, to_coco_detections
 from tests.harness import run_ranks
 
 

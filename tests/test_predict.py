@@ -91,9 +91,9 @@ def test_json_schema_and_the_top_box_drawn_where_it_is(setup, tmp_path, capsys):
 
 
 def test_json_equals_the_evaluation_detections(setup, tmp_path):
-    """An oracle: the evaluation's inference path (hvdet.evaluation.detect_shard over the recipe's val
+    """An oracle: the evaluation's inference path (hvdet.eval.coco.detect_shard over the recipe's val
     set) gives the same detections, ids (from --ann), category ids and boxes in original pixels."""
-    from hvdet.evaluation import detect_shard
+    from hvdet.eval.coco import detect_shard
 
     assert _predict(setup, tmp_path, "--score", "0.99", "--ann", setup["val_ann"]) == 0
     results = json.loads((tmp_path / RESULTS_FILE).read_text())

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from hvdet import scoring
 from hvdet.config import ConfigError, load_config
 from hvdet.data import CocoDetection, build_transforms, make_synthetic_coco
-from hvdet.evaluation import IOU_TYPES, METRICS, coco_eval, detect_shard, evaluate
+from hvdet.eval.coco import IOU_TYPES, METRICS, coco_eval, detect_shard, evaluate
 from hvdet.models import build_detector
 from tests.harness import ROOT
 
@@ -171,7 +171,7 @@ def test_a_bad_scorer_name_is_one_line(ground_truth):
 @pytest.mark.parametrize("arch,iou_types", [("fasterrcnn_resnet18_fpn_fast", ("bbox",)),
                                             ("maskrcnn_resnet18_fpn_fast", ("bbox", "segm"))])
 def test_a_real_models_metrics_are_the_same_with_either_scorer(tmp_path, arch, iou_types):
-    """An untrained detector (fixed seed) through hvdet.evaluation.evaluate, single-process: its scores
+    """An untrained detector (fixed seed) through hvdet.eval.coco.evaluate, single-process: its scores
     hover around 1 / classes, so it returns 100 boxes per image (a few match; its masks match none at
     IoU 0.5, so segm checks the plumbing: all zeros). Then all 12 stats of the same detections."""
     paths = make_synthetic_coco(tmp_path, num_train=0, num_val=6, image_size=96, seed=4)
@@ -198,7 +198,7 @@ def test_a_real_models_metrics_are_the_same_with_either_scorer(tmp_path, arch, i
 def test_each_eval_record_names_its_scorer(tmp_path, configured, used):
     from types import SimpleNamespace
 
-    from hvdet.evaluate_run import record
+    from hvdet.eval.results import record
     from hvdet.run import Clock
     from hvdet.runlog import RunLogger
 

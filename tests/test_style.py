@@ -26,10 +26,10 @@ LAYERS = [
     ("hvdet.comm",),
     ("hvdet.ops",),
     ("hvdet.nn", "hvdet.optim", "hvdet.data", "hvdet.data.synthetic_hard"),
-    ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.evaluation", "hvdet.checkpoint", "hvdet.step",
+    ("hvdet.models", "hvdet.retinanet", "hvdet.plan", "hvdet.runlog", "hvdet.eval.coco", "hvdet.checkpoint", "hvdet.step",
      "hvdet.preempt", "hvdet.mlperf", "hvdet.finetune"),
-    ("hvdet.run", "hvdet.builders", "hvdet.report", "hvdet.background_eval"),
-    ("hvdet.evaluate_run", "hvdet.predict"),
+    ("hvdet.run", "hvdet.builders", "hvdet.report", "hvdet.eval.background"),
+    ("hvdet.eval.results", "hvdet.eval.evaluators", "hvdet.predict"),
     ("hvdet.engine",),
     ("hvdet.cli", "hvdet"),
 ]

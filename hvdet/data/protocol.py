@@ -12,7 +12,7 @@ Who reads what:
 * the train loader (:class:`hvdet.data.TrainLoader`): ``len()``, ``[index]``, ``aspect_ratios``
   (aspect-ratio grouping of batches);
 * the model builder: ``num_classes``;
-* evaluation (:mod:`hvdet.evaluation`): ``ids`` (each image once over the shards), ``coco`` (the
+* evaluation (:mod:`hvdet.eval.coco`): ``ids`` (each image once over the shards), ``coco`` (the
   ground truth pycocotools scores against, and the original image sizes), ``contiguous_to_cat_id``
   (model labels back to the annotation file's category ids);
 * the run builder (optional): ``skipped_boxes`` (what ``skip_invalid_boxes`` dropped) and ``ann_file``.

@@ -28,7 +28,7 @@ together with the image; targets go in and come out as plain tensors.
 * Evaluation: the dataset transform does **not** resize. The model resizes to its ``min_size``
   (give it ``min_sizes[-1]``, the test scale, and the same ``max_size``) and maps its boxes and
   masks back to the input size, which is then the original image size that COCO's ground truth
-  is in. ``hvdet.evaluation.evaluate`` checks this.
+  is in. ``hvdet.eval.coco.evaluate`` checks this.
 """
 from __future__ import annotations
 

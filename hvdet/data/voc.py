@@ -12,7 +12,7 @@ The VOC layout and how a recipe's keys map onto it::
 
 The XML files are converted once, when the dataset is made, to the COCO dict that
 :class:`hvdet.data.CocoDetection` reads: this class is a ``CocoDetection`` whose ``coco`` is built in
-memory, so the COCO-style evaluator (:mod:`hvdet.evaluation`) scores it unchanged, and the checks,
+memory, so the COCO-style evaluator (:mod:`hvdet.eval.coco`) scores it unchanged, and the checks,
 the image reading and ``skip_invalid_boxes`` are COCO's. Decisions:
 
 * image ids are 1..N in the split file's order; the file name is the XML's ``<filename>`` (else

@@ -3,7 +3,7 @@
 As MLPerf submissions do, evaluation does not stop training. Each rank starts one evaluator process
 (``spawn``: safe with CUDA and with threads) that builds the model once and then, for every
 snapshot it is sent (the rank's weights and BN statistics, copied to shared memory), infers its
-rank's shard of the val set, exactly as the synchronous :func:`hvdet.evaluation.evaluate` would. Rank
+rank's shard of the val set, exactly as the synchronous :func:`hvdet.eval.coco.evaluate` would. Rank
 0's evaluator also scores the gathered detections with pycocotools, so no training rank waits for
 COCOeval. The training ranks agree on progress once per iteration with one small collective (two
 numbers: "every shard of the oldest snapshot is done" and "rank 0 has its metrics"), then gather the
@@ -40,7 +40,7 @@ from hvdet.config import Config
 @dataclass
 class EvalResult:
     """One snapshot's metrics (identical on every rank). ``snapshot``: what the caller passed to
-    :meth:`BackgroundEvaluator.submit` (elapsed time, epoch, images seen...)."""
+    :meth:`EvaluatorProcess.submit` (elapsed time, epoch, images seen...)."""
 
     iteration: int
     metrics: dict
@@ -48,7 +48,7 @@ class EvalResult:
     snapshot: dict = field(default_factory=dict)
 
 
-class BackgroundEvaluator:
+class EvaluatorProcess:
     """This rank's evaluator process and the bookkeeping of the snapshots it has not reported yet."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int):
@@ -106,7 +106,7 @@ class BackgroundEvaluator:
         shard_ready = float(oldest is not None and oldest in self.shards)
         metrics_ready = float(bool(self.scoring) and self.scoring[0][0] in self.scored)
         flags = comm.allreduce_small(torch.tensor([shard_ready, metrics_ready], dtype=torch.float64), op="mean",
-                                     name="hvdet.background_eval")
+                                     name="hvdet.eval.background")
         if flags[0].item() == 1.0:  # every rank's shard of the oldest snapshot: to rank 0 for scoring
             self._gather(oldest)
         if flags[1].item() > 0.0:  # rank 0's evaluator has scored the oldest gathered snapshot
@@ -165,10 +165,10 @@ class BackgroundEvaluator:
         return EvalResult(iteration, metrics, eval_s, snapshot)
 
 
-def start_evaluator(cfg: Config, heartbeat=None) -> BackgroundEvaluator:
+def start_evaluator(cfg: Config, heartbeat=None) -> EvaluatorProcess:
     """This rank's evaluator, ready: part of set-up, before the clock starts (as MLPerf allows). On a
     CPU host this training process then yields to it (:func:`yield_to_evaluator`)."""
-    evaluator = BackgroundEvaluator(cfg, comm.rank(), comm.size())
+    evaluator = EvaluatorProcess(cfg, comm.rank(), comm.size())
     try:
         evaluator.wait_ready(comm.timeout_s(), heartbeat)
     except BaseException:
@@ -211,7 +211,7 @@ def _evaluator_main(cfg: Config, rank: int, world_size: int, device_index: int |
     """Build the model once; then score what rank 0 is sent first (training waits for metrics, not
     for detections), else infer this rank's shard of the next snapshot."""
     from hvdet.builders import build_dataset, build_inference_model
-    from hvdet.evaluation import detect_shard, score
+    from hvdet.eval.coco import detect_shard, score
 
     torch.set_num_threads(1)  # beside a training rank that has the cores
     try:

@@ -1,15 +1,12 @@
-"""A training run's evaluations: synchronous (training waits) or in the background, one logging path.
+"""A training run's evaluation results: one logging path for both modes, and the target rule.
 
-``eval.mode: sync`` (:func:`evaluate_and_log`): every rank stops training, infers its shard, rank 0
-scores; the result counts at the wall-clock when it is known (evaluations included in time-to-accuracy).
-
-``eval.mode: background`` (:func:`submit` at an evaluation iteration, :func:`poll` every iteration,
-:func:`drain` at the end; :mod:`hvdet.background_eval`): training goes on; a result counts at its
-snapshot's wall-clock plus its evaluation time (the rule, documented in docs/training.md).
-
-Both log the same eval record (``metrics.jsonl``, with the ``scorer`` that scored it: ``eval.scorer``,
-:mod:`hvdet.scoring`), MLPerf events and best/target bookkeeping, in :func:`record`, so the two modes
-differ only in when a result arrives and what time it counts at.
+:mod:`hvdet.eval.evaluators` decides when to evaluate (``eval.mode: sync``: every rank stops training,
+infers its shard, rank 0 scores; ``background``: the snapshot goes to :mod:`hvdet.eval.background`
+and training goes on); here each result is logged the same way (``metrics.jsonl``'s eval record, with
+the ``scorer`` that scored it: ``eval.scorer``, :mod:`hvdet.scoring`; MLPerf events; best and target
+bookkeeping) in :func:`record`, so the modes differ only in when a result arrives and what time it
+counts at: a sync result at the wall-clock when it is known (evaluations included in time-to-accuracy),
+a background one at its snapshot's wall-clock plus its evaluation time (docs/training.md).
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ def _when(run: Run, iteration: int) -> dict:
     return {"iteration": iteration, MLLOG.EPOCH_NUM: run.loader.epoch, MLLOG.SAMPLES_COUNT: run.clock.images}
 
 
-def _start(run: Run, iteration: int) -> dict:
+def start(run: Run, iteration: int) -> dict:
     """MLPerf's block_stop and eval_start at the evaluated iteration; returns the snapshot's facts."""
     mlperf.block_stop(run.logger, run.clock.images, run.loader.epoch)
     when = _when(run, iteration)
@@ -59,7 +56,7 @@ def record(run: Run, iteration: int, metrics: dict, eval_s: float, counts_at_s: 
 
 def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
     """The synchronous evaluation of the model now (collective)."""
-    snapshot = _start(run, iteration)
+    snapshot = start(run, iteration)
     metrics, eval_s = run_evaluation(run.model, run.val_set, run.cfg, beat)
     record(run, iteration, metrics, eval_s, run.clock.elapsed_s(), snapshot)
     if not run.clock.reached and iteration < run.plan.max_iters:  # training goes on: the next block
@@ -67,42 +64,21 @@ def evaluate_and_log(run: Run, iteration: int, beat=None) -> dict:
     return metrics
 
 
-def submit(run: Run, iteration: int) -> None:
-    """Hand the model at ``iteration`` to this rank's evaluator; training goes on at once."""
-    snapshot = _start(run, iteration)
-    run.evaluator.submit(iteration, run.model, snapshot)
-    if iteration < run.plan.max_iters:
-        mlperf.block_start(run.logger, run.clock.images, run.loader.epoch)
-
-
-def poll(run: Run) -> None:
-    """Log the background results the ranks agree have arrived (collective, every iteration while busy)."""
-    for result in run.evaluator.poll():
-        _record_background(run, result)
-
-
-def drain(run: Run, beat=None) -> None:
-    """Wait for every outstanding background result (collective): at the end of training."""
-    for result in run.evaluator.drain(beat):
-        _record_background(run, result)
-
-
-def _record_background(run: Run, result) -> None:
-    snap = result.snapshot
-    record(run, result.iteration, result.metrics, result.eval_s, snap["elapsed_s"] + result.eval_s, snap,
-           extra={"mode": "background", "snapshot_elapsed_s": snap["elapsed_s"],
-                  "known_elapsed_s": run.clock.elapsed_s()})
-
-
 def run_evaluation(model, dataset, cfg: Config, beat=None) -> tuple[dict, float]:
     """COCO metrics of ``model`` on ``dataset`` (every rank its shard) and the seconds it took."""
-    from hvdet.evaluation import evaluate
+    from hvdet.eval.coco import evaluate
 
     start = time.perf_counter()
     metrics = evaluate(model, dataset, images_per_gpu=cfg.eval.images_per_gpu, num_workers=cfg.eval.num_workers,
                        iou_types=tuple(cfg.eval.iou_types), progress=cfg.log.progress,
                        heartbeat=beat, scorer=cfg.eval.scorer)  # eval mode, then restored
     return metrics, time.perf_counter() - start
+
+
+def final_due(run: Run) -> bool:
+    """The end of training owes an evaluation: ``eval.at_end`` and none of this iteration yet (also a
+    resumed run whose final one failed)."""
+    return run.cfg.eval.at_end and run.clock.evaluated_at != run.iteration
 
 
 def target_met(target: dict, metrics: dict, key: str = "AP") -> bool:

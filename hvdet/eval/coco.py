@@ -68,7 +68,7 @@ def evaluate(model, dataset, *, images_per_gpu: int = 2, num_workers: int = 0, i
 def detect_shard(model, dataset, rank: int, world_size: int, *, images_per_gpu: int = 2, num_workers: int = 0,
                  with_masks: bool = False, progress: bool = False, heartbeat=None) -> tuple[list[int], list[dict]]:
     """``rank``'s shard of ``dataset``: its image ids and COCO detections (no collective; the model is
-    put in eval mode and restored). Background evaluation (hvdet.background_eval) runs this alone.
+    put in eval mode and restored). Background evaluation (hvdet.eval.background) runs this alone.
 
     The random number generators are left as they were found: a DataLoader draws its base seed from
     torch's global RNG, which training's RoI sampling also draws from, so an evaluation would
