@@ -277,9 +277,7 @@ def elastic_kill(data: dict, workdir: Path, iterations: int = 30, kill_at: int =
     out, before = workdir / f"elastic-{time.monotonic_ns()}", segments()
     hosts = workdir / "hosts.elastic"
     hosts.write_text("localhost:2\n127.0.0.1:1\n")
-    # comm.timeout_s above Gloo's own 30 s: a survivor whose collective waits on a live rank whose Horovod
-    # thread died with the victim learns of the death only at Gloo's time-out, and is still recovering at 30 s.
-    keys = {"elastic.enabled": "true", "elastic.commit_interval": commit_interval, "comm.timeout_s": 60}
+    keys = {"elastic.enabled": "true", "elastic.commit_interval": commit_interval, "comm.timeout_s": 30}
     if demo:
         root = Path(data["train_ann"]).parent.parent
         args = [f"{k}={v}" for k, v in {"data.root": root, "output_dir": out, "log.interval": 1,

@@ -74,6 +74,7 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
     resets = []
 
     def load(state: dict) -> None:
+        watchdog.beat(f"loading the commit of iteration {state['iteration']}")
         elapsed = run.clock.elapsed_s()
         run.load_state_dict(state, "the last elastic commit")
         if resets:  # time-to-accuracy goes on through the failure and the recovery (lost work included)
@@ -89,9 +90,13 @@ def _elastic_loop(run: Run, stop: StopRequest, watchdog: Watchdog) -> dict:
                       f"lr {run.plan.lr:.4g}", flush=True)
 
     def on_reset() -> None:
+        # Progress: Horovod is up in the new world. A survivor may have waited out Gloo's time-out (as
+        # long as comm.timeout_s) for a live peer whose Horovod thread died with the lost rank; without
+        # this beat its watchdog would end it moments after it recovered.
+        watchdog.rank = comm.rank()
+        watchdog.beat(f"recovering: the world changed to {comm.size()} ranks")
         resets.append(comm.size())
         rebuild_for_world(run)
-        watchdog.rank = comm.rank()
 
     return elastic.run(lambda state: _loop(run, stop, watchdog, state.commit), save=run.state_dict, load=load,
                        on_reset=on_reset, on_sync=lambda: report_hosts(run.logger, run.iteration))
