@@ -36,6 +36,7 @@ from benchmarks.provenance import ROOT, provenance
 from hvdet.timemodel import measured
 from hvdet.timemodel.model import PHASES, Horovod, Link, System, allreduce_s, horovod_schedule
 from hvdet.timemodel.presets import BN_COLLECTIVES, MODELS, SYSTEMS
+from tests.cluster import launch_on
 
 CLUSTER = [sys.executable, str(ROOT / "launch" / "testcluster.py")]
 ARCH = "fasterrcnn_resnet18_fpn_fast"
@@ -51,13 +52,9 @@ def env() -> dict:
 
 
 def on(host: int, cmd: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """``cmd`` on host ``host`` over ssh, in the checkout, with the rank environment."""
-    exports = " ".join(f"{k}={v}" for k, v in env().items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                                       "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES",
-                                                                       "PYTHONPATH"))
-    remote = f"cd {ROOT} && env {exports} PATH={Path(sys.executable).parent}:$PATH " + " ".join(cmd)
-    return subprocess.run(["ssh", "-o", "BatchMode=yes", f"hvdet-h{host}", remote], capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
+    """``cmd`` on host ``host`` over ssh, in the checkout, with the rank environment (tests/cluster.py's)."""
+    return subprocess.run(launch_on(cmd, on=host, env=env()), capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
 
 
 # -- 1. the link --------------------------------------------------------------------------------------
@@ -131,8 +128,8 @@ def horovod_allreduce(nbytes: int, reps: int) -> dict:
 # -- 3. the training step -----------------------------------------------------------------------------
 
 def train_args(data: Path, out: Path, iterations: int) -> list[str]:
-    keys = {"data.root": data, "data.images_per_gpu": 2, "data.num_workers": 0, "data.min_sizes": "'[64]'",
-            "data.max_size": 64, "solver.max_iters": iterations, "solver.steps": "'[]'", "solver.warmup_iters": 1,
+    keys = {"data.root": data, "data.images_per_gpu": 2, "data.num_workers": 0, "data.min_sizes": "[64]",
+            "data.max_size": 64, "solver.max_iters": iterations, "solver.steps": "[]", "solver.warmup_iters": 1,
             "eval.interval": 0, "eval.at_end": "false", "log.interval": 1, "log.progress": "false",
             "checkpoint.interval": 0, "output_dir": out}
     return ["train.py", "--config", "configs/synthetic_demo.yaml", *(f"{k}={v}" for k, v in keys.items())]
