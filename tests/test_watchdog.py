@@ -47,6 +47,20 @@ def test_the_watchdog_leaves_with_its_rank(tmp_path):
     time.sleep(0.2)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"
+    assert not (tmp_path / "rank0").exists()  # a rank that ended leaves no mark
+
+
+def test_input_that_ends_without_the_word_marks_the_rank_killed(tmp_path):
+    """A killed process's pipes close before /proc shows it gone (the kernel closes its files, then
+    makes it a zombie): the child must not ask /proc whether the rank still runs. Here the rank's end
+    of the pipe closes while it lives on, as in that moment; its file says it died."""
+    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); from hvdet.comm.watchdog import Watchdog\n"
+            "w = Watchdog(60.0, rank=2, beat_dir=sys.argv[2]).__enter__(); w.beat('in iteration 4')\n"
+            "time.sleep(1.2); os.close(w._proc.stdin.fileno()); w._proc.wait(timeout=30); print('closed')")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert "closed" in out.stdout, out.stderr
+    assert (tmp_path / "rank2").read_text().endswith("in iteration 4 [process died]")
 
 
 def test_a_stopped_rank_is_named_as_stopped(tmp_path):

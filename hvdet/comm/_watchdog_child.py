@@ -4,8 +4,8 @@ Horovod, a few MB). Arguments: PID TIMEOUT_S GRACE_S EXIT_CODE BEAT_DIR. Each li
 "TIME<TAB>HOST<TAB>WHERE" (every rank's watchdog writes its own file there: the run directory, on a
 file system the ranks share). After TIMEOUT_S + GRACE_S without a beat it reports, with the other
 ranks' last progress and the hosts that do not answer, records EXIT_CODE in $HVDET_EXIT_FILE and
-kills PID. End of input: the rank finished (the file goes) or, if its process is gone, was killed
-(the file stays, marked, so the survivors can name it); either way exit quietly."""
+kills PID. End of input after the line END: the rank finished (the file goes); without it, the rank
+was killed (the file stays, marked, so the survivors can name it); either way exit quietly."""
 import contextlib
 import os
 import select
@@ -28,16 +28,18 @@ def main() -> int:
     limit, fd, started = timeout_s + grace_s, sys.stdin.fileno(), time.time()
     last, last_wall, written, flushed = time.monotonic(), time.time(), 0.0, 0.0
     rank, where, pending, was_stopped = "?", "starting", b"", False
+    ended = False
     while True:
         ready, _, _ = select.select([fd], [], [], min(1.0, limit / 10))
         if ready:
             data = os.read(fd, 65536)
             if not data:
-                # The rank closed its end (it finished, or raised and said why): its file goes. A rank
-                # that is gone without closing was killed (SIGKILL, the OOM killer): the file stays
-                # and says so, for the survivors' message.
+                # The rank said it ends (it finished, or raised and said why): its file goes. Input
+                # that ends without that word is a rank killed (SIGKILL, the OOM killer): the file
+                # stays and says so, for the survivors' message. Not told by /proc: the kernel closes
+                # a killed process's pipes before it shows as a zombie, so it may still look alive.
                 path = os.path.join(beats, f"rank{rank}")
-                if _running(pid):
+                if ended:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
                 else:
@@ -45,6 +47,8 @@ def main() -> int:
                 return 0
             pending += data
             *lines, pending = pending.split(b"\n")
+            ended = ended or END in lines
+            lines = [line for line in lines if line != END]
             if lines:
                 rank, _, where = lines[-1].decode(errors="replace").partition("\t")
                 last, last_wall = time.monotonic(), time.time()
@@ -67,18 +71,11 @@ def main() -> int:
             return code
 
 
+END = b"\x04"  # the rank's last line before it closes its end: "I am ending" (hvdet.comm.watchdog)
 STOPPED = " [process stopped]"
 DIED = " [process died]"
 HOST = socket.gethostname()
 PROBE_PORT = 22  # sshd's: every node a launcher reaches over ssh answers on it
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _stopped(pid: int) -> bool:

@@ -113,7 +113,13 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
-            self._proc.stdin.close()  # the child sees the end of its input, removes its file and exits
+            # "Ending", then the end of its input: the child removes this rank's file and exits. (Input
+            # that ends without the word is a killed rank's: the file stays, marked.)
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                self._proc.stdin.write(_watchdog_child.END + b"\n")
+                self._proc.stdin.flush()
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
             self._proc.wait(timeout=10)
             self._proc = None
             with contextlib.suppress(OSError):  # the last rank out removes the folder
