@@ -66,6 +66,24 @@ def case_groups(backends):
     return out
 
 
+def case_group_outlives_other_ranks():
+    """Ranks 2-3 leave at once (their exit shuts every rank's Horovod down); ranks 0-1 go on in their
+    MPI group afterwards."""
+    import time
+
+    from hvdet import comm
+
+    group = comm.consecutive_groups(2)
+    t = torch.ones(3, dtype=torch.float64)
+    group.allreduce(t, "sum", "mpi")  # the communicator exists on every rank before any leaves
+    if comm.rank() >= 2:
+        return None
+    time.sleep(3)
+    for _ in range(50):
+        t = group.allreduce(t, "mean", "mpi")
+    return group.allgather(t, "mpi").tolist()
+
+
 def case_distributed_optimizer():
     from hvdet import comm
 
@@ -127,6 +145,14 @@ def test_groups_of_consecutive_ranks(launcher, backends):
         assert o["shm_ops"]["max"].dtype == torch.float32
         assert o["shm_ops"]["max"].tolist() == [3.0, 0.0] and o["shm_ops"]["min"].tolist() == [0.0, -3.0]
         assert o["segments_left"] == [False, False]  # unlinked once every member had mapped it
+
+
+def test_an_mpi_group_outlives_the_ranks_that_left():
+    """Under mpirun Horovod would finalize MPI when any rank's Horovod shuts down (its exit), under
+    the groups still working: hvdet initializes MPI first, so Horovod leaves it up."""
+    res = run_ranks("tests.test_comm:case_group_outlives_other_ranks", np=4, launcher="mpirun", timeout_s=300)
+    assert res[2:] == [None, None]
+    assert res[0] == res[1] == [[1.0, 1.0, 1.0]] * 2
 
 
 def test_distributed_optimizer_averages_gradients():
