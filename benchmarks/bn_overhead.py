@@ -11,12 +11,14 @@ collectives), with Chan's exact one collective (``-chan``: every rank's count, m
 allgathered and merged) and with the inexact one-pass (``-1pass``), and two controls:
 ``cgbn-no-comm`` (CGBN's arithmetic with every collective replaced by a copy: its compute cost
 alone) and ``lockstep`` (local BN whose ranks meet, with an empty shared-memory allreduce, wherever
-the default CGBN's ranks meet: what synchronizing 159 times a step costs by itself). Variants run interleaved (the
-order rotates every repeat), a step's time is the slower rank's, and a variant's ratio is the
-median over repeats of (its step / the local step of the same repeat). A micro-benchmark times one group allreduce of 257 doubles and one allgather of 513 per backend
-(the latencies that 159 or 106 collectives per step pay). A third measurement times the local-BN step in one process and on 2
-ranks at Horovod's default 1 ms background cycle and at hvdet's 20 ms CPU default (the thread that
-shares the cores with the math). Horovod's hvd.SyncBatchNorm is tried too; it refuses CPU tensors.
+the default CGBN's ranks meet: what synchronizing 159 times a step costs by itself). Variants run
+interleaved (the order rotates every repeat), a step's time is the slower rank's, and a variant's
+ratio is the median over repeats of (its step / the local step of the same repeat). A
+micro-benchmark times one group allreduce of 257 doubles and one allgather of 513 per backend (the
+latencies that 159 or 106 collectives per step pay). A third measurement times the local-BN step in
+one process and on 2 ranks at Horovod's default 1 ms background cycle and at hvdet's 20 ms CPU
+default (the thread that shares the cores with the math). Horovod's hvd.SyncBatchNorm is tried too;
+it refuses CPU tensors.
 Writes benchmarks/results/bn_overhead.json and prints a table.
 """
 from __future__ import annotations
@@ -204,8 +206,9 @@ def case_bench(image_size: int, images_per_gpu: int, warmup: int, repeats: int) 
                 times[v["name"]].append(timed_step(model, x))
     latency = {b: allreduce_latency_s(b) for b in backends}
     gather_latency = {b: allreduce_latency_s(b, op="allgather") for b in backends}
-    return {"times_s": times, "latency_s": latency, "allgather_latency_s": gather_latency, "controller": comm.controller(),
-            "hvd_sync_bn": try_horovod_sync_bn(), "horovod_cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
+    return {"times_s": times, "latency_s": latency, "allgather_latency_s": gather_latency,
+            "controller": comm.controller(), "hvd_sync_bn": try_horovod_sync_bn(),
+            "horovod_cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
 
 
 def local_steps(image_size: int, images_per_gpu: int, warmup: int, repeats: int) -> list[float]:
@@ -310,7 +313,8 @@ def main() -> int:
               "model": "torchvision resnet_fpn_backbone('resnet50'), BatchNorm2d -> CrossGPUBatchNorm2d (53 layers)",
               "image_size": args.image_size, "images_per_gpu": args.images_per_gpu,
               "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": os.getloadavg(),
-              "collectives_per_step": {"chan": 2 * N_BN_LAYERS, "two_pass": 3 * N_BN_LAYERS, "one_pass": 2 * N_BN_LAYERS},
+              "collectives_per_step": {"chan": 2 * N_BN_LAYERS, "two_pass": 3 * N_BN_LAYERS,
+                                       "one_pass": 2 * N_BN_LAYERS},
               "launches": {}}
     started = time.perf_counter()
     report["bn_arithmetic_per_step"] = arithmetic_ms(args.image_size, args.images_per_gpu)
@@ -321,7 +325,8 @@ def main() -> int:
                              warmup=args.warmup, repeats=args.repeats)
         report["launches"][launcher] = {
             "controller": per_rank[0]["controller"], "variants": summarize(per_rank),
-            "allreduce_latency_us": {b: 1e6 * max(r["latency_s"][b] for r in per_rank) for b in per_rank[0]["latency_s"]},
+            "allreduce_latency_us": {b: 1e6 * max(r["latency_s"][b] for r in per_rank)
+                                     for b in per_rank[0]["latency_s"]},
             "allgather_latency_us": {b: 1e6 * max(r["allgather_latency_s"][b] for r in per_rank)
                                      for b in per_rank[0]["allgather_latency_s"]},
             "hvd_sync_bn": per_rank[0]["hvd_sync_bn"]}

@@ -193,7 +193,8 @@ def stall(launcher: str, data: dict, workdir: Path) -> dict:
         if psutil.pid_exists(p):
             psutil.Process(p).kill()
     return {"fault": f"SIGSTOP rank 1 (comm.timeout_s={TIMEOUT_S})", "launcher_exit_code": code,
-            "seconds_to_exit": round(exit_s, 1), "ranks_gone_s": None if ranks_gone_s is None else round(ranks_gone_s, 1),
+            "seconds_to_exit": round(exit_s, 1),
+            "ranks_gone_s": None if ranks_gone_s is None else round(ranks_gone_s, 1),
             "names_rank_1": _names_rank(log, 1), "message": _hvdet_lines(log),
             "leaked_segments": len(segments() - before), "temp_files": temp_files(out)}
 
@@ -223,7 +224,8 @@ def preempt(launcher: str, data: dict, workdir: Path, reference: Path) -> dict:
     summary = _summary(out)
     result = {"fault": "SIGTERM to the launch script", "launcher_exit_code": code,
               "seconds_to_exit": round(time.monotonic() - t0, 1), "stop": summary.get("stop"),
-              "checkpoint_iteration": _last_checkpoint(out), "iterations_lost": logged_iteration(out) - _last_checkpoint(out),
+              "checkpoint_iteration": _last_checkpoint(out),
+              "iterations_lost": logged_iteration(out) - _last_checkpoint(out),
               "leaked_segments": len(segments() - before), "temp_files": temp_files(out)}
     return {**result, **_resume(launcher, args, out, workdir, reference)}
 

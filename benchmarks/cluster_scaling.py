@@ -183,15 +183,18 @@ def main() -> int:
         return 0
     subprocess.run([*CLUSTER, "up", "--hosts", "2"], check=True)
     results = {"provenance": provenance(), "uptime_before": _uptime(), "arch": ARCH, "grad_bytes": GRAD_BYTES,
-               "horovod": {"controller": "gloo", "cycle_s": GLOO_HOROVOD.cycle_s, "fusion_bytes": GLOO_HOROVOD.fusion_bytes},
+               "horovod": {"controller": "gloo", "cycle_s": GLOO_HOROVOD.cycle_s,
+                           "fusion_bytes": GLOO_HOROVOD.fusion_bytes},
                "rates": {}}
     with tempfile.TemporaryDirectory(prefix="hvdet-cluster-scaling-") as tmp:
         from hvdet.data.synthetic import make_synthetic_coco
 
-        data = Path(make_synthetic_coco(Path(tmp) / "data", num_train=32, num_val=4, image_size=64)["train_ann"]).parent.parent
+        data = Path(make_synthetic_coco(Path(tmp) / "data", num_train=32, num_val=4,
+                                        image_size=64)["train_ann"]).parent.parent
         subprocess.run([*CLUSTER, "shape", "--rate", "none"], check=True)
         one = train(data, Path(tmp) / "one", args.iterations, 1)
-        print(f"1 rank on one host: step {one.step_s * 1e3:.0f} ms (backward {one.backward_s * 1e3:.0f} ms)", flush=True)
+        print(f"1 rank on one host: step {one.step_s * 1e3:.0f} ms (backward {one.backward_s * 1e3:.0f} ms)",
+              flush=True)
         results["one_rank"] = {"step_s": one.step_s, "backward_s": one.backward_s}
         for rate in args.rates:
             subprocess.run([*CLUSTER, "shape", "--rate", rate], check=True)
@@ -202,7 +205,8 @@ def main() -> int:
             cal = measured.calibrate(one, many, system, GLOO_HOROVOD, MODELS[ARCH].params,
                                      bn_layers=MODELS[ARCH].bn_layers, bn_collectives=BN_COLLECTIVES["two_pass"],
                                      bn_group=2)  # bn.stats auto = two_pass on CPU tensors
-            row = {"link": link_, "preset": {"bandwidth_Bps": system.inter.bandwidth_Bps, "hop_s": system.inter.latency_s},
+            row = {"link": link_,
+                   "preset": {"bandwidth_Bps": system.inter.bandwidth_Bps, "hop_s": system.inter.latency_s},
                    "allreduce_grad": {"measured_s": big["median_s"],
                                       "predicted_s": lone_allreduce_s(GRAD_BYTES, system, GLOO_HOROVOD)},
                    "allreduce_4kb": {"measured_s": small["median_s"],
@@ -212,7 +216,8 @@ def main() -> int:
             for part in ("allreduce_grad", "allreduce_4kb", "step"):
                 row[part]["error"] = row[part]["predicted_s"] / row[part]["measured_s"] - 1
             results["rates"][rate] = row
-            print(f"{rate:>8}: link {link_['throughput_Bps'] * 8 / 1e9:6.2f} Gbit/s, connect {link_['tcp_connect_ms']:.3f} ms | "
+            print(f"{rate:>8}: link {link_['throughput_Bps'] * 8 / 1e9:6.2f} Gbit/s, "
+                  f"connect {link_['tcp_connect_ms']:.3f} ms | "
                   + " | ".join(f"{p} measured {row[p]['measured_s'] * 1e3:8.1f} ms, predicted "
                                f"{row[p]['predicted_s'] * 1e3:8.1f} ms ({row[p]['error']:+.0%})"
                                for p in ("allreduce_grad", "allreduce_4kb", "step")), flush=True)

@@ -81,7 +81,8 @@ def measure(setting: str, iters: int, skip: int, data_root: str, extra: list[str
                               check=False)
         if proc.returncode != 0:
             logs = "".join(f"\n{f}:\n{f.read_text()[-2000:]}" for f in sorted(out.glob("errors/*.log")))
-            raise RuntimeError(f"{setting} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
+            raise RuntimeError(f"{setting} failed ({proc.returncode}):\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
         train = {r["iteration"]: r for r in load_run(out).train}
     window = [r for i, r in train.items() if skip < i <= iters]
     phases = {k: statistics.fmean(r[k] for r in window)
@@ -150,7 +151,8 @@ def worker(out: Path, overrides: list[str]) -> None:
         tick("optimizer_s", t)
         n += 1
         if iteration % cfg.log.interval == 0:
-            records.append({"type": "train", "iteration": iteration, "elapsed_s": time.perf_counter() - start, **{k: v / n for k, v in phases.items()}})
+            records.append({"type": "train", "iteration": iteration, "elapsed_s": time.perf_counter() - start,
+                            **{k: v / n for k, v in phases.items()}})
             phases, n = dict.fromkeys(phases, 0.0), 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,17 +208,20 @@ def summarize(samples: dict) -> dict:
             if s.startswith("hvdet") and s.endswith("-2"):
                 r["vs_ddp_2"] = r["images_per_s_median"] / results["ddp-2"]["images_per_s_median"]
     if "ddp-1" in results and "hvdet-1" in results:
-        results["hvdet-1"]["vs_ddp_1"] = results["hvdet-1"]["images_per_s_median"] / results["ddp-1"]["images_per_s_median"]
+        results["hvdet-1"]["vs_ddp_1"] = (results["hvdet-1"]["images_per_s_median"]
+                                          / results["ddp-1"]["images_per_s_median"])
     return results
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'setting':20s} {'images/s':>9s} {'scaling':>8s} {'vs DDP':>7s}  data / forward / backward+allreduce / optimizer s")
+    print(f"\n{'setting':20s} {'images/s':>9s} {'scaling':>8s} {'vs DDP':>7s}  "
+          "data / forward / backward+allreduce / optimizer s")
     for s, r in results.items():
         ratio = r.get("vs_ddp_2", r.get("vs_ddp_1"))
         print(f"{s:20s} {r['images_per_s_median']:9.1f} {r.get('scaling_1_to_2', float('nan')):8.2f} "
               f"{ratio if ratio is not None else float('nan'):7.2f}  "
-              + " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")))
+              + " / ".join(f"{r.get(k, float('nan')):.3f}"
+                           for k in ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")))
 
 
 if __name__ == "__main__":

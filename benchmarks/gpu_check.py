@@ -166,7 +166,8 @@ def bench_lamb() -> dict:
             "device_time_ratio hvdet_triton / torch_adamw_fused": dev["hvdet_triton"] / dev["torch_adamw_fused"]
             if all(dev.values()) else None,
             "achieved_gbs_device_time": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / dev["hvdet_triton"] / 1e3,
-                                         "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / dev["torch_adamw_fused"] / 1e3}
+                                         "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel
+                                         / dev["torch_adamw_fused"] / 1e3}
             if all(dev.values()) else None,
             "achieved_gbs": {"hvdet_triton": LAMB_BYTES_PER_PARAM * numel / ms["hvdet_triton"] / 1e6,
                              "torch_adamw_fused": ADAMW_BYTES_PER_PARAM * numel / ms["torch_adamw_fused"] / 1e6},
@@ -338,8 +339,8 @@ def run_pytest() -> dict:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "horovod": comm.horovod_available()}
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "horovod": comm.horovod_available()}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -347,7 +348,8 @@ def machine() -> dict:
         info["triton"] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=list(torch.cuda.get_device_capability(0)),
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                    capability=list(torch.cuda.get_device_capability(0)),
                     memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     info["uptime"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     return info
@@ -365,7 +367,8 @@ def cpu_smoke() -> None:
         p.grad = q.grad.clone()
     PMDLAMB(params, lr=0.1).step()
     PMDLAMB(ref, lr=0.1, impl="reference").step()
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, ref, strict=True)), "LAMB impls disagree"
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+               for a, b in zip(params, ref, strict=True)), "LAMB impls disagree"
     layer = group_path(CrossGPUBatchNorm2d(8))
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
@@ -389,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     comm.init()
     torch.backends.cudnn.benchmark = True
-    result = {"machine": info, "provenance": provenance(), "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
+    result = {"machine": info, "provenance": provenance(),
+              "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
     if not args.skip_tests:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
@@ -419,7 +423,8 @@ def print_table(r: dict) -> None:
         for name, ks in lamb.get("kernels", {}).items():
             rows.append((f"  {name} device time", f"{ks['total_device_us']} us"))
             rows += [(f"    {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}") for k in ks["top"][:4]]
-        rows.append(("LAMB device-time ratio triton / adamw", str(lamb.get("device_time_ratio hvdet_triton / torch_adamw_fused"))))
+        rows.append(("LAMB device-time ratio triton / adamw",
+                     str(lamb.get("device_time_ratio hvdet_triton / torch_adamw_fused"))))
         rows += [(f"LAMB {k}", f"{v:.2f}") for k, v in lamb["ratios"].items()]
         rows += [(f"LAMB achieved {k}", f"{v:.0f} GB/s") for k, v in lamb["achieved_gbs"].items()]
     for section in ("bn_layer", "backbone_step"):
@@ -429,16 +434,19 @@ def print_table(r: dict) -> None:
                 rows.append((f"{section} {setting} ms", json.dumps(t)))
                 for name, ks in v.get("kernels", {}).items():
                     rows.append((f"  {name} device time", f"{ks['total_device_us']} us"))
-                    rows += [(f"    {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}") for k in ks["top"][:6]]
+                    rows += [(f"    {k['kernel'][:40]}", f"{k['device_us']:.0f} us x{k['calls']}")
+                             for k in ks["top"][:6]]
                 if "device_time_ratio cgbn_triton / cudnn" in v:
                     rows.append((f"{section} {setting} device-time cgbn_triton / cudnn",
                                  str(v["device_time_ratio cgbn_triton / cudnn"])))
                 rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
     demo = r.get("demo", {})
     if "runs" in demo:
-        rows += [(f"demo time to AP 0.5, eval {k}", f"{v:.1f} s (median)") for k, v in demo["time_to_target_s_median"].items()]
+        rows += [(f"demo time to AP 0.5, eval {k}", f"{v:.1f} s (median)")
+                 for k, v in demo["time_to_target_s_median"].items()]
         same = demo["same_ap_at_same_snapshots"]
-        rows.append(("demo background / sync", f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
+        rows.append(("demo background / sync",
+                     f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
     det = r.get("detector_step", {})
     if "images_per_s" in det:
         rows += [(f"detector images/s {k}", f"{v:.1f}") for k, v in det["images_per_s"].items()]

@@ -143,7 +143,8 @@ def main() -> None:
     result["provenance"] = provenance()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'set':8} {'iou':5} {'dets':>7} {'pycocotools':>12} {'faster':>9} {'ratio':>6} {'gt copy':>8} {'max diff':>9}")
+    print(f"\n{'set':8} {'iou':5} {'dets':>7} {'pycocotools':>12} {'faster':>9} {'ratio':>6} "
+          f"{'gt copy':>8} {'max diff':>9}")
     for name, s in result["sets"].items():
         for t in IOU_TYPES:
             r = s[t]

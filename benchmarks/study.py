@@ -163,7 +163,8 @@ def run_grid(grid: Grid, derive, todo, dataset: dict, args, pretrain: Cell | Non
               flush=True)
         run_cell(grid, pretrain, args.controller, args.cell_timeout)
         if not Path(pretrained_checkpoint(pretrain)).is_file():
-            print(f"study: the pretraining run left no checkpoint; see {pretrain.output_dir}/{LOG_FILE}", file=sys.stderr)
+            print(f"study: the pretraining run left no checkpoint; see {pretrain.output_dir}/{LOG_FILE}",
+                  file=sys.stderr)
             return 1
         _compare_with_archive(grid, pretrain, dataset)
     for c in todo(derive()):
@@ -255,7 +256,8 @@ def _filter(grid: Grid, args):
 
     def todo(cells: list[Cell]) -> list[Cell]:
         return [c for c in cells if (not args.batches or c.batch in args.batches)
-                and (not args.optimizers or c.optimizer in args.optimizers) and (not args.norms or c.norm in args.norms)]
+                and (not args.optimizers or c.optimizer in args.optimizers)
+                and (not args.norms or c.norm in args.norms)]
     return todo
 
 

@@ -149,7 +149,8 @@ def load_grid(path: str | Path) -> Grid:
         if spec.optimizer not in grid.optimizers or spec.norm not in grid.norms or not (spec.batches or
                                                                                        spec.at_first_failure):
             raise ConfigError(f"{path}: cells[{i}] needs an optimizer of {sorted(grid.optimizers)}, a norm of "
-                              f"{sorted(grid.norms)} and batches; got {spec.optimizer!r}, {spec.norm!r}, {spec.batches}")
+                              f"{sorted(grid.norms)} and batches; got {spec.optimizer!r}, {spec.norm!r}, "
+                              f"{spec.batches}")
     for name, m in grid.optimizers.items():
         if m.anchor is not None and m.anchor not in grid.anchor_sweeps:
             raise ConfigError(f"{path}: optimizers.{name}.anchor {m.anchor!r} is not a key of anchor_sweeps")
@@ -172,7 +173,8 @@ def cell_specs(grid: Grid) -> tuple[list[CellSpec], list[CellSpec]]:
 
 
 def cell_name(batch: int, spec: CellSpec, seed: int) -> str:
-    return f"b{batch}-{spec.optimizer}-{spec.norm}" + (f"-{spec.tag}" if spec.tag else "") + (f"-s{seed}" if seed else "")
+    return (f"b{batch}-{spec.optimizer}-{spec.norm}" + (f"-{spec.tag}" if spec.tag else "")
+            + (f"-s{seed}" if seed else ""))
 
 
 def _layout(batch: int, ranks: int, images_per_gpu: int, one_pass: bool, name: str) -> tuple[int, int]:
@@ -284,7 +286,8 @@ def _cell(grid: Grid, batch: int, spec: CellSpec, seed: int, base_lr: float, ima
                  "solver.max_iters=0", "solver.steps=[]", "solver.iters_at_batch=null",
                  f"solver.max_epochs={grid.epochs}", f"solver.step_epochs={list(grid.step_epochs)}",
                  f"solver.warmup_iters={grid.warmup_iters}", f"solver.warmup_epochs={grid.warmup_epochs}",
-                 f"eval.interval={eval_every}", f"eval.start={eval_every}", f"log.interval={max(1, iters(grid.log_epochs))}",
+                 f"eval.interval={eval_every}", f"eval.start={eval_every}",
+                 f"log.interval={max(1, iters(grid.log_epochs))}",
                  f"seed={seed}", f"output_dir={runs_dir / name}", *grid.cell_overrides.get(name, [])]
     # The spec's own overrides win over the grid's (a control's lr rule, schedule length or start).
     overrides += [o for o in spec.overrides if o.split("=", 1)[0] in _CONTROLLED]
@@ -292,8 +295,8 @@ def _cell(grid: Grid, batch: int, spec: CellSpec, seed: int, base_lr: float, ima
     plan = plan_run(cfg, grid.ranks, images)  # the very numbers train.py will use
     label = spec.optimizer + (f"+{spec.tag}" if spec.tag else "")
     return Cell(name, plan.global_batch, spec.optimizer, spec.norm, per_gpu, passes, bn_size, plan.lr, plan.max_iters,
-                plan.steps, plan.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides, seed, spec.tag, cfg.solver.base_lr,
-                label)
+                plan.steps, plan.warmup_iters, cfg.eval.interval, cfg.output_dir, overrides, seed, spec.tag,
+                cfg.solver.base_lr, label)
 
 
 # Keys the grid sets for every cell that a spec's overrides may still change (its controls).

@@ -119,19 +119,23 @@ def cells_table(cells: list, ranks: int) -> str:
 def markdown(doc: dict) -> str:
     g, d, prov = doc["grid"], doc["dataset"], doc["provenance"]
     lrs = ", ".join([f"{k} {v:g}" for k, v in g["base_lr"].items()]
-                    + [f"{k}: the best of {v} at batch {g['reference_batch']}" for k, v in g.get("anchor_sweeps", {}).items()])
-    commit = (prov.get("commit") or "unknown")[:7] + (" with uncommitted changes" if prov.get("uncommitted_changes") else "")
+                    + [f"{k}: the best of {v} at batch {g['reference_batch']}"
+                       for k, v in g.get("anchor_sweeps", {}).items()])
+    commit = ((prov.get("commit") or "unknown")[:7]
+              + (" with uncommitted changes" if prov.get("uncommitted_changes") else ""))
     floor = f", at least {g['warmup_iters']} iterations" if g.get("warmup_iters") else ""
     pre = g.get("pretrain")
     start = (f" Every cell starts from a pretrained backbone (box AP {pre['final_ap']:.3f} on its own set after "
-             f"{pre['iterations']} iterations; sha256 {str(pre['sha256'])[:12]})." if pre and pre.get("final_ap") else "")
+             f"{pre['iterations']} iterations; sha256 {str(pre['sha256'])[:12]})."
+             if pre and pre.get("final_ap") else "")
     intro = (f"Grid `{g['file']}`: {g['ranks']} ranks, {g['epochs']:g} epochs at every batch (lr x0.1 at epochs "
              f"{g['step_epochs']}), warmup {g['warmup_epochs']:g} epochs{floor}, lr = base_lr x batch / "
              f"{g['reference_batch']} (base_lr: {lrs}). Data: the {d['preset']} synthetic set, {d['train_images']} "
              f"train images.{start} Code: {commit}. AP is box AP@[.5:.95] on the val set; \"diverged\" is the "
              "papers' \"Failed\"; time is training + evaluation, start-up excluded.")
     lines = ["# Batch-size study: results", "", intro, "",
-             "| cell | batch | optimizer | norm | BN size | lr | warmup | final AP | best AP | iterations | time | stop |",
+             ("| cell | batch | optimizer | norm | BN size | lr | warmup | final AP | best AP | iterations | time "
+              "| stop |"),
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in doc["cells"]:
         done = "-" if r["iterations"] is None else f"{r['iterations']} / {r['max_iters']}"
@@ -287,7 +291,8 @@ def _diagnostics_vs_batch(rows, plt, colours, styles):
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel(label)
-    fig.suptitle("diagnostics vs global batch: trust ratios (LargeDet Fig. 3) and AGVM's lr scales, medians over each run")
+    fig.suptitle("diagnostics vs global batch: trust ratios (LargeDet Fig. 3) and AGVM's lr scales, "
+                 "medians over each run")
     fig.tight_layout()
     handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
     if handles:

@@ -67,7 +67,8 @@ def toy_collapse(batch: int, norm_bias_trust: bool, bias_correction: bool, seed:
         opt.step()
     loss = loss.detach()
     gammas = torch.cat([m.weight.detach() for m in student.modules() if isinstance(m, nn.BatchNorm2d)])
-    return {"batch": batch, "base_lr": base_lr, "lr": lr, "warmup_iters": warmup_iters, "norm_bias_trust": norm_bias_trust, "bias_correction": bias_correction,
+    return {"batch": batch, "base_lr": base_lr, "lr": lr, "warmup_iters": warmup_iters,
+            "norm_bias_trust": norm_bias_trust, "bias_correction": bias_correction,
             "seed": seed, "gamma_nonpositive": float((gammas <= 0).float().mean()), "gamma_min": float(gammas.min()),
             "final_loss": float(loss)}
 

@@ -48,23 +48,19 @@ def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
 
 def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
     from hvdet.models import build_detector
+    from hvdet.nn import bn_group_size
 
-    m, d, norm = cfg.model, cfg.data, norm or cfg.model.norm
+    m, d, b, norm = cfg.model, cfg.data, cfg.bn, norm or cfg.model.norm
     # Sizes: the train loader already resized each image to its random scale from data.min_sizes,
     # so the model must not resize again in training (_skip_resize, a GeneralizedRCNNTransform
     # option for training mode only); at evaluation the model resizes to the test scale.
     sizes = {"min_size": max(d.min_sizes), "max_size": d.max_size, "_skip_resize": True}
-    # Cross-GPU BN is converted here rather than by build_detector so that the BN group's backend
-    # and statistics apply: plain BatchNorm2d layers first, then MegDet's CGBN in their place.
-    model = build_detector(m.arch, num_classes, norm="local" if norm == "cross_gpu" else norm,
-                           pretrained_backbone=m.pretrained_backbone,
+    # MegDet's BN size in images -> ranks per BN group (None: all ranks)
+    group = bn_group_size(b.size_images, d.images_per_gpu, world_size) if norm == "cross_gpu" and b.size_images \
+        else None
+    model = build_detector(m.arch, num_classes, norm=norm, bn_group_size=group, bn_backend=b.backend,
+                           bn_stats=b.stats, bn_impl=b.impl, pretrained_backbone=m.pretrained_backbone,
                            trainable_backbone_layers=m.trainable_backbone_layers, **{**sizes, **m.overrides})
-    if norm == "cross_gpu":
-        from hvdet.nn import bn_group_size, convert_cross_gpu_bn
-
-        b = cfg.bn  # MegDet's BN size in images -> ranks per BN group (None: all ranks)
-        group = bn_group_size(b.size_images, cfg.data.images_per_gpu, world_size) if b.size_images else None
-        model = convert_cross_gpu_bn(model, group_size=group, backend=b.backend, stats=b.stats, impl=b.impl)
     model = model.to(comm.device())
     if cfg.solver.channels_last and comm.device().type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # tensor cores want NHWC convolutions
@@ -83,6 +79,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, cycle_length
     DistributedDataParallel: hvdet.comm.torch_world) to average gradients over the ranks.
     ``cycle_length``: PMD-LAMB's T in iterations (the plan's, when the recipe gives it in epochs);
     "recipe": ``solver.cycle_length`` as written."""
+    from hvdet.models import module_map
     from hvdet.optim import build_optimizer as optimizer_over
 
     s = cfg.solver
@@ -90,7 +87,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, lr: float, cycle_length
     opt = optimizer_over(model, s.optimizer, lr, s.weight_decay, momentum=s.momentum, betas=tuple(s.betas),
                          eps=s.eps, alpha=s.alpha, cycle_length=cycle, bias_correction=s.bias_correction,
                          per_module=s.per_module or cfg.agvm.enabled, norm_weight_decay=s.norm_weight_decay,
-                         norm_bias_trust=s.norm_bias_trust, **s.optimizer_args)
+                         norm_bias_trust=s.norm_bias_trust, modules=module_map(cfg.model.arch), **s.optimizer_args)
     return comm.distributed_optimizer(opt, model.named_parameters(),
                                       compression="fp16" if s.fp16_allreduce else "none",
                                       backward_passes_per_step=s.backward_passes_per_step, model=model)

@@ -46,7 +46,8 @@ def resolve(path: str | os.PathLike) -> Path:
     if path.is_dir():
         found = latest(path)
         if found is None:
-            raise CheckpointError(f"{path} is a directory without checkpoints (looked for {path}/checkpoints/iter_*.pt)")
+            raise CheckpointError(f"{path} is a directory without checkpoints "
+                                  f"(looked for {path}/checkpoints/iter_*.pt)")
         return found
     return path
 

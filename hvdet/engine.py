@@ -232,10 +232,11 @@ def diagnostics(run: Run) -> dict:
     after it; tensors whose gradient is zero are left out), and with AGVM its latest per-module
     gradient variances (from its last due iteration) and lr scales. Local: gradients and weights are
     the same on every rank."""
+    from hvdet.models import module_map
     from hvdet.optim import summarize_by_module, trust_ratios
 
     ratios = {name: r for name, r in trust_ratios(run.model).items() if math.isfinite(r)}
-    out = {"trust_ratio": summarize_by_module(ratios)} if ratios else {}
+    out = {"trust_ratio": summarize_by_module(ratios, module_map(run.cfg.model.arch))} if ratios else {}
     if run.agvm is not None and run.agvm.last_variances:
         out["agvm_variance"] = dict(run.agvm.last_variances)
         out["agvm_lr_scale"] = dict(run.agvm.scales)

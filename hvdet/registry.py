@@ -45,8 +45,8 @@ class Registry(Mapping):
 class Arch:
     family: str         # a FAMILIES name: which builder makes the detector
     backbone: str       # a torchvision ResNet / ResNeXt constructor name
-    fast: bool = False  # the CPU variant (hvdet.models.FastDesign)
-    image_px: int = 128  # the fast variant's image size: its FastDesign (hvdet.models.FAST_DESIGNS)
+    fast: bool = False  # the CPU variant (hvdet.models.design.FastDesign)
+    image_px: int = 128  # the fast variant's image size: its FastDesign (hvdet.models.design.FAST_DESIGNS)
 
     @property
     def mask(self) -> bool:
@@ -54,13 +54,12 @@ class Arch:
         return self.family == "maskrcnn"
 
 
-# Detector families: a new one (FCOS, a transformer backbone) is a builder and one line here, and its
-# architectures are lines in ARCHS. A builder takes (arch, num_classes, norm_layer, trainable_layers,
-# min_size, max_size, overrides, fast_design) and returns the torchvision detector.
+# Detector families (hvdet.models.family.Family: a builder and a module map): a new one (FCOS, a
+# transformer backbone) is a Family and one line here, and its architectures are lines in ARCHS.
 FAMILIES = Registry("model family", {
-    "fasterrcnn": "hvdet.models:build_rcnn",
-    "maskrcnn": "hvdet.models:build_rcnn",
-    "retinanet": "hvdet.retinanet:build_retinanet",
+    "fasterrcnn": "hvdet.models.rcnn:FAMILY",
+    "maskrcnn": "hvdet.models.rcnn:FAMILY",
+    "retinanet": "hvdet.models.retinanet:FAMILY",
 })
 
 ARCHS = Registry("model.arch", {

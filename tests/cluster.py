@@ -19,8 +19,8 @@ from tests.harness import BIN, ROOT, rank_env
 
 SCRIPT = [sys.executable, str(ROOT / "launch" / "testcluster.py")]
 # What a launcher on the first host needs from the test's environment (ssh starts a fresh one).
-FORWARD = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "CUDA_VISIBLE_DEVICES",
-           "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TRITON_INTERPRET")
+FORWARD = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER",
+           "CUDA_VISIBLE_DEVICES", "OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "TRITON_INTERPRET")
 
 
 def host(i: int) -> str:
@@ -60,7 +60,8 @@ def unavailable() -> str | None:
 def launch_on(cmd: list[str], on: int = 1, env: dict | None = None, cwd: Path = ROOT) -> list[str]:
     """``cmd`` as run on host ``on`` over ssh, in ``cwd``, with the test's rank environment."""
     env = env or rank_env()
-    env = {k: env[k] for k in FORWARD if k in env} | {k: v for k, v in env.items() if k.startswith(("HVDET_", "HOROVOD_", "SLURM_"))}
+    env = ({k: env[k] for k in FORWARD if k in env}
+           | {k: v for k, v in env.items() if k.startswith(("HVDET_", "HOROVOD_", "SLURM_"))})
     env["PATH"] = f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     remote = f"cd {shlex.quote(str(cwd))} && exec env {exports} {shlex.join(cmd)}"

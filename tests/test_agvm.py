@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from hvdet.models.rcnn import MODULES as RCNN
 from tests.harness import run_ranks
 
 # The mean gradient of each module over the first (a) and second (b) half of the ranks.
@@ -58,7 +59,7 @@ def case_agvm(optimizer_name):
 
     rank, world = comm.rank(), comm.size()
     model = Crafted()
-    base = build_optimizer(model, optimizer_name, lr=LR, weight_decay=0.0, momentum=0.0, per_module=True)
+    base = build_optimizer(model, optimizer_name, lr=LR, weight_decay=0.0, momentum=0.0, per_module=True, modules=RCNN)
     before = [p.detach().clone() for p in model.parameters()]
     comm.broadcast_optimizer_state(base)  # fresh optimizer: must not take a step
     out = {"moved_by_broadcast": any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))}
@@ -99,7 +100,8 @@ def misuse_errors(model, rank, world):
     from hvdet.optim import AGVM, build_optimizer
 
     errors = []
-    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, per_module=True)  # NOT wrapped: p.grad stays local
+    # NOT wrapped: p.grad stays local
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, per_module=True, modules=RCNN)
     agvm = AGVM(opt, model, interval=1)
     for capture in (False, True):
         opt.zero_grad()
@@ -183,6 +185,6 @@ def test_agvm_needs_two_ranks():
     from hvdet.optim import AGVM, build_optimizer
 
     model = Crafted()
-    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, per_module=True)
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, per_module=True, modules=RCNN)
     with pytest.raises(ValueError, match="at least two"):
         AGVM(opt, model)

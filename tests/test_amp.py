@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from hvdet.models.rcnn import MODULES as RCNN
 from tests.harness import LaunchError, run_ranks
 from tests.test_cgbn import detection_batch, tiny_detector
 
@@ -24,7 +25,7 @@ def case_amp_agvm_cgbn_step(steps: int = 3, old_order: bool = False):
 
     model = convert_cross_gpu_bn(tiny_detector())
     assert sum(isinstance(m, CrossGPUBatchNorm2d) for m in model.modules()) > 10
-    opt = build_optimizer(model, "pmdlamb", lr=0.01, weight_decay=1e-4, per_module=True)
+    opt = build_optimizer(model, "pmdlamb", lr=0.01, weight_decay=1e-4, per_module=True, modules=RCNN)
     opt = comm.distributed_optimizer(opt, model.named_parameters())
     comm.broadcast_parameters(model.state_dict(), root_rank=0)
     agvm = AGVM(opt, model, interval=1)

@@ -346,7 +346,8 @@ def case_train_step(detector, backend="auto"):
     out["step_max_err"] = max((a - b).abs().max().item() for a, b in zip(net.state_dict().values(),
                                                                           ref.state_dict().values(), strict=True)
                               if a.is_floating_point())
-    out["step_max_change"] = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), init.parameters(), strict=True))
+    out["step_max_change"] = max((p - q).abs().max().item()
+                                 for p, q in zip(ref.parameters(), init.parameters(), strict=True))
     return out
 
 

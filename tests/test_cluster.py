@@ -172,7 +172,8 @@ def test_training_across_hosts_logs_the_localhost_losses(hosts, data, reference,
     ref_dir = reference("gloo" if launcher == "horovodrun" else "mpi", group)
     ref, mine = records(ref_dir, "train"), records(out, "train")
     assert [r["iteration"] for r in mine] == [1, 2, 3, 4]  # rank 0 alone writes: one record per iteration
-    worst = max(abs(a["losses"][k] - b["losses"][k]) / abs(b["losses"][k]) for a, b in zip(mine, ref, strict=True) for k in b["losses"])
+    worst = max(abs(a["losses"][k] - b["losses"][k]) / abs(b["losses"][k])
+                for a, b in zip(mine, ref, strict=True) for k in b["losses"])
     print(f"{launcher}, BN groups of {group}: largest relative loss difference to localhost {worst:.3g}")
     # The logged loss is averaged over the world's group: shared memory on localhost, the network
     # here, summed in another order: equal to the last bits. The weights must be equal outright.
@@ -193,7 +194,8 @@ def test_resume_on_another_host_layout_equals_uninterrupted(hosts, data, referen
     ref = reference("gloo", 2)
     out = tmp_path / "run"
     slots = {1: 1, 2: 1, 3: 2}
-    log = launch_training("horovodrun", [*train_args(data, out, 2), "--resume", str(ref / "checkpoints" / "iter_0000002.pt")],
+    log = launch_training("horovodrun",
+                          [*train_args(data, out, 2), "--resume", str(ref / "checkpoints" / "iter_0000002.pt")],
                           tmp_path, slots)
     assert f"4 ranks on 3 hosts: {cl.host(1)} (ranks 0), {cl.host(2)} (ranks 1), {cl.host(3)} (ranks 2-3)" in log
     a, b = weights(ref / "checkpoints" / "iter_0000004.pt"), weights(out / "checkpoints" / "iter_0000004.pt")
@@ -246,7 +248,8 @@ class Background:
 def rank_processes(i: int) -> list[str]:
     """train.py processes in host ``i``'s network namespace (the hosts share one PID namespace, so
     ``ps`` on a host would list every host's)."""
-    pids = subprocess.run(["ip", "netns", "pids", cl.host(i)], capture_output=True, text=True, check=False).stdout.split()
+    pids = subprocess.run(["ip", "netns", "pids", cl.host(i)], capture_output=True, text=True,
+                          check=False).stdout.split()
     found = []
     for pid in pids:
         try:

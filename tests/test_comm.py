@@ -62,7 +62,8 @@ def case_groups(backends):
     x32 = torch.tensor([float(r), -float(r)], dtype=torch.float32)
     g = comm.consecutive_groups(n)
     out["shm_ops"] = {op: g.allreduce(x32, op, "shm") for op in ("max", "min")}
-    out["segments_left"] = [os.path.exists(group._backend("shm").segment.path) for group in (g, comm.consecutive_groups(2))]
+    out["segments_left"] = [os.path.exists(group._backend("shm").segment.path)
+                            for group in (g, comm.consecutive_groups(2))]
     return out
 
 

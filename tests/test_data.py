@@ -190,7 +190,8 @@ def _take(loader, n):
 def _same_batches(a, b):
     for (images_a, targets_a), (images_b, targets_b) in zip(a, b, strict=True):
         assert [t["image_id"] for t in targets_a] == [t["image_id"] for t in targets_b]
-        for x, y in zip(images_a + [t["boxes"] for t in targets_a], images_b + [t["boxes"] for t in targets_b], strict=True):
+        for x, y in zip(images_a + [t["boxes"] for t in targets_a], images_b + [t["boxes"] for t in targets_b],
+                        strict=True):
             assert torch.equal(x, y)
 
 

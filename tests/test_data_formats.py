@@ -239,7 +239,8 @@ def test_lvis_loads_with_file_names_from_coco_url(tmp_path):
     pytest.param(lambda d: d["categories"][2].update(frequency="x"),
                  r"category 2: field 'frequency' is 'x', not one of r, c, f", id="bad-frequency"),
     pytest.param(lambda d: [c.pop("synonyms") for c in d["categories"]],
-                 r"category 1: field 'synonyms' is None, not a list of strings \(3 problems in all\)", id="no-synonyms"),
+                 r"category 1: field 'synonyms' is None, not a list of strings \(3 problems in all\)",
+                 id="no-synonyms"),
 ])
 def test_lvis_malformed_field_is_one_line_naming_file_and_field(tmp_path, edit, message):
     path = _lvis(tmp_path)
@@ -276,9 +277,11 @@ def test_skip_invalid_boxes_drops_counts_and_reports_else_errors(tmp_path):
         CocoDetection(images, ann)
     ds = CocoDetection(images, ann, skip_invalid_boxes=True)
     assert ds.skipped_boxes == {"total": 4, "reasons": {"not finite": 1, "zero or negative size": 2,
-                                                        "outside the image": 1}, "images": 2, "files": ["1.png", "2.png"]}
+                                                        "outside the image": 1},
+                                "images": 2, "files": ["1.png", "2.png"]}
     assert sorted(ds.coco.anns) == [1, 6]  # gone from the evaluation ground truth too
-    assert ds[0][1]["boxes"].tolist() == [[2.0, 2.0, 12.0, 12.0]] and ds[1][1]["boxes"].tolist() == [[3.0, 3.0, 11.0, 11.0]]
+    assert (ds[0][1]["boxes"].tolist() == [[2.0, 2.0, 12.0, 12.0]]
+            and ds[1][1]["boxes"].tolist() == [[3.0, 3.0, 11.0, 11.0]])
     line = skipped_boxes_line(ds)
     assert "\n" not in line and line == (f"{ann}: skipped 4 invalid box(es) (data.skip_invalid_boxes; not finite: 1, "
                                          "zero or negative size: 2, outside the image: 1) in 2 image(s): 1.png, 2.png")
@@ -289,7 +292,8 @@ def test_skip_invalid_boxes_applies_to_voc_and_reaches_the_run_log(tmp_path, cap
     from hvdet.builders import build_dataset, report_skipped_boxes
     from hvdet.runlog import RunLogger, read_jsonl
 
-    images = {**VOC_IMAGES, "000004": ("000004.png", 20, 20, [("dog", (9, 1, 3, 5), False), ("cat", (1, 1, 4, 4), False)])}
+    images = {**VOC_IMAGES,
+              "000004": ("000004.png", 20, 20, [("dog", (9, 1, 3, 5), False), ("cat", (1, 1, 4, 4), False)])}
     _voc(tmp_path / "VOC", images, split="trainval")
     recipe = {"data": {"format": "voc", "root": str(tmp_path / "VOC"), "train_images": "JPEGImages",
                        "train_ann": "ImageSets/Main/trainval.txt", "val_images": "JPEGImages",
@@ -347,7 +351,8 @@ def test_lsj_fixed_size_boxes_inside_masks_follow_seeded():
         for box, mask in zip(boxes, masks, strict=True):  # each mask stays inside its own box
             ys, xs = torch.nonzero(mask, as_tuple=True)
             if len(xs):
-                assert xs.min() >= box[0] - 1 and xs.max() < box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() < box[3] + 1
+                assert (xs.min() >= box[0] - 1 and xs.max() < box[2] + 1
+                        and ys.min() >= box[1] - 1 and ys.max() < box[3] + 1)
         counts.add(len(boxes))
         first, again = _lsj(seed), _lsj(seed)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
@@ -366,7 +371,8 @@ def test_lsj_pads_with_the_mean_pixel_and_config_checks():
     with pytest.raises(ValueError, match="augmentation must be one of standard, lsj"):
         build_transforms(train=True, augmentation="mosaic")
     base = {"solver": {"max_iters": 1}}
-    cfg = from_dict({**base, "data": {"augmentation": "lsj", "lsj_scale": [0.1, 2], "min_sizes": [1024], "max_size": 1024}})
+    cfg = from_dict({**base, "data": {"augmentation": "lsj", "lsj_scale": [0.1, 2], "min_sizes": [1024],
+                                      "max_size": 1024}})
     assert cfg.data.lsj_scale == [0.1, 2.0]
     with pytest.raises(ConfigError, match=r"data.augmentation=lsj trains at data.max_size.*give one"):
         from_dict({**base, "data": {"augmentation": "lsj", "min_sizes": [640, 800]}})

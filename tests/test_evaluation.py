@@ -140,7 +140,8 @@ def test_resized_eval_images_and_bad_arguments_are_refused(synth):
     dataset = CocoDetection(synth["val_images"], synth["val_ann"],
                             transforms=build_transforms(train=True, min_sizes=(32,), flip_prob=0.0))
     model = JitteredTruth(_val(synth))
-    with pytest.raises(ValueError, match=r"000000.png reached the model at \(32, 32\).*build_transforms\(train=False\)"):
+    with pytest.raises(ValueError,
+                       match=r"000000.png reached the model at \(32, 32\).*build_transforms\(train=False\)"):
         evaluate(model, dataset, progress=False)
     with pytest.raises(ValueError, match="iou_types must be among"):
         evaluate(model, dataset, iou_types=("keypoints",))

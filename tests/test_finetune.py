@@ -96,7 +96,8 @@ def test_a_torchvision_detector_state_dict_and_what_a_file_lacks_or_adds(tmp_pat
     report = init_from(model, path)
     assert sorted(report.reinitialized) == sorted(CLASS_HEADS) and report.missing == report.unexpected == []
     torch.testing.assert_close(model.roi_heads.box_head.fc7.weight, tv.roi_heads.box_head.fc7.weight)
-    torch.testing.assert_close(model.backbone.body.layer4[2].bn3.running_var, tv.backbone.body.layer4[2].bn3.running_var)
+    torch.testing.assert_close(model.backbone.body.layer4[2].bn3.running_var,
+                               tv.backbone.body.layer4[2].bn3.running_var)
 
     mask_path = tmp_path / "mask.pt"
     torch.save(build_detector("maskrcnn_resnet18_fpn_fast", 4).state_dict(), mask_path)

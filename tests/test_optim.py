@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from hvdet.models import module_map
+from hvdet.models.rcnn import MODULES as RCNN
 from hvdet.ops import lamb as ops_lamb
 from hvdet.ops import lamb_cpp
 from hvdet.optim import (
@@ -17,7 +19,6 @@ from hvdet.optim import (
     OPTIMIZERS,
     PMDLAMB,
     build_optimizer,
-    module_of,
     param_groups,
     pmd_decay,
     summarize_by_module,
@@ -246,7 +247,8 @@ def test_options_survive_a_rebuild_from_param_groups():
 
 def test_lars_matches_reference_loop():
     params, grad_steps = make_problem(steps=25)
-    grad_steps = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(gs, params, strict=True)] for gs in grad_steps]
+    grad_steps = [[g if g is not None else torch.zeros(p.shape) for g, p in zip(gs, params, strict=True)]
+                  for gs in grad_steps]
     lr, mom, wd, eta, eps = 0.5, 0.9, 1e-3, 0.01, 1e-8
 
     def factory(ps):
@@ -264,7 +266,8 @@ def test_lars_matches_reference_loop():
             local = eta * w_norm / (g_norm + beta * w_norm + eps) if trust and w_norm > 0 and g_norm > 0 else 1.0
             buf[i] = mom * buf[i] + lr * local * (g + beta * x[i])
             x[i] = x[i] - buf[i]
-    for g, w in zip(got, x, strict=True):  # fp32 against fp64: the 1-d tensors are plain momentum SGD and grow to |x| ~ 10
+    # fp32 against fp64: the 1-d tensors are plain momentum SGD and grow to |x| ~ 10
+    for g, w in zip(got, x, strict=True):
         torch.testing.assert_close(g.detach().double(), w, rtol=1e-5, atol=2e-5)
 
 
@@ -457,7 +460,7 @@ def test_each_optimizer_lowers_the_loss(name):
     model = TinyDetector()
     x = torch.randn(64, 6)
     y = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh())(x).detach()
-    opt = build_optimizer(model, name, lr=LRS[name], weight_decay=1e-4, per_module=True)
+    opt = build_optimizer(model, name, lr=LRS[name], weight_decay=1e-4, per_module=True, modules=RCNN)
     losses = []
     for _ in range(60):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -479,12 +482,13 @@ def test_param_groups_of_a_torchvision_mask_rcnn():
 
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    modules = {module_of(n) for n in names}
+    assert module_map("maskrcnn_resnet50_fpn") is RCNN
+    modules = {RCNN.module_of(n) for n in names}
     assert modules == {"backbone", "fpn", "rpn", "roi_box", "roi_mask"}
-    assert module_of("backbone.fpn.inner_blocks.0.0.weight") == "fpn"
-    assert module_of("module.roi_heads.mask_predictor.mask_fcn_logits.bias") == "roi_mask"
-    assert module_of("roi_heads.keypoint_head.0.weight") == "other"
-    groups = param_groups(model, weight_decay=1e-4, norm_weight_decay=0.0, per_module=True)
+    assert RCNN.module_of("backbone.fpn.inner_blocks.0.0.weight") == "fpn"
+    assert RCNN.module_of("module.roi_heads.mask_predictor.mask_fcn_logits.bias") == "roi_mask"
+    assert RCNN.module_of("roi_heads.keypoint_head.0.weight") == "other"
+    groups = param_groups(model, weight_decay=1e-4, norm_weight_decay=0.0, per_module=True, modules=RCNN)
     assert [g["name"] for g in groups] == ["backbone", "backbone.no_decay", "fpn", "fpn.no_decay", "rpn",
                                            "rpn.no_decay", "roi_box", "roi_box.no_decay", "roi_mask",
                                            "roi_mask.no_decay"]
@@ -492,14 +496,25 @@ def test_param_groups_of_a_torchvision_mask_rcnn():
     seen = [by_id[id(p)] for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(names)  # every trainable parameter exactly once
     for g in groups:
-        assert g["lr_scale"] == 1.0 and all(module_of(by_id[id(p)]) == g["module"] for p in g["params"])
+        assert g["lr_scale"] == 1.0 and all(RCNN.module_of(by_id[id(p)]) == g["module"] for p in g["params"])
         no_decay = g["name"].endswith("no_decay")
         assert g["trust"] is not no_decay and g["weight_decay"] == (0.0 if no_decay else 1e-4)  # Apex's exclusion
         assert all((p.ndim <= 1) == no_decay for p in g["params"])
-    algorithm_1 = param_groups(model, weight_decay=1e-4, per_module=True, norm_bias_trust=True)
+    algorithm_1 = param_groups(model, weight_decay=1e-4, per_module=True, norm_bias_trust=True, modules=RCNN)
     assert all(g["trust"] for g in algorithm_1)  # Algorithm 1: every tensor under the trust ratio
     flat = param_groups(model, weight_decay=1e-4)
     assert [(g["name"], g["module"]) for g in flat] == [("default", "all"), ("no_decay", "all")]
+
+
+def test_module_maps_are_the_families_and_checked():
+    from hvdet.optim import ModuleMap
+
+    with pytest.raises(ValueError, match="per_module=True needs the model's ModuleMap"):
+        param_groups(TinyDetector(), 1e-4, per_module=True)
+    with pytest.raises(ValueError, match=r"missing \['head'\]"):
+        ModuleMap(prefixes=(("a.", "body"), ("b.", "head")), order=("body",))
+    assert ModuleMap((("a.", "body"),), ("body",)).module_of("_orig_mod.module.a.w") == "body"  # wrappers stripped
+    assert module_map("retinanet_resnet50_fpn").modules == ("backbone", "fpn", "head_cls", "head_reg", "other")
 
 
 def test_trust_ratios_and_module_summary():
@@ -512,7 +527,7 @@ def test_trust_ratios_and_module_summary():
         w_norm, g_norm = float(p.detach().norm()), float(p.grad.norm())
         want = w_norm / g_norm if g_norm > 0 else float("inf")
         assert ratios[n] == pytest.approx(want, rel=1e-6)
-    summary = summarize_by_module(ratios)
+    summary = summarize_by_module(ratios, RCNN)
     assert set(summary) == {"backbone", "fpn", "rpn", "roi_box"}
     assert summary["fpn"]["max"] == float("inf")
     assert summary["backbone"]["min"] <= summary["backbone"]["median"] <= summary["backbone"]["max"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hvdet.config import load_config
-from hvdet.models import build_detector
-from hvdet.optim import module_of, param_groups
+from hvdet.models import build_detector, module_map
+from hvdet.optim import param_groups
 from hvdet.plan import plan_run
 from tests.harness import ROOT
 from tests.test_train import tiny_overrides, train_py
@@ -15,9 +15,10 @@ from tests.test_train import tiny_overrides, train_py
 
 def test_retinanet_parameters_map_to_detector_modules():
     model = build_detector("retinanet_resnet18_fpn_fast", 5, norm="local", trainable_backbone_layers=5)
-    modules = {module_of(name) for name, _ in model.named_parameters()}
+    retinanet = module_map("retinanet_resnet18_fpn_fast")
+    modules = {retinanet.module_of(name) for name, _ in model.named_parameters()}
     assert modules == {"backbone", "fpn", "head_cls", "head_reg"}  # nothing falls into "other"
-    names = {g["name"] for g in param_groups(model, 1e-4, per_module=True)}
+    names = {g["name"] for g in param_groups(model, 1e-4, per_module=True, modules=retinanet)}
     assert {"head_cls", "head_reg", "head_cls.no_decay", "head_reg.no_decay"} <= names
 
 

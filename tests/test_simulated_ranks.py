@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hvdet import comm
+from hvdet.models.rcnn import MODULES as RCNN
 from hvdet.nn.cross_gpu_bn import STATS, CrossGPUBatchNorm2d
 from hvdet.step import DivergenceError, StepSettings, check_losses, grad_scaler, train_step
 from tests import test_agvm as agvm_cases
@@ -134,7 +135,7 @@ def agvm_case(w, grads=None):
     from hvdet.optim import build_optimizer
 
     model = agvm_cases.Crafted()
-    opt = build_optimizer(model, "sgd", lr=agvm_cases.LR, weight_decay=0.0, momentum=0.0, per_module=True)
+    opt = build_optimizer(model, "sgd", lr=agvm_cases.LR, weight_decay=0.0, momentum=0.0, per_module=True, modules=RCNN)
 
     def loss():  # d loss / d weight = the rank's gradient, exactly
         if grads is None:

@@ -186,5 +186,6 @@ def test_train_py_with_both_sinks_on(tmp_path, offline, monkeypatch):
     [run] = client.search_runs([client.get_experiment_by_name("hvdet").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
     assert run.info.status == "FINISHED" and "summary/iterations" in run.data.metrics
-    history = [wandb_items(r.history.item) for r in finished_wandb_records(out) if r.WhichOneof("record_type") == "history"]
+    history = [wandb_items(r.history.item) for r in finished_wandb_records(out)
+               if r.WhichOneof("record_type") == "history"]
     assert [h["train/iteration"] for h in history if "train/loss" in h] == [2, 4]

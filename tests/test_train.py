@@ -67,7 +67,7 @@ def test_two_ranks_write_metrics_summary_mllog_checkpoints_and_plots(run_a):
         assert r["max_data_s"] >= r["data_s"] >= 0 and r["images_per_s"] > 0
         assert set(r["losses"]) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
         # log.diagnostics (on by default): LargeDet Fig. 3's trust ratios, per module
-        assert {"backbone", "fpn", "rpn", "roi_box"} <= set(r["trust_ratio"])  # hvdet.optim.build.module_of
+        assert {"backbone", "fpn", "rpn", "roi_box"} <= set(r["trust_ratio"])  # hvdet.models.rcnn.MODULES
         # (0 for a tensor whose weights are all zero, as a freshly initialized bias)
         assert all(0 <= v["min"] <= v["median"] <= v["max"] < float("inf") for v in r["trust_ratio"].values())
         assert all(v["median"] > 0 for v in r["trust_ratio"].values())
@@ -112,7 +112,8 @@ def test_resume_on_one_plain_process_rescales_or_refuses(run_a, data, tmp_path):
     log = train_py([*tiny_overrides(data, tmp_path / "rescaled", iterations=3), "eval.at_end=false", "--resume", ckpt])
     assert "2 -> 1 ranks, global batch 4 -> 2, lr x0.5 by the linear scaling rule" in log
     summary = json.loads((tmp_path / "rescaled" / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["iterations"] == 3 and summary["lr"] == pytest.approx(BASE_LR * 2 / 16)
+    assert (summary["world_size"] == 1 and summary["iterations"] == 3
+            and summary["lr"] == pytest.approx(BASE_LR * 2 / 16))
     with pytest.raises(LaunchError) as info:
         train_py([*tiny_overrides(data, tmp_path / "refused"), "checkpoint.on_world_size_change=refuse",
                   "--resume", ckpt])

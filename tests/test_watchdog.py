@@ -34,7 +34,8 @@ def test_a_rank_blocked_with_the_gil_held_is_ended_and_says_where(tmp_path):
     assert out.returncode == -9, out
     assert f"hvdet: rank 5 on {socket.gethostname()}: no progress for" in out.stderr, out.stderr
     assert "while in iteration 7" in out.stderr and "unreachable" not in out.stderr, out.stderr
-    assert f"(last progress: rank 2 on {socket.gethostname()} " in out.stderr and " s ago, in iteration 6)" in out.stderr, out.stderr
+    assert (f"(last progress: rank 2 on {socket.gethostname()} " in out.stderr
+            and " s ago, in iteration 6)" in out.stderr), out.stderr
     assert exit_file.read_text() == "3\n"  # what launch/*.sh report
 
 
@@ -58,7 +59,7 @@ def test_input_that_ends_without_the_word_marks_the_rank_killed(tmp_path):
             "w = Watchdog(60.0, rank=2, beat_dir=sys.argv[2]).__enter__(); w.beat('in iteration 4')\n"
             "time.sleep(1.2); os.close(w._proc.stdin.fileno()); w._proc.wait(timeout=30); print('closed')")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path)], capture_output=True, text=True,
-                         timeout=60)
+                         check=True, timeout=60)
     assert "closed" in out.stdout, out.stderr
     assert (tmp_path / "rank2").read_text().endswith("in iteration 4 [process died]")
 

@@ -62,7 +62,8 @@ def main() -> int:
         idle = time.monotonic() - last
         if idle > limit:
             cause = "its process is stopped" if _stopped(pid) else "a peer is dead or stalled"
-            print(f"hvdet: rank {rank} on {HOST}: no progress for {idle:.1f} s while {where} (comm.timeout_s={timeout_s:g}): "
+            print(f"hvdet: rank {rank} on {HOST}: no progress for {idle:.1f} s while {where} "
+                  f"(comm.timeout_s={timeout_s:g}): "
                   f"{cause}{others(beats, rank, started, timeout_s)}; ending this rank (exit code {code})",
                   file=sys.stderr, flush=True)
             exit_codes.record(code)

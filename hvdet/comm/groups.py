@@ -162,9 +162,10 @@ def allreduce_small(tensor: torch.Tensor, op: str = "sum", name: str | None = No
     """A latency-bound world allreduce of a few values that every step waits for (the loss check).
 
     CPU tensors take the group path (shared memory on one host: microseconds) instead of Horovod,
-    which answers after its next background cycle (5-20 ms on CPU hosts, see horovod_env.horovod_defaults). CUDA tensors keep
-    Horovod: a NCCL world made only for this would cost more than it saves. A simulated rank's tensors
-    (:func:`simulated_world`) take its groups whatever their device.
+    which answers after its next background cycle (5-20 ms on CPU hosts, see
+    horovod_env.horovod_defaults). CUDA tensors keep Horovod: a NCCL world made only for this would
+    cost more than it saves. A simulated rank's tensors (:func:`simulated_world`) take its groups
+    whatever their device.
     """
     if tensor.device.type == "cpu" or _SIMULATED.get() is not None:
         return consecutive_groups(None).allreduce(tensor, op)

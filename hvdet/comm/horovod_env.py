@@ -1,10 +1,14 @@
-"""The Horovod and Open MPI settings hvdet chooses for a rank, where the user has not.
+"""The Horovod and Open MPI settings hvdet chooses for a rank, where the user has not, and MPI
+initialized before Horovod under mpirun (:func:`init_mpi_first`).
 
 :func:`hvdet.comm.world.init` applies them before ``hvd.init()`` (which reads them, and Open MPI's at
 ``MPI_Init`` inside it). The figures behind each are in docs/training.md, "Gradient communication on
 CPU hosts" (benchmarks/ddp_baseline.py).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 _APPLIED_DEFAULTS: dict[str, str] = {}
 
@@ -59,3 +63,17 @@ def apply_defaults(environ, cuda: bool) -> None:
     for key, value in horovod_defaults(environ, cuda).items():
         if key not in environ:  # the user's own setting wins
             environ[key] = _APPLIED_DEFAULTS[key] = value
+
+
+def init_mpi_first() -> None:
+    """Under mpirun, initialize MPI through mpi4py (``MPI_Init_thread(MPI_THREAD_MULTIPLE)``, finalized
+    at interpreter exit) before ``hvd.init()``. Horovod finalizes MPI when its background thread ends
+    if it initialized MPI itself, and any rank's ``hvd.shutdown()`` (its exit) ends every rank's
+    Horovod: so ranks still in collectives of the ``mpi`` group backend (hvdet.comm.mpi_group) lost
+    MPI under them (measured: "MPI_Comm_test_inter() called after MPI_FINALIZE", or a hang with the
+    pair in two different collectives). With MPI initialized first, Horovod leaves it up. No-op
+    without mpirun or mpi4py."""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return
+    with contextlib.suppress(ImportError):
+        from mpi4py import MPI  # noqa: F401 - importing initializes MPI (mpi4py.rc: thread level "multiple")

@@ -28,21 +28,6 @@ def mpi_available() -> bool:
     return _AVAILABLE
 
 
-def init_before_horovod() -> None:
-    """Under mpirun, initialize MPI through mpi4py (``MPI_Init_thread(MPI_THREAD_MULTIPLE)``, finalized
-    at interpreter exit) before ``hvd.init()``. Horovod finalizes MPI when its background thread ends
-    if it initialized MPI itself, and any rank's ``hvd.shutdown()`` (its exit) ends every rank's
-    Horovod: so a group of ranks still in this backend's collectives lost MPI under them (measured:
-    "MPI_Comm_test_inter() called after MPI_FINALIZE", or a hang with the pair in two different
-    collectives). With MPI initialized first, Horovod leaves it up. No-op without mpirun or mpi4py."""
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        return
-    try:
-        from mpi4py import MPI  # noqa: F401 - importing initializes MPI (mpi4py.rc: thread level "multiple")
-    except ImportError:
-        pass
-
-
 def reset() -> None:
     global _AVAILABLE
     _AVAILABLE = None

@@ -27,7 +27,7 @@ import pickle
 import torch
 
 from hvdet.comm import torch_world
-from hvdet.comm.horovod_env import apply_defaults
+from hvdet.comm.horovod_env import apply_defaults, init_mpi_first
 from hvdet.dataclass_yaml import ConfigError
 
 _FIX = ("run `make venv` in the hvdet checkout (or `PYTHON=<your python> launch/build_horovod.sh`), "
@@ -163,8 +163,7 @@ def init(timeout_s: float | None = None, gradients: str = "horovod") -> None:
     os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(1, round(_TIMEOUT_S)))
     # Elastic worlds are re-initialized by Horovod's elastic runner without dynamic process sets, so
     # they never have them (hvdet.comm.elastic); BN groups use shared memory or torch.distributed.
-    from hvdet.comm import mpi_group
-    mpi_group.init_before_horovod()  # so that another rank's exit does not finalize this rank's MPI
+    init_mpi_first()  # so that another rank's exit does not finalize this rank's MPI
     hvd.init(**({} if elastic_launch() else {"process_sets": "dynamic"}))
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())

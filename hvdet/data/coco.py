@@ -116,7 +116,8 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 0::2].clamp_(0, info["width"])
         boxes[:, 1::2].clamp_(0, info["height"])
         target = {"boxes": boxes,
-                  "labels": torch.tensor([self.cat_id_to_contiguous[a["category_id"]] for a in anns], dtype=torch.int64),
+                  "labels": torch.tensor([self.cat_id_to_contiguous[a["category_id"]] for a in anns],
+                                         dtype=torch.int64),
                   "image_id": image_id}
         if self.with_masks:
             masks = [self.coco.annToMask(a) for a in anns]  # polygons and RLE alike

@@ -103,7 +103,8 @@ class VOCDetection(CocoDetection):
         objects = []
         for k, obj in enumerate(root.findall("object")):
             name = (obj.findtext("name") or "").strip()
-            box = tuple(_number(obj, f"bndbox/{c}", path, float, f"object {k} ") for c in ("xmin", "ymin", "xmax", "ymax"))
+            box = tuple(_number(obj, f"bndbox/{c}", path, float, f"object {k} ")
+                        for c in ("xmin", "ymin", "xmax", "ymax"))
             objects.append((name, box, _number(obj, "difficult", path, int, f"object {k} ", default=0) == 1))
         if not objects and not self.allow_empty:
             raise DataError(f"{path}: no <object> in this annotation (an image without objects); keep such images "

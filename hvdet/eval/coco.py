@@ -157,7 +157,8 @@ def _infer(model, loader, dataset, with_masks: bool, progress: bool, heartbeat=N
 
 
 def _encode_masks(masks: torch.Tensor) -> list[dict]:
-    """Mask R-CNN's [N,1,H,W] probabilities -> RLEs of the masks thresholded at 0.5 (str counts: picklable, JSON-able)."""
+    """Mask R-CNN's [N,1,H,W] probabilities -> RLEs of the masks thresholded at 0.5
+    (str counts: picklable, JSON-able)."""
     if len(masks) == 0:
         return []
     binary = (masks[:, 0] > MASK_THRESHOLD).to(torch.uint8).cpu().numpy()

@@ -155,7 +155,8 @@ def reference_step(params, grads, exp_avgs, exp_avg_sqs, coefs, grad_scale: floa
     b1, omb1, b2, omb2, bc1, bc2, eps, wd, _, _ = coefs.t().tolist()  # host floats: no device traffic
     on_device = coefs.to(device, non_blocking=True)
     step_size, use_trust = on_device[:, COEFS.index("step_size")], on_device[:, COEFS.index("trust")] != 0
-    g = [gr.to(p.dtype) for gr, p in zip(grads, params, strict=True)] if grads[0].dtype != params[0].dtype else list(grads)
+    g = ([gr.to(p.dtype) for gr, p in zip(grads, params, strict=True)] if grads[0].dtype != params[0].dtype
+         else list(grads))
     if grad_scale != 1.0:
         g = torch._foreach_mul(g, grad_scale)
     torch._foreach_mul_(exp_avgs, b1)                              # xi beta1 m_{t-1}

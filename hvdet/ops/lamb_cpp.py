@@ -88,7 +88,8 @@ def kernel_available() -> bool:
         except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
             _kernel_error = f"{type(err).__name__}: {err}"
             warnings.warn(f"hvdet: the fused LAMB kernel could not be built ({_kernel_error.splitlines()[0]}); "
-                          "using the slower torch reference (foreach) path. Run `python -m hvdet.ops.lamb_cpp --build` to see why.",
+                          "using the slower torch reference (foreach) path. "
+                          "Run `python -m hvdet.ops.lamb_cpp --build` to see why.",
                           RuntimeWarning, stacklevel=3)
     return False
 

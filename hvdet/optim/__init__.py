@@ -7,10 +7,9 @@ See docs/optimizers.md for the algorithms, the fused kernel and its measured spe
 """
 from hvdet.optim.agvm import AGVM
 from hvdet.optim.build import (
-    MODULES,
     OPTIMIZERS,
+    ModuleMap,
     build_optimizer,
-    module_of,
     param_groups,
 )
 from hvdet.optim.diagnostics import summarize_by_module, trust_ratios
@@ -26,6 +25,6 @@ from hvdet.optim.schedules import (
     warmup_factor,
 )
 
-__all__ = ["AGVM", "LAMB", "LARS", "MODULES", "OPTIMIZERS", "PMDLAMB", "build_optimizer", "cosine_lr",
-           "epochs_to_iters", "linear_scaled_lr", "module_of", "param_groups", "pmd_decay", "scale_iterations",
+__all__ = ["AGVM", "LAMB", "LARS", "OPTIMIZERS", "PMDLAMB", "ModuleMap", "build_optimizer", "cosine_lr",
+           "epochs_to_iters", "linear_scaled_lr", "param_groups", "pmd_decay", "scale_iterations",
            "set_lr", "step_lr", "summarize_by_module", "trust_ratios", "warmup_factor"]

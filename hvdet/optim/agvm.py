@@ -188,7 +188,8 @@ class AGVM:
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["scales"]) - set(self.scales)
         if unknown:
-            raise ValueError(f"AGVM state has modules {sorted(unknown)} that this optimizer lacks ({list(self.scales)})")
+            raise ValueError(f"AGVM state has modules {sorted(unknown)} that this optimizer lacks "
+                             f"({list(self.scales)})")
         self.scales.update(state["scales"])
         self.last_variances = dict(state.get("last_variances", {}))
         self._apply_scales()

@@ -2,31 +2,40 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
 from hvdet.registry import OPTIMIZERS
 
-MODULES = ("backbone", "fpn", "rpn", "roi_box", "roi_mask", "head_cls", "head_reg", "other")
-# Name prefixes of torchvision's FasterRCNN / MaskRCNN (first match wins, so fpn precedes backbone).
-_PREFIXES = (("backbone.fpn.", "fpn"), ("backbone.", "backbone"), ("rpn.", "rpn"),
-             ("roi_heads.box_head.", "roi_box"), ("roi_heads.box_predictor.", "roi_box"),
-             ("roi_heads.mask_head.", "roi_mask"), ("roi_heads.mask_predictor.", "roi_mask"),
-             # RetinaNet's heads (hvdet.retinanet)
-             ("head.classification_head.", "head_cls"), ("head.regression_head.", "head_reg"))
 _WRAPPERS = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile name prefixes
 
 
-def module_of(param_name: str) -> str:
-    """The detector module a parameter belongs to: backbone | fpn | rpn | roi_box | roi_mask | head_cls |
-    head_reg | other."""
-    name = param_name
-    while name.startswith(_WRAPPERS):
-        name = name.split(".", 1)[1]
-    for prefix, module in _PREFIXES:
-        if name.startswith(prefix):
-            return module
-    return "other"
+@dataclass(frozen=True)
+class ModuleMap:
+    """Which module of a model each parameter belongs to, by name prefix (the first match wins; a
+    parameter no prefix matches is "other"), and the modules' ``order`` (AGVM's per-module parameter
+    groups, the diagnostics). A model family declares its own (:mod:`hvdet.models`): the optimizer
+    knows no model's attribute names."""
+
+    prefixes: tuple[tuple[str, str], ...]
+    order: tuple[str, ...]
+
+    def __post_init__(self):
+        unlisted = {m for _, m in self.prefixes} - set(self.order)
+        if unlisted or "other" in self.order:
+            raise ValueError(f"ModuleMap: order {self.order} must list every module of the prefixes "
+                             f"(missing {sorted(unlisted)}) and not 'other' (it comes last by itself)")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return (*self.order, "other")
+
+    def module_of(self, param_name: str) -> str:
+        name = param_name
+        while name.startswith(_WRAPPERS):
+            name = name.split(".", 1)[1]
+        return next((module for prefix, module in self.prefixes if name.startswith(prefix)), "other")
 
 
 def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
@@ -36,7 +45,8 @@ def is_norm_or_bias(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay: float = 0.0,
-                 per_module: bool = False, norm_bias_trust: bool = False) -> list[dict]:
+                 per_module: bool = False, norm_bias_trust: bool = False,
+                 modules: ModuleMap | None = None) -> list[dict]:
     """Trainable parameters split by weight-decay exclusion and, with ``per_module``, by module.
 
     Each group: "params", "weight_decay", "name", "module", "lr_scale": 1.0 and "trust" (the LAMB
@@ -47,16 +57,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
     the default: with bias correction the exclusion kept BN scales positive up to lr 6.4, where the
     trust ratio (relative steps of lr x alpha = 8% a step, compounding) flipped a third of them.
     Names: "default" and "no_decay"; with ``per_module`` (AGVM's groups)
-    "<module>" and "<module>.no_decay" for each module of :data:`MODULES` that has parameters, and
+    "<module>" and "<module>.no_decay" for each module of ``modules`` (the model family's
+    :class:`ModuleMap`, ``hvdet.models.module_map(arch)``) that has parameters, in its order, and
     "module" says which module a group belongs to ("all" without per_module). Empty groups are left out.
     """
+    if per_module and modules is None:
+        raise ValueError("per_module=True needs the model's ModuleMap (modules=hvdet.models.module_map(arch))")
     buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        module = module_of(name) if per_module else "all"
+        module = modules.module_of(name) if per_module else "all"
         buckets.setdefault((module, is_norm_or_bias(name, p)), []).append(p)
-    order = MODULES if per_module else ("all",)
+    order = modules.modules if per_module else ("all",)
     groups = []
     for module in order:
         for no_decay in (False, True):
@@ -78,7 +91,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_weight_decay:
 def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, *, momentum: float = 0.9,
                     betas=(0.9, 0.999), eps: float = 1e-6, alpha: float = 0.012, cycle_length: int | None = 200,
                     per_module: bool = False, norm_weight_decay: float = 0.0, norm_bias_trust: bool = False,
-                    bias_correction: bool = True, **kwargs) -> torch.optim.Optimizer:
+                    bias_correction: bool = True, modules: ModuleMap | None = None,
+                    **kwargs) -> torch.optim.Optimizer:
     """An optimizer over :func:`param_groups`; ``name`` in :data:`hvdet.registry.OPTIMIZERS`.
 
     sgd is MegDet's baseline (momentum SGD; pair it with the linear scaling rule and warmup), adamw
@@ -87,7 +101,7 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     takes (SGD has no betas, LAMB no cycle) and every ``kwargs`` entry (a recipe's
     ``solver.optimizer_args``, e.g. LARS's ``trust_coefficient``), which it must take.
     """
-    groups = param_groups(model, weight_decay, norm_weight_decay, per_module, norm_bias_trust)
+    groups = param_groups(model, weight_decay, norm_weight_decay, per_module, norm_bias_trust, modules)
     factory = OPTIMIZERS.load(name)
     accepted = inspect.signature(factory).parameters
     common = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": tuple(betas), "eps": eps,

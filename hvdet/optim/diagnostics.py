@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from hvdet.optim.build import module_of
+from hvdet.optim.build import ModuleMap
 
 
 def trust_ratios(model: torch.nn.Module) -> dict[str, float]:
@@ -37,10 +37,10 @@ def trust_ratios(model: torch.nn.Module) -> dict[str, float]:
     return ratios
 
 
-def summarize_by_module(values: dict[str, float]) -> dict[str, dict[str, float]]:
+def summarize_by_module(values: dict[str, float], modules: ModuleMap) -> dict[str, dict[str, float]]:
     """{module: {"min", "median", "max"}} of per-parameter values (e.g. :func:`trust_ratios`),
-    the compact form to put in a metrics record."""
+    the compact form to put in a metrics record; ``modules``: the model family's map."""
     by_module: dict[str, list[float]] = {}
     for name, value in values.items():
-        by_module.setdefault(module_of(name), []).append(value)
+        by_module.setdefault(modules.module_of(name), []).append(value)
     return {m: {"min": min(v), "median": statistics.median(v), "max": max(v)} for m, v in by_module.items()}

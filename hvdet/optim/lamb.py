@@ -54,7 +54,8 @@ class PMDLAMB(torch.optim.Optimizer):
                  alpha: float = 0.012, cycle_length: int | None = 200, bias_correction: bool = False,
                  max_grad_norm: float | None = None, impl: str = "auto"):
         _check(lr >= 0, f"lr must be >= 0, got {lr}")
-        _check(all(0.0 <= b < 1.0 for b in betas) and len(betas) == 2, f"betas must be two values in [0, 1), got {betas}")
+        _check(all(0.0 <= b < 1.0 for b in betas) and len(betas) == 2,
+               f"betas must be two values in [0, 1), got {betas}")
         _check(eps >= 0, f"eps must be >= 0, got {eps}")
         _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         _check(alpha > 0, f"alpha must be > 0, got {alpha}")

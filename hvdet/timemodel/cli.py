@@ -58,7 +58,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--bn-stats", choices=("auto", *BN_COLLECTIVES), default="auto",
                    help="auto: chan on GPUs (2 collectives a layer), two_pass on cpu-vm (3)")
     p.add_argument("--fusion-mb", type=float, default=128.0, help="HOROVOD_FUSION_THRESHOLD in MiB")
-    p.add_argument("--cycle-ms", type=float, help="HOROVOD_CYCLE_TIME (default 5, as hvdet sets; 20 for a CPU host under horovodrun --gloo)")
+    p.add_argument("--cycle-ms", type=float,
+                   help="HOROVOD_CYCLE_TIME (default 5, as hvdet sets; 20 for a CPU host under horovodrun --gloo)")
     p.add_argument("--algorithm", choices=("best", *ALGORITHMS), default="best")
     p.add_argument("--images", type=float, default=DEFAULT_IMAGES,
                    help=f"training images to the target (default {DEFAULT_IMAGES:,}: 90k iterations x 16)")

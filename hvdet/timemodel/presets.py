@@ -22,7 +22,7 @@ gradient allreduce over 2 ranks in 14.3 ms, b / t = 0.95 GB/s (for N = 2 a ring 
 hvdet's Horovod cycle (hvdet.comm.horovod_env.horovod_defaults): 5 ms on GPU hosts and on CPU hosts
 under the MPI controller (horovodrun's default, the demo's), 20 ms over Gloo (``HVDET_HOROVOD``,
 ``CPU_HOROVOD``).
-"""
+"""  # noqa: E501 - the cpu-vm row of the table above is longer than a line, and a Markdown table row cannot wrap
 from __future__ import annotations
 
 from dataclasses import dataclass

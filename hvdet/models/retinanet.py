@@ -3,12 +3,13 @@
 * ``retinanet_resnet50_fpn``: torchvision's RetinaNet as it is (FPN P3-P7 of 256 channels from C3-C5
   plus two extra levels, 9 anchors per location, 4-conv heads).
 * ``retinanet_resnext50_32x4d_fpn``: the same on ResNeXt-50 32x4d, the backbone MLPerf uses.
-* ``retinanet_resnet18_fpn_fast``: the CPU variant on the fast backbone of :class:`hvdet.models.FastDesign`
-  (C3-C4, 64-channel FPN, its anchor sizes, fewer candidates per level).
+* ``retinanet_resnet18_fpn_fast``: the CPU variant on the fast backbone of
+  :class:`hvdet.models.design.FastDesign` (C3-C4, 64-channel FPN, its anchor sizes, fewer candidates
+  per level).
 
 Norm modes, pretrained backbones and Cross-GPU BN conversion are :func:`hvdet.models.build_detector`'s,
-as for R-CNN. The heads' parameters are AGVM modules of their own (``head_cls``, ``head_reg``:
-``hvdet.optim.build.module_of``).
+as for R-CNN. The heads' parameters are modules of their own (``head_cls``, ``head_reg``:
+:data:`MODULES`), so AGVM gives each its own lr scale.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from hvdet.models import FastDesign, _NoExtraLevel, fast_backbone
+from hvdet.models.backbone import NoExtraLevel, fast_backbone
+from hvdet.models.design import FastDesign
+from hvdet.models.family import Family
+from hvdet.optim.build import ModuleMap
 from hvdet.registry import Arch
 
 # The fast variant keeps 100 detections from 300 candidates per level (torchvision: 300 from 1000).
@@ -30,7 +34,7 @@ def build_retinanet(spec: Arch, num_classes: int, norm_layer, trainable_layers: 
                     max_size: int | None, overrides: dict, fast_design: FastDesign) -> nn.Module:
     if spec.fast:
         d = fast_design
-        backbone = fast_backbone(spec, d, norm_layer, trainable_layers, extra_blocks=_NoExtraLevel())
+        backbone = fast_backbone(spec, d, norm_layer, trainable_layers, extra_blocks=NoExtraLevel())
         anchors = AnchorGenerator(d.anchor_sizes, (d.aspect_ratios,) * len(d.anchor_sizes))
         head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
         return RetinaNet(backbone, num_classes, min_size=min_size or d.min_size, max_size=max_size or d.max_size,
@@ -40,3 +44,9 @@ def build_retinanet(spec: Arch, num_classes: int, norm_layer, trainable_layers: 
                                    trainable_layers=trainable_layers, returned_layers=[2, 3, 4],
                                    extra_blocks=LastLevelP6P7(256, 256))
     return RetinaNet(backbone, num_classes, min_size=min_size or 800, max_size=max_size or 1333, **overrides)
+
+
+MODULES = ModuleMap(prefixes=(("backbone.fpn.", "fpn"), ("backbone.", "backbone"),
+                              ("head.classification_head.", "head_cls"), ("head.regression_head.", "head_reg")),
+                    order=("backbone", "fpn", "head_cls", "head_reg"))
+FAMILY = Family(build_retinanet, MODULES)
