@@ -14,7 +14,7 @@ Markers for the fast loop (``make test-fast`` = ``-m "not multirank and not slow
   transitively. A launch the scan misses still cannot slip into the fast loop unnoticed:
   ``run_command`` refuses to launch in a test without the marker (``harness.LAUNCH_ALLOWED``, set per
   test below) and says which marker is missing.
-* ``slow`` marks single-process tests of 5 s or more on 2 cores (`pytest --durations` finds them), where
+* ``slow`` marks single-process tests of 2 s or more on 2 cores (`pytest --durations` finds them), where
   they are defined. Every multi-process test is ``multirank`` already, whatever its time.
 """
 import dis

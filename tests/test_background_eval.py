@@ -90,6 +90,7 @@ def _same_metrics_in_the_evaluator_process(paths, tmp_path):
     assert result.metrics == expected and expected["bbox"]["AP"] >= 0.0
 
 
+@pytest.mark.slow
 def test_the_evaluator_process_scores_what_evaluate_scores(data, tmp_path):  # noqa: F811
     _same_metrics_in_the_evaluator_process(data, tmp_path)
 
@@ -122,6 +123,7 @@ stop.set(); worker.join(); before.kill()
 """
 
 
+@pytest.mark.slow
 def test_training_threads_yield_to_the_evaluator_and_the_evaluator_keeps_its_priority():
     # In a child: niceness cannot be lowered again, and the pytest process must keep its own.
     import subprocess

@@ -164,6 +164,7 @@ def test_distributed_optimizer_averages_gradients():
     torch.testing.assert_close(w0, ref - 1.5)  # mean of inputs 1 and 2
 
 
+@pytest.mark.slow
 def test_single_process_without_launcher():
     code = ("from hvdet import comm; import torch; comm.init();"
             "g = comm.consecutive_groups(None);"
@@ -187,6 +188,7 @@ def test_horovod_defaults_follow_the_controller_and_the_device():
         assert "HOROVOD_CACHE_CAPACITY" not in horovod_defaults(gloo, cuda=cuda)
 
 
+@pytest.mark.slow
 def test_a_users_horovod_setting_wins():
     code = ("import os; os.environ['HOROVOD_CYCLE_TIME'] = '7'; from hvdet import comm; comm.init();"
             "print(os.environ['HOROVOD_CYCLE_TIME'], os.environ.get('OMPI_MCA_mpi_yield_when_idle'))")

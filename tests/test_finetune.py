@@ -83,6 +83,7 @@ def test_init_skip_patterns_keep_the_matching_tensors_fresh(tmp_path):
         init_from(model, path, skip=["roi_heads.box_predictr.*"])
 
 
+@pytest.mark.slow
 def test_a_torchvision_detector_state_dict_and_what_a_file_lacks_or_adds(tmp_path):
     """torchvision's own detector state dict (its names are hvdet's), a Mask R-CNN's for a Faster R-CNN
     (mask head: unexpected), and a Faster R-CNN's for a Mask R-CNN (mask head: missing)."""

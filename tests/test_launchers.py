@@ -118,6 +118,7 @@ def test_horovod_build_lists_frameworks_and_controllers():
         assert "[X] NCCL" in out, out
 
 
+@pytest.mark.slow
 def test_build_script_is_idempotent():
     out = subprocess.run(["bash", "launch/build_horovod.sh"], cwd=ROOT, capture_output=True, text=True,
                          env=_env(PYTHON=sys.executable), check=True).stdout
@@ -274,6 +275,7 @@ def test_documented_builds_are_the_dockerfile_builds():
 
 
 @pytest.mark.parametrize("gpu", sorted(documented_builds()))
+@pytest.mark.slow
 def test_dockerfile_build_installs_what_docs_say(gpu, tmp_path):
     doc = documented_builds()[gpu]
     image = resolve(dockerfile_instructions((ROOT / "Dockerfile").read_text()), {"GPU": gpu})
@@ -345,6 +347,7 @@ def test_docker_context_leaves_out_the_host_venv():
               if word == "COPY"]
     assert [".", "."] in copies
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_and_runs_its_cpu_parts(tmp_path):
     """`make gpu-check` on a machine without CUDA: it says so, measures nothing, and its code paths
     (LAMB implementations agreeing, CGBN's group path == BatchNorm2d) still run as a smoke test."""

@@ -49,6 +49,7 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
+@pytest.mark.slow
 def test_json_schema_and_the_top_box_drawn_where_it_is(setup, tmp_path, capsys):
     # 3 detections an image (a detector kwarg through an override), so most pixels stay untouched.
     assert _predict(setup, tmp_path, "--score", "0", "model.overrides.box_detections_per_img=3") == 0
@@ -111,6 +112,7 @@ def test_score_threshold_only_filters_the_drawing(setup, tmp_path):
     assert len(json.loads((tmp_path / RESULTS_FILE).read_text())) > 0  # the JSON keeps every detection
 
 
+@pytest.mark.slow
 def test_a_plain_state_dict_needs_config(setup, tmp_path, capsys):
     plain = tmp_path / "weights.pt"
     torch.save(setup["model"].state_dict(), plain)

@@ -170,6 +170,7 @@ def test_a_bad_scorer_name_is_one_line(ground_truth):
 
 @pytest.mark.parametrize("arch,iou_types", [("fasterrcnn_resnet18_fpn_fast", ("bbox",)),
                                             ("maskrcnn_resnet18_fpn_fast", ("bbox", "segm"))])
+@pytest.mark.slow
 def test_a_real_models_metrics_are_the_same_with_either_scorer(tmp_path, arch, iou_types):
     """An untrained detector (fixed seed) through hvdet.eval.coco.evaluate, single-process: its scores
     hover around 1 / classes, so it returns 100 boxes per image (a few match; its masks match none at

@@ -58,6 +58,7 @@ def test_objects_are_separate_tight_and_of_the_promised_sizes():
     assert len(set(counts)) >= 3  # varied object counts
 
 
+@pytest.mark.slow
 def test_cli_writes_boxes_only_without_masks(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hvdet.data.synthetic", str(tmp_path), "--train", "3", "--val", "2",
                           "--size", "64", "--seed", "1", "--no-masks"],

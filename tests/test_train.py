@@ -199,6 +199,7 @@ def test_used_output_dir_and_missing_checkpoint_are_clear_errors(run_a, data, tm
     assert f"output_dir {run_a[0]} already holds a run (checkpoints); continue it with --resume" in out.stderr
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(data, tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", RECIPE, *tiny_overrides(data, tmp_path),
                           "--resume", str(tmp_path / "nope.pt")], cwd=ROOT, env=rank_env(), capture_output=True,

@@ -7,7 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness import ROOT
+
+# Each test starts a rank process and its watchdog and waits out a timer: seconds each, not for the
+# fast loop (make test runs them).
+pytestmark = pytest.mark.slow
 
 BLOCKED_RANK = r'''
 import ctypes, sys
