@@ -22,7 +22,10 @@ PHASES = ("data_s", "forward_s", "backward_allreduce_s", "optimizer_s")
 
 
 @dataclass
-class Run:
+class RunRecords:
+    """What a run's output_dir holds, read back (metrics.jsonl, summary.json): the report's input.
+    Not :class:`hvdet.run.Run`, the live training state."""
+
     run_dir: Path
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
@@ -52,12 +55,12 @@ def ap_of(record: dict, iou_type: str = "bbox") -> float | None:
     return None if ap is None or ap < 0 else ap  # pycocotools writes -1 for "undefined"
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path) -> RunRecords:
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} does not exist: is {run_dir} a run's output_dir?")
-    run = Run(run_dir)
+    run = RunRecords(run_dir)
     for record in read_jsonl(metrics):
         if record.get("type") in ("train", "eval"):  # not the events (world, init_from): no points of a curve
             (run.evals if record["type"] == "eval" else run.train).append(record)
@@ -101,7 +104,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def summary_table(run: Run) -> str:
+def summary_table(run: RunRecords) -> str:
     """The time-to-accuracy summary and the evaluation history, as plain text."""
     s, last = run.summary, (run.train[-1] if run.train else {})
     rows = [
@@ -129,7 +132,7 @@ def summary_table(run: Run) -> str:
     return "\n\n".join(out)
 
 
-def _best(run: Run) -> dict:
+def _best(run: RunRecords) -> dict:
     return {k: max(aps) for k in IOU_TYPES if (aps := [a for e in run.evals if (a := ap_of(e, k)) is not None])}
 
 
@@ -142,7 +145,7 @@ def _series(records: list[dict], key: str, x: str = "iteration") -> tuple[list, 
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
+def plot_run(run: RunRecords, out_dir: str | Path | None = None) -> list[Path]:
     """Write map_vs_time.png, loss_lr.png, throughput.png and, when the records have them,
     diagnostics.png (trust ratios, AGVM's variances); returns the paths written."""
     import matplotlib
@@ -164,7 +167,7 @@ def plot_run(run: Run, out_dir: str | Path | None = None) -> list[Path]:
     return paths
 
 
-def _plot_map(run: Run, plt):
+def _plot_map(run: RunRecords, plt):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {"bbox": "tab:blue", "segm": "tab:orange"}
     for kind in IOU_TYPES:
@@ -191,7 +194,7 @@ def _plot_map(run: Run, plt):
     return fig
 
 
-def _plot_loss_lr(run: Run, plt):
+def _plot_loss_lr(run: RunRecords, plt):
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(2, 1))
     ax_loss.plot(*_series(run.train, "loss"), color="black", lw=1.5, label="total")
     names = sorted({k for r in run.train for k in (r.get("losses") or {})})
@@ -210,7 +213,7 @@ def _plot_loss_lr(run: Run, plt):
     return fig
 
 
-def _plot_throughput(run: Run, plt):
+def _plot_throughput(run: RunRecords, plt):
     fig, (ax_ips, ax_ph) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     ax_ips.plot(*_series(run.train, "images_per_s"), color="tab:purple")
     ax_ips.set(ylabel="images/s (all ranks)", title=_title(run, "throughput"))
@@ -228,7 +231,7 @@ def _plot_throughput(run: Run, plt):
     return fig
 
 
-def _plot_diagnostics(run: Run, plt):
+def _plot_diagnostics(run: RunRecords, plt):
     """LargeDet Fig. 3's trust ratios ||w|| / ||g|| per module (median, min-max band) and, with AGVM,
     its per-module gradient variances: how far apart the modules' effective step sizes are."""
     fig, (ax_tr, ax_var) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
@@ -255,7 +258,7 @@ def _plot_diagnostics(run: Run, plt):
     return fig
 
 
-def _title(run: Run, what: str) -> str:
+def _title(run: RunRecords, what: str) -> str:
     s = run.summary
     if {"world_size", "global_batch_size"} <= set(s):
         what += f" -- {s['world_size']} ranks, batch {s['global_batch_size']}"
