@@ -221,12 +221,6 @@ def host_pids(index: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def processes(index: int, match: str) -> list[tuple[int, str]]:
-    """(pid, command line) of host ``index``'s processes whose command line holds ``match`` (the
-    hosts share one PID namespace, so ``ps`` on a host would list every host's)."""
-    return [(pid, args) for pid in host_pids(index) if match in (args := _cmdline(pid))]
-
-
 def kill_host(index: int, match: str | None = None, sig: int = signal.SIGKILL) -> list[int]:
     """Kill host ``index``'s processes whose command line holds ``match`` (None: all but its sshd, as
     a node that loses everything but stays on the network); returns the PIDs signalled."""

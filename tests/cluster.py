@@ -37,17 +37,6 @@ def hostfile(path: Path, slots: dict[int, int]) -> Path:
     return path
 
 
-def processes(i: int, match: str) -> list[tuple[int, str]]:
-    """(pid, command line) of host ``i``'s processes holding ``match``: launch/testcluster.py's own
-    reading of its namespaces (loaded from its file: launch/ is scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("testcluster", ROOT / "launch" / "testcluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.processes(i, match)
-
-
 def cluster(*args: str, check: bool = True) -> str:
     """launch/testcluster.py with ``args``; its stdout (a failure raises with its message)."""
     proc = subprocess.run([*SCRIPT, *args], capture_output=True, text=True, check=False)

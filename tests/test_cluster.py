@@ -246,8 +246,19 @@ class Background:
 
 
 def rank_processes(i: int) -> list[str]:
-    """train.py processes in host ``i``'s network namespace."""
-    return [f"{pid} {args}" for pid, args in cl.processes(i, "train.py")]
+    """train.py processes in host ``i``'s network namespace (the hosts share one PID namespace, so
+    ``ps`` on a host would list every host's)."""
+    pids = subprocess.run(["ip", "netns", "pids", cl.host(i)], capture_output=True, text=True,
+                          check=False).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "train.py" in args:
+            found.append(f"{pid} {args}")
+    return found
 
 
 def segments(i: int) -> list[str]:
