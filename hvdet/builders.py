@@ -48,16 +48,17 @@ def build_dataset(cfg: Config, train: bool) -> DetectionDataset:
 
 def build_model(cfg: Config, num_classes: int, world_size: int, norm: str | None = None) -> torch.nn.Module:
     from hvdet.models import build_detector
-    from hvdet.nn import bn_group_size
 
     m, d, b, norm = cfg.model, cfg.data, cfg.bn, norm or cfg.model.norm
     # Sizes: the train loader already resized each image to its random scale from data.min_sizes,
     # so the model must not resize again in training (_skip_resize, a GeneralizedRCNNTransform
     # option for training mode only); at evaluation the model resizes to the test scale.
     sizes = {"min_size": max(d.min_sizes), "max_size": d.max_size, "_skip_resize": True}
-    # MegDet's BN size in images -> ranks per BN group (None: all ranks)
-    group = bn_group_size(b.size_images, d.images_per_gpu, world_size) if norm == "cross_gpu" and b.size_images \
-        else None
+    group = None  # ranks per BN group (None: all ranks), from MegDet's BN size in images
+    if norm == "cross_gpu" and b.size_images:
+        from hvdet.nn import bn_group_size
+
+        group = bn_group_size(b.size_images, d.images_per_gpu, world_size)
     model = build_detector(m.arch, num_classes, norm=norm, bn_group_size=group, bn_backend=b.backend,
                            bn_stats=b.stats, bn_impl=b.impl, pretrained_backbone=m.pretrained_backbone,
                            trainable_backbone_layers=m.trainable_backbone_layers, **{**sizes, **m.overrides})

@@ -9,8 +9,8 @@ Two families of architectures:
   with the papers' setups.
 * ``{faster,mask}rcnn_resnet18_fpn_fast``: the CPU variants the demo and the tests train. Every
   choice in :class:`~hvdet.models.design.FastDesign` cuts work that an easy dataset (objects of
-  15-50% of a 128-px image)
-  does not need; ``benchmarks/model_step.py`` measures the effect (docs/models.md has the numbers).
+  15-50% of a 128-px image) does not need; ``benchmarks/model_step.py`` measures the effect
+  (docs/models.md has the numbers).
   ``fasterrcnn_resnet18_fpn_fast64`` is the same at 64 px (:data:`FAST64`: anchors, RoIAlign's
   canonical scale and the image sizes halved), the batch-size study's model.
 * ``retinanet_*``: the one-stage family (:mod:`hvdet.models.retinanet`).
@@ -38,7 +38,7 @@ import os
 
 from torch import nn
 
-from hvdet.models.backbone import freeze_stages, load_backbone
+from hvdet.models.backbone import load_backbone
 from hvdet.models.design import FAST, FAST64, FAST_DESIGNS, FastDesign
 from hvdet.models.family import Family
 from hvdet.optim.build import ModuleMap
@@ -93,8 +93,7 @@ def build_detector(arch: str, num_classes: int, *, norm: str = "frozen", bn_grou
     if norm == "cross_gpu":
         from hvdet.nn import convert_cross_gpu_bn  # lazily: hvdet.nn needs a launched comm layer
 
+        # From BatchNorm2d layers: each keeps its parameters and their requires_grad (frozen stages stay so).
         model = convert_cross_gpu_bn(model, group_size=bn_group_size, backend=bn_backend, stats=bn_stats,
                                      impl=bn_impl)
-        # The frozen stages stay frozen whatever the converted layers' parameters default to.
-        freeze_stages(model.backbone.body, trainable_backbone_layers)
     return model

@@ -25,6 +25,11 @@ def fast_backbone(spec: Arch, d: FastDesign, norm_layer, trainable_layers: int, 
                            in_channels, d.fpn_channels, extra_blocks=extra_blocks)
 
 
+# Parameter names of torchvision's BackboneWithFPN, for the families' module maps (first match wins:
+# the FPN sits inside the backbone).
+BACKBONE_PREFIXES = (("backbone.fpn.", "fpn"), ("backbone.", "backbone"))
+
+
 class NoExtraLevel(ExtraFPNBlock):
     """No pooled top level: the fast FPN ends at its last returned stage."""
 

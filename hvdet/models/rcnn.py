@@ -10,7 +10,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from hvdet.models.backbone import fast_backbone
+from hvdet.models.backbone import BACKBONE_PREFIXES, fast_backbone
 from hvdet.models.design import FastDesign
 from hvdet.models.family import Family
 from hvdet.optim.build import ModuleMap
@@ -53,8 +53,8 @@ def _build_fast(spec: Arch, d: FastDesign, num_classes: int, norm_layer, trainab
                     **{**kwargs, **overrides})
 
 
-# torchvision's attribute names (the first match wins, so the FPN, inside the backbone, comes first).
-MODULES = ModuleMap(prefixes=(("backbone.fpn.", "fpn"), ("backbone.", "backbone"), ("rpn.", "rpn"),
+# torchvision's attribute names (the first match wins).
+MODULES = ModuleMap(prefixes=(*BACKBONE_PREFIXES, ("rpn.", "rpn"),
                               ("roi_heads.box_head.", "roi_box"), ("roi_heads.box_predictor.", "roi_box"),
                               ("roi_heads.mask_head.", "roi_mask"), ("roi_heads.mask_predictor.", "roi_mask")),
                     order=("backbone", "fpn", "rpn", "roi_box", "roi_mask"))

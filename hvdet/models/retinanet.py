@@ -20,7 +20,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from hvdet.models.backbone import NoExtraLevel, fast_backbone
+from hvdet.models.backbone import BACKBONE_PREFIXES, NoExtraLevel, fast_backbone
 from hvdet.models.design import FastDesign
 from hvdet.models.family import Family
 from hvdet.optim.build import ModuleMap
@@ -46,7 +46,7 @@ def build_retinanet(spec: Arch, num_classes: int, norm_layer, trainable_layers: 
     return RetinaNet(backbone, num_classes, min_size=min_size or 800, max_size=max_size or 1333, **overrides)
 
 
-MODULES = ModuleMap(prefixes=(("backbone.fpn.", "fpn"), ("backbone.", "backbone"),
-                              ("head.classification_head.", "head_cls"), ("head.regression_head.", "head_reg")),
+MODULES = ModuleMap(prefixes=(*BACKBONE_PREFIXES, ("head.classification_head.", "head_cls"),
+                              ("head.regression_head.", "head_reg")),
                     order=("backbone", "fpn", "head_cls", "head_reg"))
 FAMILY = Family(build_retinanet, MODULES)
