@@ -11,11 +11,14 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
    hvdet Triton (all tensors at once, and in L2-sized groups) vs hvdet's torch reference (foreach)
    vs timm ``Lamb`` vs torch ``AdamW(fused=True)``; with achieved bandwidth against a measured copy;
 2. one BN layer (an FPN P2 map of 2 images at 800x1333: [2, 256, 200, 336]), forward + backward:
-   cuDNN's training BatchNorm vs CGBN's own arithmetic forced through the group path with a group
+   cuDNN's training BatchNorm (the floor) vs torch.nn.SyncBatchNorm forced through its distributed
+   path on an NCCL world of one vs CGBN's own arithmetic forced through the group path with a group
    of one rank (Triton kernels, and the torch reference), NCHW and channels-last;
-3. a ResNet-50-FPN backbone step (forward + backward) with the same BN variants;
-4. the demo detector's (fasterrcnn_resnet18_fpn_fast, CGBN, PMD-LAMB) training step in fp32, AMP
-   bf16 and AMP bf16 + channels-last, in images/s.
+3. a ResNet-50-FPN backbone step (forward + backward) with the same BN variants, fp32 NCHW and AMP
+   bf16 channels-last;
+4. the demo detector's (fasterrcnn_resnet18_fpn_fast, PMD-LAMB) training step with CGBN in fp32, AMP
+   bf16 and AMP bf16 + channels-last, and with local BN (cuDNN) in fp32 and AMP bf16 + channels-last,
+   in images/s.
 
 One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON says so.
 """
@@ -192,14 +195,59 @@ def group_path(module: nn.Module) -> nn.Module:
     return module
 
 
+class ForcedSyncBatchNorm(nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm through its distributed path on a process group of one: batch_norm_stats,
+    an all-gather of (mean, invstd, count), batch_norm_gather_stats_with_counts, and in the backward
+    batch_norm_backward_reduce, an allreduce, batch_norm_backward_elemt. Its own forward takes plain BN
+    when the group has one rank, so this calls the autograd Function that forward would call with more
+    (torch.nn.modules._functions.SyncBatchNorm, as of torch 2.x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFn
+
+        self.num_batches_tracked.add_(1)
+        group = self.process_group or torch.distributed.group.WORLD
+        return SyncBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                     self.momentum, group, 1)
+
+
+def world_of_one() -> None:
+    """A torch.distributed world of this one process (NCCL on the GPU), for SyncBatchNorm's collectives."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+
+
+def sync_bn(module: nn.Module) -> nn.Module:
+    """``module`` with torch's SyncBatchNorm, forced through its distributed path, for every BatchNorm2d."""
+    world_of_one()
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = ForcedSyncBatchNorm
+    return module
+
+
 def bn_variants(c: int):
-    """name -> a fresh BN layer: cuDNN, and CGBN's group path with a group of one (Triton / reference)."""
+    """name -> a fresh BN layer: cuDNN, torch's SyncBatchNorm (distributed path, group of one), and CGBN's
+    group path with a group of one (Triton / reference)."""
     def cgbn(impl):
         def make():
             return group_path(CrossGPUBatchNorm2d(c, impl=impl))
         return make
-    return {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "cgbn_triton": cgbn("triton"),
-            "cgbn_reference": cgbn("reference")}
+    return {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "torch_syncbn": lambda: sync_bn(nn.BatchNorm2d(c)),
+            "cgbn_triton": cgbn("triton"), "cgbn_reference": cgbn("reference")}
+
+
+def ratios(ms: dict) -> dict:
+    """Each variant's median time against cuDNN's, and CGBN's (Triton) against SyncBatchNorm's."""
+    out = {f"{name} / cudnn": ms[name] / ms["cudnn_batchnorm"] for name in ms if name != "cudnn_batchnorm"}
+    out["cgbn_triton / torch_syncbn"] = ms["cgbn_triton"] / ms["torch_syncbn"]
+    return out
 
 
 def bench_bn_layer() -> dict:
@@ -217,13 +265,12 @@ def bench_bn_layer() -> dict:
             return run
         timings = time_variants({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds=5, reps=10)
         ms = {k: v["median_ms"] for k, v in timings.items()}
-        kernels = {name: kernel_breakdown(fwd_bwd(layers[name]), top=8) for name in ("cudnn_batchnorm", "cgbn_triton")}
+        kernels = {name: kernel_breakdown(fwd_bwd(layers[name]), top=8)
+                   for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton")}
         dev = {k: v["total_device_us"] for k, v in kernels.items()}
         out[layout] = {"shape": list(shape), "timings": timings, "kernels": kernels,
                        "device_time_ratio cgbn_triton / cudnn": dev["cgbn_triton"] / dev["cudnn_batchnorm"]
-                       if all(dev.values()) else None,
-                       "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
-                       "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
+                       if all(dev.values()) else None, **ratios(ms)}
     return out
 
 
@@ -235,11 +282,13 @@ def bench_backbone() -> dict:
     for setting, amp, fmt in (("fp32_nchw", False, torch.contiguous_format), ("bf16_nhwc", True, torch.channels_last)):
         x = images.to(memory_format=fmt)
         variants = {}
-        for name in ("cudnn_batchnorm", "cgbn_triton", "cgbn_reference"):
+        for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton", "cgbn_reference"):
             torch.manual_seed(0)
             net = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
                                       trainable_layers=5)
-            if name != "cudnn_batchnorm":
+            if name == "torch_syncbn":
+                net = sync_bn(net)
+            elif name != "cudnn_batchnorm":
                 net = group_path(convert_cross_gpu_bn(net, impl=name.split("_")[1]))
             net = net.cuda().to(memory_format=fmt)
 
@@ -251,9 +300,7 @@ def bench_backbone() -> dict:
             variants[name] = run
         timings = time_variants(variants, rounds=3, reps=5)
         ms = {k: v["median_ms"] for k, v in timings.items()}
-        out[setting] = {"images": list(images.shape), "timings": timings,
-                        "cgbn_triton / cudnn": ms["cgbn_triton"] / ms["cudnn_batchnorm"],
-                        "cgbn_reference / cudnn": ms["cgbn_reference"] / ms["cudnn_batchnorm"]}
+        out[setting] = {"images": list(images.shape), "timings": timings, **ratios(ms)}
     return out
 
 
@@ -272,10 +319,15 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
         wh = 16 + torch.rand(4, 2, generator=gen) * (size * 0.3)
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).cuda(), "labels": torch.randint(1, 5, (4,)).cuda()})
     variants = {}
-    for name, amp, fmt in (("fp32", False, torch.contiguous_format), ("amp_bf16", True, torch.contiguous_format),
-                           ("amp_bf16_channels_last", True, torch.channels_last)):
+    # CGBN (a group of one, forced through its arithmetic) in three precisions/layouts; local BN (cuDNN) in
+    # two of them: what turning Cross-GPU BN on costs the whole step.
+    for name, amp, fmt, norm in (("fp32", False, torch.contiguous_format, "cross_gpu"),
+                                 ("amp_bf16", True, torch.contiguous_format, "cross_gpu"),
+                                 ("amp_bf16_channels_last", True, torch.channels_last, "cross_gpu"),
+                                 ("fp32 local_bn", False, torch.contiguous_format, "local"),
+                                 ("amp_bf16_channels_last local_bn", True, torch.channels_last, "local")):
         torch.manual_seed(0)
-        model = group_path(build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm="cross_gpu", min_size=size,
+        model = group_path(build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm=norm, min_size=size,
                                           max_size=size))
         model = model.cuda().to(memory_format=fmt).train()
         opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
@@ -288,7 +340,7 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
             opt.step()
         variants[name] = run
     timings = time_variants(variants, rounds=3, reps=5)
-    return {"arch": "fasterrcnn_resnet18_fpn_fast", "norm": "cross_gpu (group of one, forced)",
+    return {"arch": "fasterrcnn_resnet18_fpn_fast", "norm": "cross_gpu (group of one, forced); local: BatchNorm2d",
             "optimizer": "pmdlamb (triton)", "images_per_gpu": images_per_gpu, "image_px": size,
             "timings": timings,
             "images_per_s": {k: images_per_gpu / (v["median_ms"] / 1e3) for k, v in timings.items()}}
@@ -439,7 +491,8 @@ def print_table(r: dict) -> None:
                 if "device_time_ratio cgbn_triton / cudnn" in v:
                     rows.append((f"{section} {setting} device-time cgbn_triton / cudnn",
                                  str(v["device_time_ratio cgbn_triton / cudnn"])))
-                rows.append((f"{section} {setting} cgbn_triton / cudnn", f"{v['cgbn_triton / cudnn']:.3f}"))
+                rows += [(f"{section} {setting} {key}", f"{v[key]:.3f}") for key in
+                         ("cgbn_triton / cudnn", "torch_syncbn / cudnn", "cgbn_triton / torch_syncbn") if key in v]
     demo = r.get("demo", {})
     if "runs" in demo:
         rows += [(f"demo time to AP 0.5, eval {k}", f"{v:.1f} s (median)")

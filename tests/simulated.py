@@ -171,3 +171,27 @@ def run_in_threads(fn, n: int, timeout_s: float = 30.0) -> list:
         err.add_note(f"(raised on simulated rank {rank} of {n})")
         raise err
     return results
+
+
+class SerializedKernel:
+    """A Triton kernel whose launches hold one lock: Triton's interpreter patches ``triton.language`` for
+    the duration of a launch, so two threads interpreting kernels at once break each other ("Did you
+    forget to add @triton.jit?"). Compiled kernels on a GPU have no such limit; the lock is the tests'."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with self._lock:
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def serialize_triton_launches(monkeypatch, module, kernels) -> None:
+    """Make ``module``'s launches of ``kernels`` (names) one at a time across the simulated ranks' threads."""
+    for name in kernels:
+        monkeypatch.setattr(module, name, SerializedKernel(getattr(module, name)))
+

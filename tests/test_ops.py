@@ -202,18 +202,94 @@ def test_choose_names_what_an_impl_cannot_take():
 # What the interpreter does not check
 # ---------------------------------------------------------------------------------------------
 
+def kernel_launches(path: Path):
+    """{kernel: its parameter names} of the Triton kernels in ``path``, and every ``kernel[grid](...)`` call."""
+    tree = ast.parse(path.read_text())
+    kernels = {f.name: {a.arg for a in f.args.args} for f in tree.body if isinstance(f, ast.FunctionDef)
+               and any(ast.unparse(d).startswith("triton.jit") for d in f.decorator_list)}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id in kernels]
+    return kernels, calls
+
+
 def test_every_kernel_launch_names_only_its_own_parameters():
     """Triton's interpreter ignores an unknown keyword at a launch; the compiler raises KeyError on
     the GPU. So every ``kernel[grid](..., NAME=...)`` in hvdet/ops must name a parameter of that kernel."""
     for path in sorted((ROOT / "hvdet" / "ops").glob("*_triton.py")):
-        tree = ast.parse(path.read_text())
-        kernels = {f.name: {a.arg for a in f.args.args} for f in tree.body if isinstance(f, ast.FunctionDef)
-                   and any(ast.unparse(d).startswith("triton.jit") for d in f.decorator_list)}
-        launches = 0
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id in kernels):
-                launches += 1
-                names = {k.arg for k in node.keywords} - {"num_warps", "num_stages"}
-                assert names <= kernels[node.func.value.id], (path.name, node.func.value.id, names)
-        assert launches >= 3, path.name
+        kernels, calls = kernel_launches(path)
+        for node in calls:
+            names = {k.arg for k in node.keywords} - {"num_warps", "num_stages"}
+            assert names <= kernels[node.func.value.id], (path.name, node.func.value.id, names)
+        assert len(calls) >= 3, path.name
+
+
+@pytest.mark.parametrize(("shape", "programs"), [((70, 3, 2, 2), None), ((5, 11, 20, 30), 8)])
+def test_bn_triton_merges_any_number_of_programs_and_leaves_its_counters_zero(shape, programs, monkeypatch):
+    """The last program of a channel block to finish merges every program's partials: more programs than
+    one merge step takes (70 > MERGE_ROWS), and programs of several units each (PROGRAMS patched to 8:
+    4 programs of 4, 4, 4, 3 units). The result equals the reference and is the same bits again (the merge
+    order is fixed), and every arrival counter is zero after each launch, so the next launch, the next
+    layer's, starts from zero."""
+    from hvdet.ops import bn_triton
+
+    if programs:
+        monkeypatch.setattr(bn_triton, "PROGRAMS", programs)
+    bn_triton._plan_of.cache_clear()  # the plans depend on PROGRAMS
+    try:
+        x, dy = bn_input(shape, "nchw", torch.float64, offset=1e4)
+        plan = bn_triton._plan(x)
+        split = (plan.grid[0], plan.units_per_prog)
+        assert split[0] > bn_triton.MERGE_ROWS if programs is None else split == (4, 4)
+        got = ops_bn.moments_packed(x, "triton")
+        assert not any(buf.any() for buf in bn_triton._COUNTERS.values())
+        torch.testing.assert_close(got, ops_bn.moments_packed(x, "reference"), rtol=1e-12, atol=1e-9)
+        assert torch.equal(ops_bn.moments_packed(x, "triton"), got)
+        c = shape[1]
+        mean, var = got[1:c + 1], got[c + 1:] / got[0]
+        sums = ops_bn.grad_sums(dy, x, mean, var, 1e-5, torch.float64, "triton")
+        assert not any(buf.any() for buf in bn_triton._COUNTERS.values())
+        for a, b in zip(sums, ops_bn.grad_sums(dy, x, mean, var, 1e-5, torch.float64, "reference"), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    finally:
+        bn_triton._plan_of.cache_clear()
+
+
+class CountedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name; they still run."""
+
+    def __init__(self, kernel, name: str, log: list):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_a_cgbn_layer_step_is_four_triton_launches(monkeypatch):
+    """Issue 22's launch budget: forward = the moments (with this rank's pack) and the group merge,
+    backward = the reductions (with their pack) and dx; counted at every launch site of bn_triton.py.
+    The layer (a group of one running CGBN's own arithmetic) still equals BatchNorm2d."""
+    from hvdet.nn.cross_gpu_bn import CrossGPUBatchNorm2d
+    from hvdet.ops import bn_triton
+    from tests.simulated import run_in_threads
+
+    log: list = []
+    for name in {node.func.value.id for node in kernel_launches(ROOT / "hvdet" / "ops" / "bn_triton.py")[1]}:
+        monkeypatch.setattr(bn_triton, name, CountedKernel(getattr(bn_triton, name), name, log))
+
+    def step(_world):
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(3, 6, 5, 4, generator=gen, dtype=torch.float64) + 2).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        bn = CrossGPUBatchNorm2d(6, stats="chan", impl="triton").double()
+        bn.force_group_path = True
+        ref = torch.nn.BatchNorm2d(6).double()
+        for layer, inp in ((bn, x), (ref, x_ref)):
+            layer(inp).mul(torch.arange(6, dtype=torch.float64).view(1, -1, 1, 1)).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(bn.running_var, ref.running_var)
+
+    run_in_threads(step, 1)
+    assert log == ["_moments", "_group_stats", "_backward_reduce", "_input_grad"]

@@ -3,7 +3,8 @@
 tests/simulated.py runs each rank on a thread whose collectives meet the others' at a barrier, so these
 need no launcher (``make test-fast`` runs them); the real-launcher tests they mirror stay in ``make test``:
 
-* Cross-GPU BN == BatchNorm2d over the group's whole batch, forward and backward, every ``stats`` mode:
+* Cross-GPU BN == BatchNorm2d over the group's whole batch, forward and backward, every ``stats`` mode
+  and the Triton kernels (under the interpreter, one rank per thread):
   tests/test_cgbn.py's test_two_ranks_gloo_matches_batchnorm_over_the_group and
   test_four_ranks_groups_of_two (the same case_oracle on each rank, the same check_oracle).
 * AGVM's variances, lr scales and steps against the paper's equations: tests/test_agvm.py's
@@ -20,9 +21,10 @@ import torch
 from hvdet import comm
 from hvdet.models.rcnn import MODULES as RCNN
 from hvdet.nn.cross_gpu_bn import STATS, CrossGPUBatchNorm2d
+from hvdet.ops.triton_support import interpreting, triton_available
 from hvdet.step import DivergenceError, StepSettings, check_losses, grad_scaler, train_step
 from tests import test_agvm as agvm_cases
-from tests.simulated import RankAborted, run_in_threads
+from tests.simulated import RankAborted, run_in_threads, serialize_triton_launches
 from tests.test_cgbn import C, case_oracle, check_oracle
 from tests.test_step import Regressor, batch
 
@@ -89,14 +91,21 @@ def cgbn_configs(n):
     configs = [{**one, "stats": stats} for stats in STATS]
     configs += [{**one, "offset": 1e4},                                     # |mean| / std = 1e4: chan stays exact
                 {**one, "stats": "two_pass", "momentum": None, "affine": False, "steps": 3}]
+    if triton_available() and interpreting():  # the fused Triton kernels (hvdet.ops.bn_triton) under the interpreter
+        configs.append({**one, "impl": "triton", "offset": 1e3})
     if n == 4:  # two groups of two, apart: group (2, 3) holds an empty rank
         configs += [{**one, "group_size": 2, "stats": stats} for stats in ("chan", "two_pass")]
     return configs
 
 
 @pytest.mark.parametrize("n", RANKS)
-def test_cgbn_forward_and_backward_equal_batchnorm_over_the_group(n):
+def test_cgbn_forward_and_backward_equal_batchnorm_over_the_group(n, monkeypatch):
     configs = cgbn_configs(n)
+    if any(cfg.get("impl") == "triton" for cfg in configs):
+        from hvdet.ops import bn_triton
+        from tests.test_ops import ROOT, kernel_launches
+        launched = {call.func.value.id for call in kernel_launches(ROOT / "hvdet" / "ops" / "bn_triton.py")[1]}
+        serialize_triton_launches(monkeypatch, bn_triton, launched)
     results = run_in_threads(lambda w: case_oracle(configs, sim=w), n)
     # Outputs, input grads, summed weight/bias grads, running stats, eval, collectives per pass.
     check_oracle(results, configs, world=n)

@@ -59,7 +59,7 @@ _DIMS = ops.DIMS  # everything but the channel
 
 
 def resolve_stats(stats: str, x: torch.Tensor) -> str:
-    """``auto``: ``chan`` for CUDA tensors (one collective, six fused Triton launches per layer), MegDet's
+    """``auto``: ``chan`` for CUDA tensors (one collective, four Triton launches per layer), MegDet's
     ``two_pass`` on CPU (Chan's was not faster there, see the module docstring)."""
     if stats not in STATS:
         raise ValueError(f"stats must be one of {STATS}, got {stats!r}")

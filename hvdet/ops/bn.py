@@ -9,7 +9,7 @@ For x of shape [N, C, H, W] and per channel c (statistics in fp32, fp64 for fp64
 * :func:`input_grad`: dx = a dy + b x + c with per-channel a, b, c (the BN input gradient).
 
 and the same steps in the packed forms Cross-GPU BN exchanges, which the Triton implementation
-fuses into six launches per layer (see :mod:`hvdet.ops.bn_triton`): :func:`moments_packed` (float64
+fuses into four launches per layer (see :mod:`hvdet.ops.bn_triton`): :func:`moments_packed` (float64
 n_i, m_i, M2_i), :func:`group_stats` (merge of the group's parts, running statistics updated),
 :func:`grad_sums` (float64 sum dy, sum dy x_hat; local dgamma, dbeta), :func:`input_grad_from_sums`.
 

@@ -1,27 +1,41 @@
-"""Cross-GPU BN's per-channel work as Triton kernels: a handful of launches per layer and pass.
+"""Cross-GPU BN's per-channel work as Triton kernels: four launches per layer, forward and backward.
 
 A [N, C, H, W] tensor (NCHW or channels-last) is read in tiles of one image: BLOCK_HW pixels x
 BLOCK_C channels at ``n * s_n + hw * s_hw + c * s_c``. Whichever of s_hw (NCHW) or s_c (NHWC) is 1,
 Triton specializes on it and reads that axis with wide, coalesced loads; the tile shape follows the
 layout. Program p of channel block b takes a contiguous share of the (image, pixel block) units.
 
-Forward (``stats="chan"``), three launches and the collective:
+Forward, two launches and the collective:
   1. ``_moments``: per program and channel (count, mean, M2) of its tiles, each tile's own mean and
-     squared deviations merged with Chan et al.'s formula (exact; one read of x);
-  2. ``_pack_local``: the programs' partials merged (in program order: deterministic) into this
-     rank's packed float64 (n_i, m_i[C], M2_i[C]), the buffer the group allgathers;
-  3. ``_group_stats``: the group's parts merged likewise into mean and biased variance, and the running
+     squared deviations merged with Chan et al.'s formula (exact; one read of x); then the last
+     program of a channel block to finish merges every program's partials (in program order:
+     deterministic) into this rank's packed float64 (n_i, m_i[C], M2_i[C]), the buffer the group
+     allgathers;
+  2. ``_group_stats``: the group's parts merged likewise into mean and biased variance, and the running
      statistics updated in place (unbiased variance, torch's convention).
-Backward, three launches and the collective:
-  4. ``_backward_reduce``: per program sum(dy) and sum(dy (x - mean)) (one read of dy and x);
-  5. ``_pack_grad_sums``: summed over programs into packed float64 (sum dy, sum dy x_hat), and the
-     local dgamma, dbeta;
-  6. ``_input_grad``: with the group sums: dx = a dy + b x + c, a, b, c computed per channel in the
+Backward, two launches and the collective:
+  3. ``_backward_reduce``: per program sum(dy) and sum(dy (x - mean)) (one read of dy and x); the last
+     program of a channel block sums the programs' rows into packed float64 (sum dy, sum dy x_hat)
+     and the local dgamma, dbeta;
+  4. ``_input_grad``: with the group sums: dx = a dy + b x + c, a, b, c computed per channel in the
      kernel from gamma, mean, var, eps and the sums (one read of dy and x, one write of dx).
 Statistics accumulate in fp32 (fp64 for fp64 input) and merge in fp64.
+
+"The last program merges" (CUDA's threadFenceReduction sample) folds what were two more launches
+(the pack kernels) into the reductions: each program stores its partials, passes a CTA barrier,
+and bumps its channel block's arrival counter with an acquire-release atomic; the one that sees
+P - 1 arrivals before it reads every partial (L1-bypassing loads) and resets the counter to 0, so
+the counters are zero between launches and one buffer per device and stream serves every layer.
+On a GPU each launch costs host time (argument packing, the driver call) whatever its size: the
+layer is host-bound at detection's shapes, so launches and per-call Python are what to save.
 """
 from __future__ import annotations
 
+import functools
+import threading
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +44,8 @@ from hvdet.ops.triton_support import acc_dtype
 
 TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
 PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU
-MERGE_BLOCK = 32                            # channels per program of the merge kernels ...
-MERGE_ROWS = 32                             # ... which take this many partial rows at a time
+MERGE_BLOCK = 32                            # channels per program of the group merge ...
+MERGE_ROWS = 32                             # ... and partial rows per step of every merge
 
 
 @triton.jit
@@ -46,8 +60,16 @@ def _unit_tile(k, n_hb, HW, c_idx, C, s_n, s_c, s_hw, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
-def _moments(x_ptr, cnt_out, mean_out, m2_out, units, n_hb, HW, C, s_n, s_c, s_hw, units_per_prog,
-             ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _last_arrival(counter, P):
+    """True in the last of the P programs of a channel block to get here; their partials, stored
+    before, are then visible to it (a CTA barrier, then an acquire-release atomic at GPU scope)."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter, 1, sem="acq_rel") == P - 1
+
+
+@triton.jit
+def _moments(x_ptr, parts, local, counters, units, n_hb, HW, C, s_n, s_c, s_hw, units_per_prog, P,
+             ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, RB: tl.constexpr):
     p, cb = tl.program_id(0), tl.program_id(1)
     c_idx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.zeros([BLOCK_C], dtype=ACC)
@@ -68,9 +90,15 @@ def _moments(x_ptr, cnt_out, mean_out, m2_out, units, n_hb, HW, C, s_n, s_c, s_h
         n = total
     out = p * C + c_idx
     keep = c_idx < C
-    tl.store(cnt_out + out, n, mask=keep)
-    tl.store(mean_out + out, mean, mask=keep)
-    tl.store(m2_out + out, m2, mask=keep)
+    tl.store(parts + out, n, mask=keep)                    # parts: [3, P, C] = counts, means, M2s
+    tl.store(parts + P * C + out, mean, mask=keep)
+    tl.store(parts + 2 * P * C + out, m2, mask=keep)
+    if _last_arrival(counters + cb, P):
+        n, mean, m2 = _chan_merge(parts, parts + P * C, parts + 2 * P * C, P, C, c_idx, keep, BLOCK_C, RB)
+        tl.store(local + 1 + c_idx, mean, mask=keep)              # packed: n_i, m_i[C], M2_i[C]
+        tl.store(local + 1 + C + c_idx, m2, mask=keep)
+        tl.store(local + c_idx * 0, n, mask=c_idx == 0)
+        tl.atomic_xchg(counters + cb, 0)                          # zero again for the next launch
 
 
 @triton.jit
@@ -85,12 +113,14 @@ def _chan_merge(cnt_ptr, mean_ptr, m2_ptr, rows, stride, c_idx, keep, BLOCK: tl.
         r = r0 + tl.arange(0, RB)
         ok = (r < rows)[:, None] & keep[None, :]
         off = r[:, None] * stride + c_idx[None, :]
-        n_r = tl.load(cnt_ptr + off, mask=ok, other=0.0).to(tl.float64)
-        mean_r = tl.load(mean_ptr + off, mask=ok, other=0.0).to(tl.float64)
+        # .cg: from L2, never a stale L1 line (other programs wrote these in the same launch)
+        n_r = tl.load(cnt_ptr + off, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float64)
+        mean_r = tl.load(mean_ptr + off, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float64)
         n_t = tl.sum(n_r, axis=0)
         mean_t = tl.sum(n_r * mean_r, axis=0) / tl.maximum(n_t, 1.0)
         d = tl.where(ok, mean_r - mean_t[None, :], 0.0)
-        m2_t = tl.sum(tl.load(m2_ptr + off, mask=ok, other=0.0).to(tl.float64) + n_r * d * d, axis=0)
+        m2_r = tl.load(m2_ptr + off, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float64)
+        m2_t = tl.sum(m2_r + n_r * d * d, axis=0)
         total = n + n_t
         frac = tl.where(total > 0, n_t / tl.maximum(total, 1.0), 0.0)
         delta = mean_t - mean
@@ -98,16 +128,6 @@ def _chan_merge(cnt_ptr, mean_ptr, m2_ptr, rows, stride, c_idx, keep, BLOCK: tl.
         m2 += m2_t + delta * delta * n * frac
         n = total
     return n, mean, m2
-
-
-@triton.jit
-def _pack_local(cnt, means, m2s, local, P, C, BLOCK: tl.constexpr, RB: tl.constexpr):
-    c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = c_idx < C
-    n, mean, m2 = _chan_merge(cnt, means, m2s, P, C, c_idx, keep, BLOCK, RB)
-    tl.store(local + 1 + c_idx, mean, mask=keep)                  # packed: n_i, m_i[C], M2_i[C]
-    tl.store(local + 1 + C + c_idx, m2, mask=keep)
-    tl.store(local + c_idx * 0, n, mask=c_idx == 0)
 
 
 @triton.jit
@@ -134,12 +154,13 @@ def _group_stats(parts, G, C, mean_out, var_out, n_out, running_mean, running_va
 
 
 @triton.jit
-def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, units, n_hb, HW, C, s_n, s_c, s_hw,
-                     g_n, g_c, g_hw, units_per_prog, ACC: tl.constexpr, BLOCK_HW: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+def _backward_reduce(dy_ptr, x_ptr, mean_ptr, var_ptr, eps, sums, counters, packed, dw_out, db_out, units, n_hb, HW,
+                     C, s_n, s_c, s_hw, g_n, g_c, g_hw, units_per_prog, P, ACC: tl.constexpr,
+                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, RB: tl.constexpr):
     p, cb = tl.program_id(0), tl.program_id(1)
     c_idx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mean = tl.load(mean_ptr + c_idx, mask=c_idx < C, other=0.0).to(ACC)
+    keep = c_idx < C
+    mean = tl.load(mean_ptr + c_idx, mask=keep, other=0.0).to(ACC)
     acc_dy = tl.zeros([BLOCK_C], dtype=ACC)
     acc_dy_xmu = tl.zeros([BLOCK_C], dtype=ACC)
     for k in range(p * units_per_prog, tl.minimum((p + 1) * units_per_prog, units)):
@@ -150,30 +171,25 @@ def _backward_reduce(dy_ptr, x_ptr, mean_ptr, sum_dy_out, sum_dy_xmu_out, units,
         acc_dy += tl.sum(dy, axis=0)
         acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean[None, :]), 0.0), axis=0)
     out = p * C + c_idx
-    keep = c_idx < C
-    tl.store(sum_dy_out + out, acc_dy, mask=keep)
-    tl.store(sum_dy_xmu_out + out, acc_dy_xmu, mask=keep)
-
-
-@triton.jit
-def _pack_grad_sums(sum_dy, sum_dy_xmu, var_ptr, eps, P, C, packed, dw_out, db_out, BLOCK: tl.constexpr,
-                    RB: tl.constexpr):
-    c_idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = c_idx < C
-    a = tl.zeros([BLOCK], dtype=tl.float64)
-    b = tl.zeros([BLOCK], dtype=tl.float64)
-    for r0 in range(0, P, RB):  # a fixed order: deterministic
-        r = r0 + tl.arange(0, RB)
-        ok = (r < P)[:, None] & keep[None, :]
-        off = r[:, None] * C + c_idx[None, :]
-        a += tl.sum(tl.load(sum_dy + off, mask=ok, other=0.0).to(tl.float64), axis=0)
-        b += tl.sum(tl.load(sum_dy_xmu + off, mask=ok, other=0.0).to(tl.float64), axis=0)
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c_idx, mask=keep, other=1.0).to(tl.float64) + eps)
-    b = b * invstd                                                   # sum dy * x_hat
-    tl.store(packed + c_idx, a, mask=keep)
-    tl.store(packed + C + c_idx, b, mask=keep)
-    tl.store(db_out + c_idx, a.to(db_out.dtype.element_ty), mask=keep)
-    tl.store(dw_out + c_idx, b.to(dw_out.dtype.element_ty), mask=keep)
+    tl.store(sums + out, acc_dy, mask=keep)                 # sums: [2, P, C] = sum dy, sum dy (x - mean)
+    tl.store(sums + P * C + out, acc_dy_xmu, mask=keep)
+    if _last_arrival(counters + cb, P):
+        a = tl.zeros([BLOCK_C], dtype=tl.float64)
+        b = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for r0 in range(0, P, RB):  # a fixed order: deterministic
+            r = r0 + tl.arange(0, RB)
+            ok = (r < P)[:, None] & keep[None, :]
+            off = r[:, None] * C + c_idx[None, :]
+            a += tl.sum(tl.load(sums + off, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float64), axis=0)
+            b += tl.sum(tl.load(sums + P * C + off, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float64),
+                        axis=0)
+        invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c_idx, mask=keep, other=1.0).to(tl.float64) + eps)
+        b = b * invstd                                                   # sum dy * x_hat
+        tl.store(packed + c_idx, a, mask=keep)
+        tl.store(packed + C + c_idx, b, mask=keep)
+        tl.store(db_out + c_idx, a.to(db_out.dtype.element_ty), mask=keep)
+        tl.store(dw_out + c_idx, b.to(dw_out.dtype.element_ty), mask=keep)
+        tl.atomic_xchg(counters + cb, 0)
 
 
 @triton.jit
@@ -220,38 +236,74 @@ def accepts(x: torch.Tensor) -> bool:
         and strides(x) is not None
 
 
-def _plan(x: torch.Tensor) -> tuple:
-    """Grid, tile and work split of x: ((P, channel blocks), units, n_hb, HW, units_per_prog, tile)."""
-    n, c, h, w = x.shape
+class Plan(NamedTuple):
+    """Grid, tile and work split of a tensor: the same for every call with its shape and strides."""
+    grid: tuple[int, int]           # (programs P, channel blocks)
+    units: int                      # (image, pixel block) units
+    n_hb: int                       # pixel blocks per image
+    hw: int
+    units_per_prog: int
+    block_hw: int
+    block_c: int
+    strides: tuple[int, int, int]   # (s_n, s_c, s_hw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> Plan:
+    n, c, h, w = shape
     hw = h * w
-    block_hw, block_c = TILES[strides(x)[2] == 1 and hw > 1]
+    s_n, s_c, s_h, s_w = stride
+    s = (s_n, s_c, s_w if w > 1 else s_h)
+    block_hw, block_c = TILES[s[2] == 1 and hw > 1]
     n_hb = max(1, triton.cdiv(hw, block_hw))
     units = n * n_hb
     c_blocks = triton.cdiv(c, block_c)
     units_per_prog = max(1, triton.cdiv(units, max(1, PROGRAMS // c_blocks)))
     progs = max(1, triton.cdiv(units, units_per_prog))
-    return (progs, c_blocks), units, n_hb, hw, units_per_prog, (block_hw, block_c)
+    return Plan((progs, c_blocks), units, n_hb, hw, units_per_prog, block_hw, block_c, s)
 
 
+def _plan(x: torch.Tensor) -> Plan:
+    """x's plan, cached by shape and strides: a training step meets the same few shapes every time."""
+    return _plan_of(tuple(x.shape), x.stride())
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """int32 arrival counters, all zero, for ``blocks`` channel blocks: one buffer per device and stream,
+    reused by every launch (each launch leaves them zero). Launches that may run at the same time must
+    not share one: those of two CUDA streams, or of two threads under the interpreter (simulated ranks)."""
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else threading.get_ident())
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < blocks:
+        buf = _COUNTERS[key] = torch.zeros(max(blocks, 64), device=device, dtype=torch.int32)
+    return buf
+
+
+@functools.lru_cache(maxsize=256)
 def _split(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi and lo exact fp32 numbers: a float64 scalar through fp32 kernel arguments."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    """value = hi + lo with hi and lo exact fp32 numbers: a float64 scalar through fp32 kernel arguments.
+    Cached: the momentum is the same every step (1/t with momentum=None: one entry per step, bounded)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
 
 
 def local_moments_packed(x: torch.Tensor) -> torch.Tensor:
-    """This rank's float64 (n_i, mean_i[C], M2_i[C]) of x: launches 1 and 2."""
-    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
+    """This rank's float64 (n_i, mean_i[C], M2_i[C]) of x: launch 1."""
+    pl = _plan(x)
     c, acc = x.shape[1], acc_dtype(x)
-    parts = [torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(3)]
-    _moments[grid](x, *parts, units, n_hb, hw, c, *strides(x), per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
+    parts = torch.empty(3, pl.grid[0], c, device=x.device, dtype=acc)
     local = torch.empty(2 * c + 1, device=x.device, dtype=torch.float64)
-    _pack_local[(triton.cdiv(c, MERGE_BLOCK),)](*parts, local, grid[0], c, BLOCK=MERGE_BLOCK, RB=MERGE_ROWS)
+    _moments[pl.grid](x, parts, local, _counters(x.device, pl.grid[1]), pl.units, pl.n_hb, pl.hw, c, *pl.strides,
+                      pl.units_per_prog, pl.grid[0], ACC=_TL[acc], BLOCK_HW=pl.block_hw, BLOCK_C=pl.block_c,
+                      RB=MERGE_ROWS)
     return local
 
 
 def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, running_var, factor: float):
-    """Launch 3: mean, biased var (stat_dtype) and n (float64 [1]) of the group's packed parts
+    """Launch 2: mean, biased var (stat_dtype) and n (float64 [1]) of the group's packed parts
     [G, 2C+1]; running statistics updated in place when given."""
     g, row = parts.shape
     c = (row - 1) // 2
@@ -268,27 +320,28 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, runn
 
 def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
                      param_dtype: torch.dtype):
-    """Launches 4 and 5: float64 (sum dy[C], sum dy x_hat[C]) and the local (dgamma, dbeta)."""
-    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
+    """Launch 3: float64 (sum dy[C], sum dy x_hat[C]) and the local (dgamma, dbeta)."""
+    pl = _plan(x)
     c, acc = x.shape[1], acc_dtype(x)
-    sum_dy, sum_dy_xmu = (torch.empty(grid[0], c, device=x.device, dtype=acc) for _ in range(2))
-    _backward_reduce[grid](dy, x, mean.contiguous(), sum_dy, sum_dy_xmu, units, n_hb, hw, c, *strides(x), *strides(dy),
-                           per_prog, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
+    sums = torch.empty(2, pl.grid[0], c, device=x.device, dtype=acc)
     packed = torch.empty(2 * c, device=x.device, dtype=torch.float64)
+    # Two tensors, not views of one: they become the parameters' .grad, which must not alias.
     dw, db = (torch.empty(c, device=x.device, dtype=param_dtype) for _ in range(2))
-    _pack_grad_sums[(triton.cdiv(c, MERGE_BLOCK),)](sum_dy, sum_dy_xmu, var.contiguous(), float(eps), grid[0], c,
-                                                    packed, dw, db, BLOCK=MERGE_BLOCK, RB=MERGE_ROWS)
+    _backward_reduce[pl.grid](dy, x, mean.contiguous(), var.contiguous(), float(eps), sums,
+                              _counters(x.device, pl.grid[1]), packed, dw, db, pl.units, pl.n_hb, pl.hw, c,
+                              *pl.strides, *strides(dy), pl.units_per_prog, pl.grid[0], ACC=_TL[acc],
+                              BLOCK_HW=pl.block_hw, BLOCK_C=pl.block_c, RB=MERGE_ROWS)
     return packed, dw, db
 
 
 def input_grad(dy: torch.Tensor, x: torch.Tensor, total: torch.Tensor, n: torch.Tensor, weight, mean, var,
                eps: float) -> torch.Tensor:
-    """Launch 6: dx from the group sums ``total`` (float64 [2C]) and count ``n`` (float64 [1])."""
-    grid, units, n_hb, hw, per_prog, (bhw, bc) = _plan(x)
-    acc = acc_dtype(x)
+    """Launch 4: dx from the group sums ``total`` (float64 [2C]) and count ``n`` (float64 [1])."""
+    pl = _plan(x)
     dx = torch.empty_like(x)  # preserve_format: the same strides as x
     has_weight = weight is not None
-    _input_grad[grid](dy, x, dx, total.contiguous(), n, weight if has_weight else mean, mean.contiguous(),
-                      var.contiguous(), float(eps), units, n_hb, hw, x.shape[1], *strides(x), *strides(dy), per_prog,
-                      HAS_WEIGHT=has_weight, ACC=_TL[acc], BLOCK_HW=bhw, BLOCK_C=bc)
+    _input_grad[pl.grid](dy, x, dx, total.contiguous(), n, weight if has_weight else mean, mean.contiguous(),
+                         var.contiguous(), float(eps), pl.units, pl.n_hb, pl.hw, x.shape[1], *pl.strides, *strides(dy),
+                         pl.units_per_prog, HAS_WEIGHT=has_weight, ACC=_TL[acc_dtype(x)], BLOCK_HW=pl.block_hw,
+                         BLOCK_C=pl.block_c)
     return dx
