@@ -4,7 +4,12 @@ kernel natively, each compared with the torch reference and with float64 maths w
 The same kernels compiled for a GPU are checked by tests/test_gpu.py (``pytest -m gpu``).
 """
 import ast
+import inspect
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,17 +259,54 @@ def test_bn_triton_merges_any_number_of_programs_and_leaves_its_counters_zero(sh
         bn_triton._plan_of.cache_clear()
 
 
-class CountedKernel:
-    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name; they still run."""
+TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
-    def __init__(self, kernel, name: str, log: list):
-        self.kernel, self.name, self.log = kernel, name, log
+
+def launch_record(module: str, name: str, kernel, args: tuple, kwargs: dict) -> dict:
+    """A launch in Triton's terms: the signature ("*fp32", "i32", ... or "constexpr") and the constexpr
+    values, as tests/_compile_kernels.py compiles it (two launches with one record compile the same)."""
+    import triton.language as tl
+
+    params = inspect.signature(kernel.fn).parameters
+    bound = {**dict(zip(kernel.arg_names, args, strict=False)),
+             **{k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}}
+    sig, consts = {}, {}
+    for pname, value in bound.items():
+        if params[pname].annotation in (tl.constexpr, "tl.constexpr"):
+            sig[pname] = "constexpr"
+            consts[pname] = ["dtype", str(value)] if isinstance(value, tl.dtype) else ["value", value]
+        elif isinstance(value, torch.Tensor):
+            sig[pname] = "*" + TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[pname] = "i1"
+        elif isinstance(value, int):
+            sig[pname] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            sig[pname] = "fp32"  # a Python float: Triton passes it as fp32
+    return {"module": module, "kernel": name, "signature": sig, "constexprs": consts}
+
+
+class RecordedKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded (:func:`launch_record`); they still run."""
+
+    def __init__(self, kernel, module: str, name: str, log: list):
+        self.kernel, self.module, self.name, self.log = kernel, module, name, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append(self.name)
+            self.log.append(launch_record(self.module, self.name, self.kernel, args, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def record_launches(monkeypatch, module) -> list:
+    """Every launch site of ``module`` (a hvdet.ops.*_triton module) records its launches into the list returned."""
+    log: list = []
+    path = ROOT / (module.__name__.replace(".", "/") + ".py")
+    for name in {call.func.value.id for call in kernel_launches(path)[1]}:
+        monkeypatch.setattr(module, name, RecordedKernel(getattr(module, name), module.__name__, name, log))
+    return log
 
 
 def test_a_cgbn_layer_step_is_four_triton_launches(monkeypatch):
@@ -275,9 +317,7 @@ def test_a_cgbn_layer_step_is_four_triton_launches(monkeypatch):
     from hvdet.ops import bn_triton
     from tests.simulated import run_in_threads
 
-    log: list = []
-    for name in {node.func.value.id for node in kernel_launches(ROOT / "hvdet" / "ops" / "bn_triton.py")[1]}:
-        monkeypatch.setattr(bn_triton, name, CountedKernel(getattr(bn_triton, name), name, log))
+    log = record_launches(monkeypatch, bn_triton)
 
     def step(_world):
         gen = torch.Generator().manual_seed(0)
@@ -292,4 +332,58 @@ def test_a_cgbn_layer_step_is_four_triton_launches(monkeypatch):
         torch.testing.assert_close(bn.running_var, ref.running_var)
 
     run_in_threads(step, 1)
-    assert log == ["_moments", "_group_stats", "_backward_reduce", "_input_grad"]
+    assert [launch["kernel"] for launch in log] == ["_moments", "_group_stats", "_backward_reduce", "_input_grad"]
+
+
+def every_triton_launch(monkeypatch) -> list:
+    """The distinct launches (:func:`launch_record`) of hvdet's Triton kernels over the dtypes, layouts and
+    options the CPU tests take: CGBN's four in fp64/fp32/bf16/fp16, NCHW and NHWC, with and without
+    weight and running statistics; the LAMB kernels with fp32/bf16/fp16 gradients."""
+    from hvdet.ops import bn_triton, lamb_triton
+
+    bn_log, lamb_log = record_launches(monkeypatch, bn_triton), record_launches(monkeypatch, lamb_triton)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for layout in ("nchw", "nhwc"):
+            x, dy = bn_input((2, 5, 7, 9), layout, dtype, offset=1.0)
+            acc = ops_bn.acc_dtype(x)
+            parts = torch.stack([ops_bn.moments_packed(x, "triton")] * 2)
+            rm, rv = torch.zeros(5, dtype=acc), torch.ones(5, dtype=acc)
+            mean, var, n = ops_bn.group_stats(parts, acc, rm, rv, 0.1, "triton")
+            ops_bn.group_stats(parts, acc, impl="triton")
+            total, _, _ = ops_bn.grad_sums(dy, x, mean, var, 1e-5, acc, "triton")
+            for weight in (torch.ones(5, dtype=acc), None):
+                ops_bn.input_grad_from_sums(dy, x, total, n, weight, mean, var, 1e-5, "triton")
+    for grad_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tensors, rows = lamb_problem(grad_dtype)
+        ops_lamb.lamb_step(*tensors, rows, torch.tensor([0.5]), impl="triton")
+    distinct = {json.dumps(launch, sort_keys=True): launch for launch in bn_log + lamb_log}
+    return list(distinct.values())
+
+
+@pytest.mark.slow
+def test_every_triton_launch_compiles_for_a100_and_h100_without_a_gpu(monkeypatch):
+    """The interpreter runs code that Triton's compiler rejects (it caught a branch that redefined a
+    variable with another dtype, which the interpreter ran and the GPU would have refused at the first
+    launch). So every distinct launch the CPU tests make is compiled by Triton's own compiler for sm_80
+    and sm_90, down to a cubin with the wheel's ptxas, in a process without TRITON_INTERPRET; and the
+    kernels that merge in their last program carry what that needs in their PTX: a CTA barrier, an
+    acquire-release atomic at GPU scope, the counter's reset, loads from L2."""
+    launches = every_triton_launch(monkeypatch)
+    assert {launch["kernel"] for launch in launches} >= {"_moments", "_group_stats", "_backward_reduce",
+                                                          "_input_grad", "_stage1", "_norms", "_stage2"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_compile_kernels.py"), "80", "90"],
+                          input=json.dumps(launches), capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 2 * len(launches)
+    failed = [f"{r['kernel']} sm_{r['cc']} {r['signature']}: {r['error']}" for r in rows if "error" in r]
+    assert not failed, "\n".join(failed)
+    for r in rows:
+        assert r["cubin_bytes"] > 0
+        if r["kernel"] in ("_moments", "_backward_reduce"):
+            ptx = set(r["ptx"])
+            assert {"bar.sync", "atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.acq_rel.exch.b32"} <= ptx, r
+            assert any(p.startswith("ld.global.cg") for p in ptx), r
+

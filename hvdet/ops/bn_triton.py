@@ -94,10 +94,11 @@ def _moments(x_ptr, parts, local, counters, units, n_hb, HW, C, s_n, s_c, s_hw, 
     tl.store(parts + P * C + out, mean, mask=keep)
     tl.store(parts + 2 * P * C + out, m2, mask=keep)
     if _last_arrival(counters + cb, P):
-        n, mean, m2 = _chan_merge(parts, parts + P * C, parts + 2 * P * C, P, C, c_idx, keep, BLOCK_C, RB)
-        tl.store(local + 1 + c_idx, mean, mask=keep)              # packed: n_i, m_i[C], M2_i[C]
-        tl.store(local + 1 + C + c_idx, m2, mask=keep)
-        tl.store(local + c_idx * 0, n, mask=c_idx == 0)
+        # New names: Triton's compiler rejects a branch that redefines a variable with another type (fp64 here).
+        n_i, m_i, m2_i = _chan_merge(parts, parts + P * C, parts + 2 * P * C, P, C, c_idx, keep, BLOCK_C, RB)
+        tl.store(local + 1 + c_idx, m_i, mask=keep)               # packed: n_i, m_i[C], M2_i[C]
+        tl.store(local + 1 + C + c_idx, m2_i, mask=keep)
+        tl.store(local + c_idx * 0, n_i, mask=c_idx == 0)
         tl.atomic_xchg(counters + cb, 0)                          # zero again for the next launch
 
 
