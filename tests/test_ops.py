@@ -235,28 +235,27 @@ def test_bn_triton_merges_any_number_of_programs_and_leaves_its_counters_zero(sh
     4 programs of 4, 4, 4, 3 units). The result equals the reference and is the same bits again (the merge
     order is fixed), and every arrival counter is zero after each launch, so the next launch, the next
     layer's, starts from zero."""
-    from hvdet.ops import bn_triton
+    from hvdet.ops import bn_plan, bn_triton
 
     if programs:
-        monkeypatch.setattr(bn_triton, "PROGRAMS", programs)
-    bn_triton._plan_of.cache_clear()  # the plans depend on PROGRAMS
+        monkeypatch.setattr(bn_plan, "PROGRAMS", programs)
+    bn_plan._plan_of.cache_clear()  # the plans depend on PROGRAMS
     try:
         x, dy = bn_input(shape, "nchw", torch.float64, offset=1e4)
-        plan = bn_triton._plan(x)
-        split = (plan.grid[0], plan.units_per_prog)
-        assert split[0] > bn_triton.MERGE_ROWS if programs is None else split == (4, 4)
+        work = (bn_plan.plan(x).grid[0], bn_plan.plan(x).units_per_prog)
+        assert work[0] > bn_triton.MERGE_ROWS if programs is None else work == (4, 4)
         got = ops_bn.moments_packed(x, "triton")
-        assert not any(buf.any() for buf in bn_triton._COUNTERS.values())
+        assert not any(buf.any() for buf in bn_plan._COUNTERS.values())
         torch.testing.assert_close(got, ops_bn.moments_packed(x, "reference"), rtol=1e-12, atol=1e-9)
         assert torch.equal(ops_bn.moments_packed(x, "triton"), got)
         c = shape[1]
         mean, var = got[1:c + 1], got[c + 1:] / got[0]
         sums = ops_bn.grad_sums(dy, x, mean, var, 1e-5, torch.float64, "triton")
-        assert not any(buf.any() for buf in bn_triton._COUNTERS.values())
+        assert not any(buf.any() for buf in bn_plan._COUNTERS.values())
         for a, b in zip(sums, ops_bn.grad_sums(dy, x, mean, var, 1e-5, torch.float64, "reference"), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     finally:
-        bn_triton._plan_of.cache_clear()
+        bn_plan._plan_of.cache_clear()
 
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",

@@ -27,23 +27,20 @@ and bumps its channel block's arrival counter with an acquire-release atomic; th
 P - 1 arrivals before it reads every partial (L1-bypassing loads) and resets the counter to 0, so
 the counters are zero between launches and one buffer per device and stream serves every layer.
 On a GPU each launch costs host time (argument packing, the driver call) whatever its size: the
-layer is host-bound at detection's shapes, so launches and per-call Python are what to save.
+layer is host-bound at detection's shapes, so launches and per-call Python are what to save (the
+launch plans and counters: :mod:`hvdet.ops.bn_plan`).
 """
 from __future__ import annotations
 
-import functools
-import threading
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from hvdet.ops.bn_plan import accepts, counters, plan, split, strides
 from hvdet.ops.triton_support import acc_dtype
 
-TILES = {True: (256, 8), False: (32, 64)}   # (BLOCK_HW, BLOCK_C) for NCHW (hw contiguous) / NHWC
-PROGRAMS = 2048                             # programs per pass over x (all channel blocks): fills a GPU
+__all__ = ["accepts", "grad_sums_packed", "group_stats", "input_grad", "local_moments_packed"]
+
 MERGE_BLOCK = 32                            # channels per program of the group merge ...
 MERGE_ROWS = 32                             # ... and partial rows per step of every merge
 
@@ -223,81 +220,13 @@ def _input_grad(dy_ptr, x_ptr, dx_ptr, total, n_ptr, weight, mean_ptr, var_ptr, 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def strides(x: torch.Tensor) -> tuple[int, int, int] | None:
-    """(s_n, s_c, s_hw) when H and W flatten into one pixel stride (NCHW or NHWC), else None."""
-    _, _, h, w = x.shape
-    s_n, s_c, s_h, s_w = x.stride()
-    if h == 1 or w == 1 or s_h == w * s_w:
-        return s_n, s_c, (s_w if w > 1 else s_h)
-    return None
-
-
-def accepts(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) \
-        and strides(x) is not None
-
-
-class Plan(NamedTuple):
-    """Grid, tile and work split of a tensor: the same for every call with its shape and strides."""
-    grid: tuple[int, int]           # (programs P, channel blocks)
-    units: int                      # (image, pixel block) units
-    n_hb: int                       # pixel blocks per image
-    hw: int
-    units_per_prog: int
-    block_hw: int
-    block_c: int
-    strides: tuple[int, int, int]   # (s_n, s_c, s_hw)
-
-
-@functools.lru_cache(maxsize=1024)
-def _plan_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> Plan:
-    n, c, h, w = shape
-    hw = h * w
-    s_n, s_c, s_h, s_w = stride
-    s = (s_n, s_c, s_w if w > 1 else s_h)
-    block_hw, block_c = TILES[s[2] == 1 and hw > 1]
-    n_hb = max(1, triton.cdiv(hw, block_hw))
-    units = n * n_hb
-    c_blocks = triton.cdiv(c, block_c)
-    units_per_prog = max(1, triton.cdiv(units, max(1, PROGRAMS // c_blocks)))
-    progs = max(1, triton.cdiv(units, units_per_prog))
-    return Plan((progs, c_blocks), units, n_hb, hw, units_per_prog, block_hw, block_c, s)
-
-
-def _plan(x: torch.Tensor) -> Plan:
-    """x's plan, cached by shape and strides: a training step meets the same few shapes every time."""
-    return _plan_of(tuple(x.shape), x.stride())
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """int32 arrival counters, all zero, for ``blocks`` channel blocks: one buffer per device and stream,
-    reused by every launch (each launch leaves them zero). Launches that may run at the same time must
-    not share one: those of two CUDA streams, or of two threads under the interpreter (simulated ranks)."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else threading.get_ident())
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < blocks:
-        buf = _COUNTERS[key] = torch.zeros(max(blocks, 64), device=device, dtype=torch.int32)
-    return buf
-
-
-@functools.lru_cache(maxsize=256)
-def _split(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi and lo exact fp32 numbers: a float64 scalar through fp32 kernel arguments.
-    Cached: the momentum is the same every step (1/t with momentum=None: one entry per step, bounded)."""
-    hi = float(np.float32(value))
-    return hi, float(np.float32(value - hi))
-
-
 def local_moments_packed(x: torch.Tensor) -> torch.Tensor:
     """This rank's float64 (n_i, mean_i[C], M2_i[C]) of x: launch 1."""
-    pl = _plan(x)
+    pl = plan(x)
     c, acc = x.shape[1], acc_dtype(x)
     parts = torch.empty(3, pl.grid[0], c, device=x.device, dtype=acc)
     local = torch.empty(2 * c + 1, device=x.device, dtype=torch.float64)
-    _moments[pl.grid](x, parts, local, _counters(x.device, pl.grid[1]), pl.units, pl.n_hb, pl.hw, c, *pl.strides,
+    _moments[pl.grid](x, parts, local, counters(x.device, pl.grid[1]), pl.units, pl.n_hb, pl.hw, c, *pl.strides,
                       pl.units_per_prog, pl.grid[0], ACC=_TL[acc], BLOCK_HW=pl.block_hw, BLOCK_C=pl.block_c,
                       RB=MERGE_ROWS)
     return local
@@ -314,7 +243,7 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, runn
     has = running_mean is not None
     _group_stats[(triton.cdiv(c, MERGE_BLOCK),)](parts.contiguous(), g, c, mean, var, n,
                                                  running_mean if has else mean, running_var if has else var,
-                                                 *_split(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK,
+                                                 *split(factor), HAS_RUNNING=has, BLOCK=MERGE_BLOCK,
                                                  RB=MERGE_ROWS)
     return mean, var, n
 
@@ -322,14 +251,14 @@ def group_stats(parts: torch.Tensor, stat_dtype: torch.dtype, running_mean, runn
 def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
                      param_dtype: torch.dtype):
     """Launch 3: float64 (sum dy[C], sum dy x_hat[C]) and the local (dgamma, dbeta)."""
-    pl = _plan(x)
+    pl = plan(x)
     c, acc = x.shape[1], acc_dtype(x)
     sums = torch.empty(2, pl.grid[0], c, device=x.device, dtype=acc)
     packed = torch.empty(2 * c, device=x.device, dtype=torch.float64)
     # Two tensors, not views of one: they become the parameters' .grad, which must not alias.
     dw, db = (torch.empty(c, device=x.device, dtype=param_dtype) for _ in range(2))
     _backward_reduce[pl.grid](dy, x, mean.contiguous(), var.contiguous(), float(eps), sums,
-                              _counters(x.device, pl.grid[1]), packed, dw, db, pl.units, pl.n_hb, pl.hw, c,
+                              counters(x.device, pl.grid[1]), packed, dw, db, pl.units, pl.n_hb, pl.hw, c,
                               *pl.strides, *strides(dy), pl.units_per_prog, pl.grid[0], ACC=_TL[acc],
                               BLOCK_HW=pl.block_hw, BLOCK_C=pl.block_c, RB=MERGE_ROWS)
     return packed, dw, db
@@ -338,7 +267,7 @@ def grad_sums_packed(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var:
 def input_grad(dy: torch.Tensor, x: torch.Tensor, total: torch.Tensor, n: torch.Tensor, weight, mean, var,
                eps: float) -> torch.Tensor:
     """Launch 4: dx from the group sums ``total`` (float64 [2C]) and count ``n`` (float64 [1])."""
-    pl = _plan(x)
+    pl = plan(x)
     dx = torch.empty_like(x)  # preserve_format: the same strides as x
     has_weight = weight is not None
     _input_grad[pl.grid](dy, x, dx, total.contiguous(), n, weight if has_weight else mean, mean.contiguous(),
