@@ -194,4 +194,3 @@ def serialize_triton_launches(monkeypatch, module, kernels) -> None:
     """Make ``module``'s launches of ``kernels`` (names) one at a time across the simulated ranks' threads."""
     for name in kernels:
         monkeypatch.setattr(module, name, SerializedKernel(getattr(module, name)))
-

@@ -385,4 +385,3 @@ def test_every_triton_launch_compiles_for_a100_and_h100_without_a_gpu(monkeypatc
             ptx = set(r["ptx"])
             assert {"bar.sync", "atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.acq_rel.exch.b32"} <= ptx, r
             assert any(p.startswith("ld.global.cg") for p in ptx), r
-
