@@ -195,7 +195,10 @@ def plot(rows: list[dict], batch_png: Path, epoch_png: Path, diagnostics_png: Pa
 
     # One line per label (optimizer, or optimizer+control tag), seed 0 only (other seeds: the noise table).
     rows = [{**r, "optimizer": r.get("label") or r["optimizer"]} for r in rows if not r.get("seed")]
-    colours = {o: f"C{i % 10}" for i, o in enumerate(_order(rows, "optimizer"))}
+    labels = _order(rows, "optimizer")
+    # tab10's colours repeat after ten lines; a grid with its controls has more (20 distinct in tab20)
+    palette = (lambda i: f"C{i}") if len(labels) <= 10 else (lambda i: plt.get_cmap("tab20")(i % 20))
+    colours = {o: palette(i) for i, o in enumerate(labels)}
     styles = {n: ("-", "--", ":", "-.")[i % 4] for i, n in enumerate(_order(rows, "norm"))}
     for path, draw in ((batch_png, _ap_vs_batch), (epoch_png, _ap_vs_epoch), (diagnostics_png, _diagnostics_vs_batch)):
         fig = draw(rows, plt, colours, styles)
@@ -225,12 +228,13 @@ def _ap_vs_batch(rows, plt, colours, styles):
         ax.set_ylim(bottom=0)
         ax.set(xlabel="global batch (images)", title=f"norm: {norm}")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
+        if not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, "no finished cell yet", ha="center", va="center", transform=ax.transAxes)
     axes[0][0].set_ylabel("final box AP@[.5:.95]")
-    fig.suptitle("final AP vs global batch (same epochs at every batch)")
+    fig.suptitle("final AP vs global batch (the same epochs at every batch; a label's xN: N times the iterations)")
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
+    if handles:  # one legend right of the panels, off the points (savefig's tight box takes it in)
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return fig
 
 
@@ -257,7 +261,7 @@ def _ap_vs_epoch(rows, plt, colours, styles):
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("box AP@[.5:.95]")
-    fig.suptitle("AP vs epoch per global batch (same epochs at every batch)")
+    fig.suptitle("AP vs epoch per global batch (the same epochs at every batch; a label's xN: N times the iterations)")
     fig.tight_layout()
     handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
     if handles:  # one legend for every panel, right of them (savefig's tight box takes it in)
