@@ -213,18 +213,23 @@ class ForcedSyncBatchNorm(nn.SyncBatchNorm):
                                      self.momentum, group, 1)
 
 
-def world_of_one() -> None:
-    """A torch.distributed world of this one process (NCCL on the GPU), for SyncBatchNorm's collectives."""
+def world_of_one() -> str | None:
+    """A torch.distributed world of this one process (NCCL on the GPU), for SyncBatchNorm's collectives;
+    the error, as a string, where one cannot be made (the SyncBatchNorm variants are then left out, and the
+    JSON says why, instead of losing the measurements around them)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=torch.device("cuda", torch.cuda.current_device()))
+    except Exception as err:  # noqa: BLE001 - reported in the JSON
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def sync_bn(module: nn.Module) -> nn.Module:
     """``module`` with torch's SyncBatchNorm, forced through its distributed path, for every BatchNorm2d."""
-    world_of_one()
     module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
         if type(m) is nn.SyncBatchNorm:
@@ -239,14 +244,20 @@ def bn_variants(c: int):
         def make():
             return group_path(CrossGPUBatchNorm2d(c, impl=impl))
         return make
-    return {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "torch_syncbn": lambda: sync_bn(nn.BatchNorm2d(c)),
-            "cgbn_triton": cgbn("triton"), "cgbn_reference": cgbn("reference")}
+    variants = {"cudnn_batchnorm": lambda: nn.BatchNorm2d(c), "torch_syncbn": lambda: sync_bn(nn.BatchNorm2d(c)),
+                "cgbn_triton": cgbn("triton"), "cgbn_reference": cgbn("reference")}
+    if world_of_one() is not None:
+        del variants["torch_syncbn"]
+    return variants
 
 
 def ratios(ms: dict) -> dict:
     """Each variant's median time against cuDNN's, and CGBN's (Triton) against SyncBatchNorm's."""
     out = {f"{name} / cudnn": ms[name] / ms["cudnn_batchnorm"] for name in ms if name != "cudnn_batchnorm"}
-    out["cgbn_triton / torch_syncbn"] = ms["cgbn_triton"] / ms["torch_syncbn"]
+    if "torch_syncbn" in ms:
+        out["cgbn_triton / torch_syncbn"] = ms["cgbn_triton"] / ms["torch_syncbn"]
+    else:
+        out["torch_syncbn"] = f"left out: no torch.distributed world of one ({world_of_one()})"
     return out
 
 
@@ -266,7 +277,7 @@ def bench_bn_layer() -> dict:
         timings = time_variants({name: fwd_bwd(layer) for name, layer in layers.items()}, rounds=5, reps=10)
         ms = {k: v["median_ms"] for k, v in timings.items()}
         kernels = {name: kernel_breakdown(fwd_bwd(layers[name]), top=8)
-                   for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton")}
+                   for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton") if name in layers}
         dev = {k: v["total_device_us"] for k, v in kernels.items()}
         out[layout] = {"shape": list(shape), "timings": timings, "kernels": kernels,
                        "device_time_ratio cgbn_triton / cudnn": dev["cgbn_triton"] / dev["cudnn_batchnorm"]
@@ -283,6 +294,8 @@ def bench_backbone() -> dict:
         x = images.to(memory_format=fmt)
         variants = {}
         for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton", "cgbn_reference"):
+            if name == "torch_syncbn" and world_of_one() is not None:
+                continue
             torch.manual_seed(0)
             net = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
                                       trainable_layers=5)
