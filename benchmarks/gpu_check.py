@@ -25,6 +25,7 @@ One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -213,6 +214,7 @@ class ForcedSyncBatchNorm(nn.SyncBatchNorm):
                                      self.momentum, group, 1)
 
 
+@functools.cache  # one attempt: every variant after it asks again
 def world_of_one() -> str | None:
     """A torch.distributed world of this one process (NCCL on the GPU), for SyncBatchNorm's collectives;
     the error, as a string, where one cannot be made (the SyncBatchNorm variants are then left out, and the

@@ -49,11 +49,9 @@ class Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> Plan:
+def _plan_of(shape: tuple[int, ...], s: tuple[int, int, int]) -> Plan:
     n, c, h, w = shape
     hw = h * w
-    s_n, s_c, s_h, s_w = stride
-    s = (s_n, s_c, s_w if w > 1 else s_h)
     block_hw, block_c = TILES[s[2] == 1 and hw > 1]
     n_hb = max(1, _cdiv(hw, block_hw))
     units = n * n_hb
@@ -65,7 +63,7 @@ def _plan_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> Plan:
 
 def plan(x: torch.Tensor) -> Plan:
     """x's plan, cached by shape and strides: a training step meets the same few shapes every time."""
-    return _plan_of(tuple(x.shape), x.stride())
+    return _plan_of(tuple(x.shape), strides(x))
 
 
 _COUNTERS: dict = {}  # (device, stream or thread) -> int32 counters
