@@ -20,6 +20,7 @@ import threading
 import torch
 
 from hvdet.comm import groups
+from tests.launches import hook_launches
 
 # op -> how two ranks' tensors combine; "mean" divides the rank-order sum by the group size, as every backend does.
 _COMBINE = {"sum": torch.add, "mean": torch.add, "max": torch.maximum, "min": torch.minimum}
@@ -173,24 +174,15 @@ def run_in_threads(fn, n: int, timeout_s: float = 30.0) -> list:
     return results
 
 
-class SerializedKernel:
-    """A Triton kernel whose launches hold one lock: Triton's interpreter patches ``triton.language`` for
-    the duration of a launch, so two threads interpreting kernels at once break each other ("Did you
-    forget to add @triton.jit?"). Compiled kernels on a GPU have no such limit; the lock is the tests'."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            with self._lock:
-                return self.kernel[grid](*args, **kwargs)
-        return launch
+_TRITON_LOCK = threading.Lock()
 
 
-def serialize_triton_launches(monkeypatch, module, kernels) -> None:
-    """Make ``module``'s launches of ``kernels`` (names) one at a time across the simulated ranks' threads."""
-    for name in kernels:
-        monkeypatch.setattr(module, name, SerializedKernel(getattr(module, name)))
+def serialize_triton_launches(monkeypatch, module) -> None:
+    """Make ``module``'s Triton launches one at a time across the simulated ranks' threads: Triton's
+    interpreter patches ``triton.language`` for the duration of a launch, so two threads interpreting
+    kernels at once break each other ("Did you forget to add @triton.jit?"). Compiled kernels on a GPU
+    have no such limit; the lock is the tests'."""
+    def one_at_a_time(_name, kernel, grid, args, kwargs):
+        with _TRITON_LOCK:
+            return kernel[grid](*args, **kwargs)
+    hook_launches(monkeypatch, module, one_at_a_time)

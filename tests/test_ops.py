@@ -3,7 +3,6 @@ interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before hvdet is import
 kernel natively, each compared with the torch reference and with float64 maths written here.
 The same kernels compiled for a GPU are checked by tests/test_gpu.py (``pytest -m gpu``).
 """
-import ast
 import inspect
 import json
 import math
@@ -18,6 +17,7 @@ import torch
 from hvdet.ops import bn as ops_bn
 from hvdet.ops import lamb as ops_lamb
 from hvdet.ops.triton_support import interpreting, triton_available
+from tests.launches import hook_launches, kernel_launches
 
 pytestmark = pytest.mark.skipif(not (triton_available() and interpreting()),
                                 reason="Triton is not installed, or CUDA is present (tests/test_gpu.py covers it)")
@@ -207,16 +207,6 @@ def test_choose_names_what_an_impl_cannot_take():
 # What the interpreter does not check
 # ---------------------------------------------------------------------------------------------
 
-def kernel_launches(path: Path):
-    """{kernel: its parameter names} of the Triton kernels in ``path``, and every ``kernel[grid](...)`` call."""
-    tree = ast.parse(path.read_text())
-    kernels = {f.name: {a.arg for a in f.args.args} for f in tree.body if isinstance(f, ast.FunctionDef)
-               and any(ast.unparse(d).startswith("triton.jit") for d in f.decorator_list)}
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
-             and isinstance(node.func.value, ast.Name) and node.func.value.id in kernels]
-    return kernels, calls
-
-
 def test_every_kernel_launch_names_only_its_own_parameters():
     """Triton's interpreter ignores an unknown keyword at a launch; the compiler raises KeyError on
     the GPU. So every ``kernel[grid](..., NAME=...)`` in hvdet/ops must name a parameter of that kernel."""
@@ -286,25 +276,15 @@ def launch_record(module: str, name: str, kernel, args: tuple, kwargs: dict) -> 
     return {"module": module, "kernel": name, "signature": sig, "constexprs": consts}
 
 
-class RecordedKernel:
-    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded (:func:`launch_record`); they still run."""
-
-    def __init__(self, kernel, module: str, name: str, log: list):
-        self.kernel, self.module, self.name, self.log = kernel, module, name, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append(launch_record(self.module, self.name, self.kernel, args, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def record_launches(monkeypatch, module) -> list:
-    """Every launch site of ``module`` (a hvdet.ops.*_triton module) records its launches into the list returned."""
+    """Every launch of ``module`` (a hvdet.ops.*_triton module) is recorded (:func:`launch_record`) into the
+    list returned; the launches still run."""
     log: list = []
-    path = ROOT / (module.__name__.replace(".", "/") + ".py")
-    for name in {call.func.value.id for call in kernel_launches(path)[1]}:
-        monkeypatch.setattr(module, name, RecordedKernel(getattr(module, name), module.__name__, name, log))
+
+    def record(name, kernel, grid, args, kwargs):
+        log.append(launch_record(module.__name__, name, kernel, args, kwargs))
+        return kernel[grid](*args, **kwargs)
+    hook_launches(monkeypatch, module, record)
     return log
 
 
