@@ -11,7 +11,9 @@
 #
 # Usage: PYTHON=.venv/bin/python launch/build_horovod.sh      (used by the Makefile and Dockerfile)
 # Env:   HVDET_CACHE (default ~/.cache/hvdet), HOROVOD_BUILD_CUDA_CC_LIST (default 80,90: A100/H100),
-#        HVDET_HOROVOD_CUDA=0 to build without CUDA even when a toolkit is found.
+#        HVDET_HOROVOD_CUDA=0 to build without CUDA even when a toolkit is found,
+#        HVDET_HOROVOD_MPI=0 to build without MPI (Gloo only: for an image without OpenMPI's libraries,
+#        which a wheel built with MPI links; launch/gpu_wheels.sh builds the lent GPU machine's so).
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -35,7 +37,8 @@ fi
 command -v cmake >/dev/null || die "cmake not found; apt-get install cmake"
 command -v g++ >/dev/null || die "g++ not found; apt-get install g++"
 # MPI controller and Horovod's MPI ops need OpenMPI's headers and mpicxx.
-command -v mpicxx >/dev/null || die "mpicxx not found; apt-get install libopenmpi-dev openmpi-bin"
+WITH_MPI=${HVDET_HOROVOD_MPI:-1}
+[ "$WITH_MPI" = 0 ] || command -v mpicxx >/dev/null || die "mpicxx not found; apt-get install libopenmpi-dev openmpi-bin"
 
 TORCH_VERSION=$("$PYTHON" -c "import torch; print(torch.__version__)")
 TORCH_CUDA=$("$PYTHON" -c "import torch; print(torch.version.cuda or '')")
@@ -43,7 +46,8 @@ PY_TAG=$("$PYTHON" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_i
 SITE=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
 export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+export HOROVOD_WITH_GLOO=1
+if [ "$WITH_MPI" = 0 ]; then export HOROVOD_WITHOUT_MPI=1; else export HOROVOD_WITH_MPI=1; fi
 # One make job per core: the default -j8 thrashes a 2-core machine.
 export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
 
@@ -70,6 +74,7 @@ else
   unset HOROVOD_GPU_OPERATIONS
 fi
 
+[ "$WITH_MPI" = 0 ] && VARIANT="$VARIANT-nompi"
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PY_TAG-$VARIANT"
 if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   echo "building horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($VARIANT); takes about 4-5 min on 2 cores"

@@ -31,20 +31,32 @@ def _assert_two_ranks_ok(out):
     assert sorted(re.findall(r"rank (\d)/2 .*?allreduce sum 1 \(expected 1\) OK", out)) == ["0", "1"], out
 
 
+def _backends(out) -> dict:
+    """allreduce_check.py --backends' report (rank 0's JSON line)."""
+    found = re.findall(r"backends: (\{.*\})", out)
+    assert len(found) == 1, out
+    return json.loads(found[0])
+
+
 def test_horovodrun_script_on_localhost(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=2\n")
-    out = run_command(["bash", "launch/horovodrun.sh", "-f", str(hostfile), "--gloo", "--", *CHECK],
+    out = run_command(["bash", "launch/horovodrun.sh", "-f", str(hostfile), "--gloo", "--", *CHECK, "--backends"],
                       timeout_s=300, env=_env())
     _assert_two_ranks_ok(out)
     assert "controller gloo" in out
+    # Horovod's own timeline names the backend that reduced the CPU tensors, fp16-compressed ones too.
+    report = _backends(out)
+    assert report["allreduce_backends"] == ["GLOO_ALLREDUCE"] and report["exact"] == {"none": True, "fp16": True}
 
 
 def test_mpirun_script_on_localhost():
-    out = run_command(["bash", "launch/mpirun.sh", "-n", "2", "--", *CHECK], timeout_s=300,
+    out = run_command(["bash", "launch/mpirun.sh", "-n", "2", "--", *CHECK, "--backends"], timeout_s=300,
                       env=_env(HVDET_IN_CONTAINER="1"))
     _assert_two_ranks_ok(out)
     assert "controller mpi" in out and "-bind-to none" in out
+    report = _backends(out)
+    assert report["allreduce_backends"] == ["MPI_ALLREDUCE"] and report["exact"] == {"none": True, "fp16": True}
 
 
 def test_slurm_script_builds_hostfile_and_launches(tmp_path):

@@ -29,6 +29,7 @@ from hvdet.comm.world import (
     elastic_launch,
     gather_object,
     gradients,
+    grouped_allreduce,
     horovod_available,
     init,
     is_horovod_error,
@@ -40,6 +41,7 @@ from hvdet.comm.world import (
     rank,
     shutdown,
     size,
+    timeline,
     timeout_s,
 )
 from hvdet.registry import GROUP_BACKENDS
@@ -47,6 +49,7 @@ from hvdet.registry import GROUP_BACKENDS
 __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableError", "allgather_object",
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
-           "distributed_optimizer", "elastic_launch", "gather_object", "gradients", "horovod_available", "init",
+           "distributed_optimizer", "elastic_launch", "gather_object", "gradients", "grouped_allreduce",
+           "horovod_available", "init",
            "is_horovod_error", "is_initialized", "is_main_process", "is_peer_loss", "local_rank", "local_size",
-           "mpi_available", "rank", "reset", "shutdown", "size", "timeout_s"]
+           "mpi_available", "rank", "reset", "shutdown", "size", "timeline", "timeout_s"]

@@ -20,6 +20,7 @@ and, marked on it, its torch.distributed counterpart; split, the two paths could
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -278,6 +279,32 @@ def allreduce(tensor: torch.Tensor, op: str = "sum", name: str | None = None) ->
     if size() == 1:
         return tensor.clone()
     return hvd.allreduce(tensor, name=name, op=OPS[op])
+
+
+def grouped_allreduce(tensors: list[torch.Tensor], op: str = "sum", compression: str = "none",
+                      name: str = "hvdet.grouped_allreduce") -> list[torch.Tensor]:
+    """One fused Horovod allreduce of several tensors, as Horovod's optimizer does a backward pass's
+    gradients (``compression="fp16"``: ``solver.fp16_allreduce``). Unlike the other wrappers it runs
+    in a world of one too, so one GPU can show which of Horovod's backends reduces its tensors
+    (launch/allreduce_check.py --backends, under :func:`timeline`)."""
+    if compression not in _COMPRESSION:
+        raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
+    horovod = _need_horovod("grouped_allreduce")
+    return horovod.grouped_allreduce(tensors, name=name, op=OPS[op], compression=_COMPRESSION[compression])
+
+
+@contextlib.contextmanager
+def timeline(path: str):
+    """Horovod's timeline (chrome://tracing JSON) of the collectives inside the block: each is named
+    by the backend that ran it (``NCCL_ALLREDUCE``, ``GLOO_ALLREDUCE``, ``MPI_ALLREDUCE``), with its
+    fusion-buffer copies (``MEMCPY_IN_FUSION_BUFFER``: Horovod's own CUDA kernels on a GPU). Horovod
+    allows it only when ``HOROVOD_TIMELINE=DYNAMIC`` was in the environment at :func:`init`."""
+    horovod = _need_horovod("timeline")
+    horovod.start_timeline(path, mark_cycles=False)
+    try:
+        yield path
+    finally:
+        horovod.stop_timeline()
 
 
 @_or_torch(torch_world.allgather_object)
