@@ -7,7 +7,7 @@ NP    ?= 2
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup system venv horovod kernels test test-fast demo bench chaos gpu-check lint clean
+.PHONY: setup system venv horovod kernels test test-fast demo bench chaos gpu-check gpu-wheels gpu-rehearsal lint clean
 
 setup: system venv horovod kernels
 
@@ -65,6 +65,21 @@ bench: setup
 # no Horovod (one process); without a GPU it says so and runs its CPU-safe parts as a smoke test.
 gpu-check: venv
 	$(PY) benchmarks/gpu_check.py
+
+# For the lent GPU machine, which has no network and its own Python 3.12 / torch 2.11 / triton 3.6: the
+# wheels it lacks (Horovod built for that stack, pycocotools, ...) into .whl/, which the device call carries
+# (docs/gpu.md). About 12 min the first time (CPython, a torch 2.11 venv and Horovod are built under
+# ~/.cache/hvdet), seconds after.
+gpu-wheels: system
+	bash launch/gpu_wheels.sh
+
+# That stack rehearsed on this CPU: the Triton kernels under triton 3.6's interpreter and its sm_80/sm_90
+# compiler, and what the device runs (launch/gpu_check_device.sh) with its Horovod part on CPU tensors.
+GPU_VENV := $(or $(HVDET_CACHE),$(HOME)/.cache/hvdet)/venv-gpu-py312
+gpu-rehearsal: gpu-wheels
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_ops.py \
+	  tests/test_simulated_ranks.py tests/test_gpu.py
+	PATH=$(GPU_VENV)/bin:$$PATH OUT=$$(mktemp -d) bash launch/gpu_check_device.sh --only horovod
 
 lint: venv
 	$(PY) -m ruff check hvdet tests benchmarks train.py

@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -365,28 +367,41 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
 # 5. The demo end to end: train.py on this GPU, synchronous against background evaluation
 # ---------------------------------------------------------------------------------------------
 
-def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
-    """``train.py`` with the demo recipe (CGBN as a group of one, Triton PMD-LAMB, AMP fp16,
-    channels-last) as one process on this GPU, to box AP 0.5, with ``eval.mode`` sync and
-    background alternating (hvdet.eval.background's evaluator shares the GPU)."""
+def demo_data() -> Path:
+    """A scratch folder with the demo's synthetic dataset written under data/."""
     import tempfile
 
-    from benchmarks.eval_modes import demo_result
     from hvdet.data.synthetic import make_synthetic_coco
 
     tmp = Path(tempfile.mkdtemp(prefix="hvdet-gpu-demo-"))
     make_synthetic_coco(tmp / "data", num_train=1024, num_val=128, image_size=128, seed=0)
+    return tmp
+
+
+def train_demo(tmp: Path, name: str, *overrides: str, launcher: tuple[str, ...] = (), timeout_s: float = 240) -> dict:
+    """``train.py`` with the demo recipe on the data in ``tmp`` (under ``launcher``, if any): its
+    time to target, AP per evaluation and wall time."""
+    from benchmarks.eval_modes import demo_result
+
+    out = tmp / name
+    cmd = [*launcher, sys.executable, "train.py", "--config", "configs/synthetic_demo.yaml",
+           f"data.root={tmp / 'data'}", f"output_dir={out}", "log.progress=false", "log.tensorboard=false", *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:8])} ... exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return {**demo_result(out), "wall_s": time.perf_counter() - start}
+
+
+def bench_demo(rounds: int = 2) -> dict:
+    """``train.py`` with the demo recipe (CGBN as a group of one, Triton PMD-LAMB, AMP fp16,
+    channels-last) as one process on this GPU, to box AP 0.5, with ``eval.mode`` sync and
+    background alternating (hvdet.eval.background's evaluator shares the GPU)."""
+    tmp = demo_data()
     runs = {"sync": [], "background": []}
     for _ in range(rounds):
         for mode, done in runs.items():
-            out = tmp / f"{mode}{len(done)}"
-            cmd = [sys.executable, "train.py", "--config", "configs/synthetic_demo.yaml", f"data.root={tmp / 'data'}",
-                   f"output_dir={out}", f"eval.mode={mode}", "log.progress=false", "log.tensorboard=false"]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"train.py eval.mode={mode} exited {proc.returncode}: {proc.stderr[-1500:]}")
-            done.append({**demo_result(out), "wall_s": time.perf_counter() - start})
+            done.append(train_demo(tmp, f"{mode}{len(done)}", f"eval.mode={mode}"))
             print(f"gpu-check: demo eval.mode={mode}: {done[-1]}", flush=True)
     med = {m: statistics.median(r["time_to_target_s"] or float("inf") for r in v) for m, v in runs.items()}
     first = runs["sync"][0]["ap"]  # cuDNN's algorithms may differ run to run: compare sync with sync too
@@ -395,9 +410,53 @@ def bench_demo(rounds: int = 2, timeout_s: float = 240) -> dict:
             "sync_runs_agree": all(first[k] == r["ap"].get(k) for r in runs["sync"] for k in first)}
 
 
-def run_pytest() -> dict:
+# ---------------------------------------------------------------------------------------------
+# 6. Horovod's CUDA path: horovodrun -np 1 on this GPU
+# ---------------------------------------------------------------------------------------------
+
+def horovodrun(np_: int = 1) -> tuple[str, ...]:
+    """``horovodrun -np N --gloo`` on this host (the Gloo controller: the lent machine has no MPI)."""
+    exe = shutil.which("horovodrun")
+    runner = (exe,) if exe else (sys.executable, "-m", "horovod.runner.launch")
+    return (*runner, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo")
+
+
+def bench_horovod(timeout_s: float = 300) -> dict:
+    """Horovod's CUDA build under ``horovodrun -np 1``: (a) ``launch/allreduce_check.py --backends``,
+    a gradient-like group of this device's tensors allreduced through Horovod, fp32 and fp16-compressed,
+    and the backend its timeline names (``NCCL_ALLREDUCE`` on a GPU); (b) ``pytest -m gpu`` under it;
+    (c) the demo trained by train.py under it with ``solver.fp16_allreduce=true``. In a world of one
+    Horovod's optimizer registers no gradient hooks, so (c) shows training under horovodrun on the
+    GPU and (a) the NCCL path; gradients through NCCL between ranks need two GPUs."""
+    if not comm.horovod_available():
+        return {"skipped": "Horovod is not importable here (on the lent machine: launch/gpu_wheels.sh's .whl/ "
+                           "was not carried); see docs/gpu.md"}
+    launcher = horovodrun()
+    result = {"launcher": " ".join(launcher)}
+    # The checkout on the path: on the lent machine hvdet is not installed, and a script under launch/
+    # has launch/, not the checkout, as its first sys.path entry.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([*launcher, sys.executable, "launch/allreduce_check.py", "--backends"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    found = [line.split("backends: ", 1)[1] for line in proc.stdout.splitlines() if "backends: " in line]
+    result["allreduce_check"] = {"returncode": proc.returncode, **(json.loads(found[0]) if found else
+                                                                   {"output": (proc.stdout + proc.stderr)[-1500:]})}
+    result["pytest_gpu_under_horovodrun"] = run_pytest(launcher)
+    tmp = demo_data()
+    try:
+        result["demo_fp16_allreduce"] = train_demo(tmp, "horovodrun", "eval.mode=sync", "solver.fp16_allreduce=true",
+                                                   launcher=launcher, timeout_s=timeout_s)
+    except RuntimeError as err:
+        result["demo_fp16_allreduce"] = {"error": str(err)}
+    backends = result["allreduce_check"].get("allreduce_backends", [])
+    result["nccl_path"] = "NCCL_ALLREDUCE" in backends
+    print(f"gpu-check: horovod: {json.dumps(result)[:2000]}", flush=True)
+    return result
+
+
+def run_pytest(launcher: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
+    proc = subprocess.run([*launcher, sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
                            "tests/test_background_eval.py", "-q", "-p", "no:cacheprovider",
                            "-o", "addopts=-ra"], check=False, cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -456,11 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU found; ran the CPU-safe parts only, measured nothing")
         cpu_smoke()
+        if "horovod" in (args.only or ()):
+            # A rehearsal of the Horovod part on CPU tensors (Gloo where the GPU would show NCCL).
+            ok = horovod_ok(bench_horovod(), backend="GLOO_ALLREDUCE")
+            print(f"gpu-check: horovod rehearsal on CPU {'passed' if ok else 'FAILED'}")
+            return 0 if ok else 1
         return 0
     comm.init()
     torch.backends.cudnn.benchmark = True
     result = {"machine": info, "provenance": provenance(),
-              "not_covered": "multi-rank NCCL collectives and AGVM (need two GPUs / ranks)"}
+              "not_covered": "multi-rank NCCL collectives (gradients between ranks) and AGVM (need two GPUs / ranks)"}
     if not args.skip_tests:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
@@ -476,7 +540,18 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print_table(result)
     tests_ok = result.get("pytest_gpu", {}).get("returncode", 0) == 0
-    return 0 if tests_ok else 1
+    return 0 if tests_ok and horovod_ok(result.get("horovod", {}), backend="NCCL_ALLREDUCE") else 1
+
+
+def horovod_ok(r: dict, backend: str) -> bool:
+    """The Horovod part passed (or was skipped: no Horovod here): the allreduce went through
+    ``backend`` exactly, the tests passed under horovodrun, and the demo reached its target."""
+    if not r or "skipped" in r:
+        return True
+    check = r.get("allreduce_check", {})
+    return (check.get("returncode") == 0 and check.get("allreduce_backends") == [backend]
+            and r.get("pytest_gpu_under_horovodrun", {}).get("returncode") in (0, 5)  # 5: no tests collected (CPU)
+            and bool(r.get("demo_fp16_allreduce", {}).get("reached")))
 
 
 def print_table(r: dict) -> None:
@@ -515,6 +590,17 @@ def print_table(r: dict) -> None:
         same = demo["same_ap_at_same_snapshots"]
         rows.append(("demo background / sync",
                      f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
+    hv = r.get("horovod", {})
+    if "allreduce_check" in hv:
+        check = hv["allreduce_check"]
+        rows.append(("horovodrun -np 1: allreduce backends",
+                     f"{check.get('allreduce_backends')}, exact: {check.get('exact')}"))
+        rows.append(("horovodrun -np 1: pytest -m gpu", hv["pytest_gpu_under_horovodrun"]["summary"]))
+        d = hv["demo_fp16_allreduce"]
+        rows.append(("horovodrun -np 1: demo, fp16_allreduce", d.get("error", "")[:200] or
+                     f"reached {d['reached']} in {d['time_to_target_s']} s, {d['images_per_s']:.1f} images/s"))
+    elif "skipped" in hv:
+        rows.append(("horovod", hv["skipped"]))
     det = r.get("detector_step", {})
     if "images_per_s" in det:
         rows += [(f"detector images/s {k}", f"{v:.1f}") for k, v in det["images_per_s"].items()]
@@ -526,7 +612,7 @@ def print_table(r: dict) -> None:
 
 
 MEASUREMENTS = {"lamb_step": bench_lamb, "bn_layer": bench_bn_layer, "backbone_step": bench_backbone,
-                "detector_step": bench_detector, "demo": bench_demo}
+                "detector_step": bench_detector, "demo": bench_demo, "horovod": bench_horovod}
 
 if __name__ == "__main__":
     sys.exit(main())
