@@ -371,3 +371,37 @@ def test_gpu_check_without_a_gpu_says_so_and_runs_its_cpu_parts(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA GPU found" in proc.stdout and "CPU smoke test passed" in proc.stdout
     assert not out.exists()  # nothing measured, nothing written
+
+
+@pytest.mark.slow
+def test_gpu_check_horovod_part_rehearsed_on_cpu(tmp_path):
+    """gpu_check's Horovod part as the lent GPU runs it, on CPU tensors: under `horovodrun -np 1`, the
+    grouped allreduce (fp32 and fp16-compressed) exact and through the backend Horovod's timeline names
+    (Gloo here; NCCL is the pass mark on a GPU), `pytest -m gpu` under it, and the demo trained under it
+    with solver.fp16_allreduce to its target (~1 min)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU check runs this part on it")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--only", "horovod"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "horovod rehearsal on CPU passed" in proc.stdout
+    report = json.loads(proc.stdout.split("gpu-check: horovod: ", 1)[1].splitlines()[0])
+    assert report["allreduce_check"]["allreduce_backends"] == ["GLOO_ALLREDUCE"]
+    assert report["demo_fp16_allreduce"]["reached"] and not report["nccl_path"]
+
+
+def test_gpu_check_horovod_pass_marks():
+    """The Horovod part fails on the wrong backend, an inexact run, failed tests or a missed target, and
+    is not required where Horovod is absent."""
+    from benchmarks.gpu_check import horovod_ok
+
+    good = {"allreduce_check": {"returncode": 0, "allreduce_backends": ["NCCL_ALLREDUCE"]},
+            "pytest_gpu_under_horovodrun": {"returncode": 0}, "demo_fp16_allreduce": {"reached": True}}
+    assert horovod_ok(good, backend="NCCL_ALLREDUCE")
+    assert not horovod_ok(good, backend="GLOO_ALLREDUCE")
+    assert not horovod_ok({**good, "allreduce_check": {"returncode": 1, "allreduce_backends": ["NCCL_ALLREDUCE"]}},
+                          backend="NCCL_ALLREDUCE")
+    assert not horovod_ok({**good, "pytest_gpu_under_horovodrun": {"returncode": 1}}, backend="NCCL_ALLREDUCE")
+    assert not horovod_ok({**good, "demo_fp16_allreduce": {"error": "exited 1"}}, backend="NCCL_ALLREDUCE")
+    assert horovod_ok({"skipped": "Horovod is not importable here"}, backend="NCCL_ALLREDUCE")
+    assert horovod_ok({}, backend="NCCL_ALLREDUCE")
