@@ -456,6 +456,70 @@ def bench_horovod(timeout_s: float = 300) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. CUDA graphs: the layer and the backbone step with the host's launches taken out
+# ---------------------------------------------------------------------------------------------
+
+def graphed_against_eager(makers: dict, sample: torch.Tensor, step, rounds: int, reps: int) -> dict:
+    """Each module of ``makers`` eager and captured by ``torch.cuda.make_graphed_callables`` (forward
+    and backward, fixed shapes), its ``step`` timed interleaved; a capture that fails is reported
+    (its eager variant still runs) rather than losing the others."""
+    variants, errors = {}, {}
+    for name, make in makers.items():
+        variants[f"{name} eager"] = step(make())
+        try:
+            variants[f"{name} graphed"] = step(torch.cuda.make_graphed_callables(make(), (sample,)))
+        except Exception as err:  # noqa: BLE001 - reported in the JSON
+            errors[f"{name} graphed"] = f"{type(err).__name__}: {err}"[:500]
+    timings = time_variants(variants, rounds=rounds, reps=reps)
+    ms = {k: v["median_ms"] for k, v in timings.items()}
+    floor = ms["cudnn_batchnorm eager"]
+    return {"timings": timings, "capture_errors": errors,
+            **{f"{k} / cudnn_batchnorm eager": v / floor for k, v in ms.items() if k != "cudnn_batchnorm eager"}}
+
+
+def bench_graphs() -> dict:
+    """One BN layer ([2, 256, 200, 336] fp32 NCHW) and the R50-FPN backbone step (8 x 512², fp32) with
+    cuDNN BN and with CGBN (Triton, group path with a group of one), eager and in CUDA graphs: what is
+    left of CGBN's cost once the host's launches are out of the picture. CGBN makes no host sync on a
+    GPU (its count check is ``torch._assert_async``), so it can be captured; a group larger than one
+    also needs a capturable collective (torch.distributed's NCCL is; Horovod's is not). A graph needs
+    fixed shapes: detection's varying image sizes would need one graph per padded size."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    shape = (2, 256, 200, 336)
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    dy = torch.randn(shape, device="cuda")
+
+    def layer_step(layer):
+        def run():
+            x.grad = None
+            layer(x).backward(dy)
+        return run
+    layers = {"cudnn_batchnorm": lambda: nn.BatchNorm2d(shape[1]).cuda(),
+              "cgbn_triton": lambda: group_path(CrossGPUBatchNorm2d(shape[1], impl="triton")).cuda()}
+    out = {"bn_layer_nchw": graphed_against_eager(layers, x, layer_step, rounds=5, reps=10)}
+
+    images = torch.randn(8, 3, 512, 512, device="cuda")
+
+    def backbone(cgbn: bool):
+        def make():
+            torch.manual_seed(0)
+            net = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
+                                      trainable_layers=5)
+            return (group_path(convert_cross_gpu_bn(net, impl="triton")) if cgbn else net).cuda()
+        return make
+
+    def backbone_step(net):
+        def run():
+            net.zero_grad(set_to_none=True)
+            sum(f.mean() for f in net(images).values()).backward()
+        return run
+    out["backbone_step_fp32"] = graphed_against_eager(
+        {"cudnn_batchnorm": backbone(False), "cgbn_triton": backbone(True)}, images, backbone_step, rounds=3, reps=5)
+    return out
+
+
 def run_pytest(launcher: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([*launcher, sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
@@ -592,6 +656,12 @@ def print_table(r: dict) -> None:
         same = demo["same_ap_at_same_snapshots"]
         rows.append(("demo background / sync",
                      f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
+    for setting, v in r.get("graphs", {}).items():
+        if isinstance(v, dict) and "timings" in v:
+            rows += [(f"graphs {setting} {k} ms", f"{x['median_ms']:.3f} (host {x['host_issue_ms']:.3f})")
+                     for k, x in v["timings"].items()]
+            rows += [(f"graphs {setting} {k}", f"{x:.3f}") for k, x in v.items() if k.endswith("eager")]
+            rows += [(f"graphs {setting} {k} FAILED", e[:200]) for k, e in v["capture_errors"].items()]
     hv = r.get("horovod", {})
     if "allreduce_check" in hv:
         check = hv["allreduce_check"]
@@ -614,7 +684,8 @@ def print_table(r: dict) -> None:
 
 
 MEASUREMENTS = {"lamb_step": bench_lamb, "bn_layer": bench_bn_layer, "backbone_step": bench_backbone,
-                "detector_step": bench_detector, "demo": bench_demo, "horovod": bench_horovod}
+                "detector_step": bench_detector, "demo": bench_demo, "horovod": bench_horovod,
+                "graphs": bench_graphs}  # last: a capture that goes wrong can leave the CUDA context unusable
 
 if __name__ == "__main__":
     sys.exit(main())
