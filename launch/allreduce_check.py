@@ -39,7 +39,7 @@ def backends() -> dict:
             for compression in ("none", "fp16"):
                 out = comm.grouped_allreduce(group, compression=compression, name=f"hvdet.check.{compression}")
                 report["exact"][compression] = all(bool((t == expected).all()) for t in out)
-            comm.barrier()  # (and lets the timeline writer drain)
+            comm.barrier()  # every rank's allreduces are in the timeline before rank 0 closes it
         # Rank 0, the coordinator, writes the timeline: a stream of chrome-tracing events whose
         # activity names are upper-case words.
         text = Path(path).read_text() if r == 0 else ""

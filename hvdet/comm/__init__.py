@@ -50,6 +50,5 @@ __all__ = ["AUTO_ORDER", "GROUP_BACKENDS", "OPS", "Group", "HorovodUnavailableEr
            "allreduce", "allreduce_small", "barrier", "broadcast_object", "broadcast_optimizer_state",
            "broadcast_parameters", "build_info", "consecutive_groups", "controller", "device",
            "distributed_optimizer", "elastic_launch", "gather_object", "gradients", "grouped_allreduce",
-           "horovod_available", "init",
-           "is_horovod_error", "is_initialized", "is_main_process", "is_peer_loss", "local_rank", "local_size",
-           "mpi_available", "rank", "reset", "shutdown", "size", "timeline", "timeout_s"]
+           "horovod_available", "init", "is_horovod_error", "is_initialized", "is_main_process", "is_peer_loss",
+           "local_rank", "local_size", "mpi_available", "rank", "reset", "shutdown", "size", "timeline", "timeout_s"]
