@@ -10,15 +10,20 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
 1. the PMD-LAMB step on the 41.8M parameters (189 tensors) of torchvision's fasterrcnn_resnet50_fpn:
    hvdet Triton (all tensors at once, and in L2-sized groups) vs hvdet's torch reference (foreach)
    vs timm ``Lamb`` vs torch ``AdamW(fused=True)``; with achieved bandwidth against a measured copy;
-2. one BN layer (an FPN P2 map of 2 images at 800x1333: [2, 256, 200, 336]), forward + backward:
-   cuDNN's training BatchNorm (the floor) vs torch.nn.SyncBatchNorm forced through its distributed
-   path on an NCCL world of one vs CGBN's own arithmetic forced through the group path with a group
-   of one rank (Triton kernels, and the torch reference), NCHW and channels-last;
+2. one BN layer (an FPN P2 map of 2 images at 800x1333: [2, 256, 200, 336]), forward + backward, fp32
+   NCHW, fp32 channels-last and bf16 channels-last: cuDNN's training BatchNorm (the floor) vs
+   torch.nn.SyncBatchNorm forced through its distributed path on an NCCL world of one vs CGBN's own
+   arithmetic forced through the group path with a group of one rank (Triton kernels, and the torch
+   reference);
 3. a ResNet-50-FPN backbone step (forward + backward) with the same BN variants, fp32 NCHW and AMP
    bf16 channels-last;
 4. the demo detector's (fasterrcnn_resnet18_fpn_fast, PMD-LAMB) training step with CGBN in fp32, AMP
    bf16 and AMP bf16 + channels-last, and with local BN (cuDNN) in fp32 and AMP bf16 + channels-last,
-   in images/s.
+   in images/s;
+5. the demo end to end (train.py, eval.mode sync and background);
+6. Horovod's CUDA build under ``horovodrun -np 1`` (the backend its timeline names for CUDA tensors,
+   ``pytest -m gpu`` and the demo under it), where Horovod is importable;
+7. the BN layer and the backbone step in CUDA graphs (torch.cuda.make_graphed_callables), eager vs graphed.
 
 One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON says so.
 """
@@ -268,9 +273,13 @@ def ratios(ms: dict) -> dict:
 def bench_bn_layer() -> dict:
     out = {}
     shape = (2, 256, 200, 336)
-    for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-        x = torch.randn(shape, device="cuda").to(memory_format=fmt).requires_grad_()
-        dy = torch.randn(shape, device="cuda").to(memory_format=fmt)
+    # bf16 channels-last: what BN sees inside an AMP bf16 channels-last backbone (the conv's output;
+    # autocast leaves batch_norm in its input's dtype), with fp32 parameters.
+    for layout, fmt, dtype in (("nchw", torch.contiguous_format, torch.float32),
+                               ("nhwc", torch.channels_last, torch.float32),
+                               ("bf16_nhwc", torch.channels_last, torch.bfloat16)):
+        x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
+        dy = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt)
         layers = {name: make().cuda() for name, make in bn_variants(shape[1]).items()}
 
         def fwd_bwd(layer, x=x, dy=dy):
@@ -283,7 +292,7 @@ def bench_bn_layer() -> dict:
         kernels = {name: kernel_breakdown(fwd_bwd(layers[name]), top=8)
                    for name in ("cudnn_batchnorm", "torch_syncbn", "cgbn_triton") if name in layers}
         dev = {k: v["total_device_us"] for k, v in kernels.items()}
-        out[layout] = {"shape": list(shape), "timings": timings, "kernels": kernels,
+        out[layout] = {"shape": list(shape), "dtype": str(dtype), "timings": timings, "kernels": kernels,
                        "device_time_ratio cgbn_triton / cudnn": dev["cgbn_triton"] / dev["cudnn_batchnorm"]
                        if all(dev.values()) else None, **ratios(ms)}
     return out
