@@ -30,7 +30,12 @@ def main() -> int:
         result, ok = traceback.format_exc(), False
     with open(os.path.join(out_dir, f"rank{comm.rank()}.pkl"), "wb") as f:
         pickle.dump((ok, result), f)
-    # Exit without hvd.shutdown(): a failed rank must not wait in a collective for the others.
+    # Exit without hvd.shutdown(): a failed rank must not wait in a collective for the others. A
+    # torch.distributed world is torn down here (a local step, no collective): left to the interpreter's
+    # exit, its Gloo threads were once destroyed unjoined ("terminate called without an active
+    # exception", SIGABRT after the rank had written its result).
+    if ok and comm.gradients() == "ddp":
+        comm.shutdown()
     return 0 if ok else 1
 
 
