@@ -5,9 +5,9 @@
 # device command that carries .whl/, installs them there with --no-deps --target, and runs the check.
 #
 # Why a build of our own: that machine's image (docs/gpu.md, the tool library's KINDS.md) has Python
-# 3.12.3, torch 2.11.0+cu130, triton 3.6.0 and CUDA 13.0, no OpenMPI and no Horovod, and a Horovod wheel
-# is a C++ extension bound to one Python and one torch: the one `make setup` caches (Python 3.11, torch
-# 2.14.1) cannot load there. So this script makes the same stack here, once, cached under HVDET_CACHE:
+# 3.12.3, torch 2.11.0+cu130, triton 3.6.0 and CUDA 13.0, no Horovod and no MPI library in its package
+# list, and a Horovod wheel is a C++ extension bound to one Python and one torch: the one `make setup`
+# caches (Python 3.11, torch 2.14.1) cannot load there. So this script makes the same stack here, once, cached under HVDET_CACHE:
 #   1. CPython 3.12.3 from its release tarball (this Debian has 3.11 only, and python.org is out of reach:
 #      Ubuntu noble's source package carries the same tarball; its sha256 is the release's), ~3 min;
 #   2. a venv with torch 2.11.0, torchvision 0.26.0, triton 3.6.0 and hvdet's dependencies (torch 2.11
@@ -15,7 +15,8 @@
 #      calls only NCCL functions that 2.28 has, and loads the lent machine's libnccl at run time; numpy
 #      below 2.4: triton 3.6's interpreter int()s one-element arrays, which numpy 2.4 refuses), ~3 min;
 #   3. Horovod in that venv by launch/build_horovod.sh, Gloo + CUDA + NCCL for sm_80/sm_90, without MPI
-#      (HVDET_HOROVOD_MPI=0: the image has no libmpi), ~5 min on 2 cores.
+#      (HVDET_HOROVOD_MPI=0: a wheel with MPI links libmpi, which that image may lack; horovodrun --gloo
+#      needs none), ~5 min on 2 cores.
 # The venv doubles as a rehearsal of the lent machine's stack on this CPU (make gpu-rehearsal).
 #
 # Usage: launch/gpu_wheels.sh        (make gpu-wheels; idempotent: a second run takes seconds)
