@@ -424,7 +424,8 @@ def bench_demo(rounds: int = 2) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def horovodrun(np_: int = 1) -> tuple[str, ...]:
-    """``horovodrun -np N --gloo`` on this host (the Gloo controller: the lent machine's Horovod is built without MPI)."""
+    """``horovodrun -np N --gloo`` on this host (the Gloo controller: the lent machine's Horovod is
+    built without MPI)."""
     exe = shutil.which("horovodrun")
     runner = (exe,) if exe else (sys.executable, "-m", "horovod.runner.launch")
     return (*runner, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo")
