@@ -32,6 +32,20 @@ VENV=$CACHE/venv-gpu-py312
 OUT=.whl
 die() { echo "gpu_wheels.sh: error: $*" >&2; exit 1; }
 
+# hvdet's requirements as setup.py lists them (one list, not a copy here): the names given, or all but
+# torch and torchvision, whose lent-machine versions this script installs itself.
+hvdet_requires() {
+  "$PREFIX/bin/python3.12" - "$@" <<'PY'
+import ast, re, sys
+setup = next(n for n in ast.walk(ast.parse(open("setup.py").read()))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+reqs = ast.literal_eval(next(k.value for k in setup.keywords if k.arg == "install_requires"))
+name = {r: re.split(r"[<>=!~ ]", r, maxsplit=1)[0] for r in reqs}
+wanted = sys.argv[1:]
+print("\n".join(r for r in reqs if (name[r] in wanted if wanted else name[r] not in ("torch", "torchvision"))))
+PY
+}
+
 # --- 1. Python 3.12.3 ------------------------------------------------------------------------
 if ! "$PREFIX/bin/python3.12" -c "import ssl, sqlite3, lzma, bz2, ctypes, zlib" 2>/dev/null; then
   # The headers CPython's ssl, lzma, bz2, ctypes and sqlite3 modules build against (pip needs ssl).
@@ -60,9 +74,7 @@ assert torch.__version__ == '2.11.0+cu130' and triton.__version__ == '3.6.0' and
     "cuda-bindings>=13.0.3,<14" nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime \
     nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse \
     nvidia-cusparselt-cu13 nvidia-nccl-cu13==2.32.6 nvidia-nvjitlink nvidia-nvshmem-cu13==3.4.5 nvidia-nvtx \
-    "numpy>=1.26,<2.4" "pillow>=10" pycocotools==2.0.11 faster-coco-eval==1.8.0 "pyyaml>=6" "tqdm>=4.66" \
-    "matplotlib>=3.8" "mlperf-logging>=4.1" "ninja>=1.11" cloudpickle psutil packaging "pytest>=8" \
-    "pytest-timeout>=2.3" 2>&1 | grep -v "dependency conflicts\|requires nvidia\|requires cuda-toolkit\|resolver does not" || true
+    $(hvdet_requires) "numpy<2.4" "pytest>=8" "pytest-timeout>=2.3" 2>&1 | grep -v "dependency conflicts\|requires nvidia\|requires cuda-toolkit\|resolver does not" || true
   "$VENV/bin/python" -c "import torch; assert torch.__version__ == '2.11.0+cu130', torch.__version__" \
     || die "the torch 2.11.0 venv at $VENV does not import torch"
 fi
@@ -75,7 +87,7 @@ HOROVOD_WHEEL=$(ls "$CACHE"/wheels/horovod-0.28.1-torch2.11.0+cu130-cp312-cuda13
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp "$HOROVOD_WHEEL" "$OUT"/
 "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$OUT" \
-  pycocotools==2.0.11 faster-coco-eval==1.8.0 "mlperf-logging>=4.1"
+  $(hvdet_requires pycocotools faster-coco-eval mlperf-logging)
 grep -qx "/.whl/" .gitignore || die ".whl/ must be git-ignored (it is carried to the device, never committed)"
 echo "gpu_wheels.sh: $(du -sh "$OUT" | cut -f1) in $OUT/ for the lent GPU machine:"
 ls -1 "$OUT"

@@ -287,10 +287,15 @@ def grouped_allreduce(tensors: list[torch.Tensor], op: str = "sum", compression:
     gradients (``compression="fp16"``: ``solver.fp16_allreduce``). Unlike the other wrappers it runs
     in a world of one too, so one GPU can show which of Horovod's backends reduces its tensors
     (launch/allreduce_check.py --backends, under :func:`timeline`)."""
-    if compression not in _COMPRESSION:
-        raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
     horovod = _need_horovod("grouped_allreduce")
-    return horovod.grouped_allreduce(tensors, name=name, op=OPS[op], compression=_COMPRESSION[compression])
+    return horovod.grouped_allreduce(tensors, name=name, op=OPS[op], compression=_compression(compression))
+
+
+def _compression(name: str):
+    """Horovod's compressor for ``name`` (none | fp16); a ValueError naming the choices otherwise."""
+    if name not in _COMPRESSION:
+        raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {name!r}")
+    return _COMPRESSION[name]
 
 
 @contextlib.contextmanager
@@ -374,8 +379,7 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *,
     them (call it before clipping, then step inside ``skip_synchronize()``). ``model`` (the module
     that owns ``named_parameters``) is for the ddp path, which wraps it; Horovod does not need it.
     """
-    if compression not in _COMPRESSION:
-        raise ValueError(f"compression must be one of {sorted(_COMPRESSION)}, got {compression!r}")
+    compressor = _compression(compression)
     if hvd is None and _SINGLE and size() == 1:
         # One plain process without Horovod (a GPU box that was not set up for it): there is nothing
         # to average, so the optimizer itself trains; hvdet.step works with either.
@@ -384,7 +388,7 @@ def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *,
         return optimizer
     horovod = _need_horovod("distributed_optimizer (hvdet's training loop)")
     return horovod.DistributedOptimizer(optimizer, named_parameters=named_parameters,
-                                    compression=_COMPRESSION[compression],
+                                    compression=compressor,
                                     backward_passes_per_step=backward_passes_per_step, op=OPS[op])
 
 
