@@ -23,7 +23,10 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
 5. the demo end to end (train.py, eval.mode sync and background);
 6. Horovod's CUDA build under ``horovodrun -np 1`` (the backend its timeline names for CUDA tensors,
    ``pytest -m gpu`` and the demo under it), where Horovod is importable;
-7. the BN layer and the backbone step in CUDA graphs (torch.cuda.make_graphed_callables), eager vs graphed.
+7. where a CGBN layer's host time goes (benchmarks/gpu_host.py): host microseconds per call of each of
+   its pieces, the device operations per layer step, a cProfile of its forward;
+8. the BN layer and the backbone step in CUDA graphs (torch.cuda.make_graphed_callables), eager vs
+   graphed, in a child process (an illegal address in a capture aborts the process that made it).
 
 One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON says so.
 """
@@ -47,6 +50,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_host import bench_host_overhead
 from benchmarks.provenance import provenance
 from hvdet import comm
 from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn
@@ -530,6 +534,27 @@ def bench_graphs() -> dict:
     return out
 
 
+def bench_graphs_child(timeout_s: int = 300) -> dict:
+    """:func:`bench_graphs` in a child process: a fault in a captured graph (an illegal address, as on
+    the 2026-12-04 run) aborts the process, and the parts measured before it must stay in the JSON.
+    The child's last lines say what failed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "graphs.json"
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--skip-tests", "--only", "graphs_in_process",
+                                   "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"the graphs child ran past {timeout_s} s"}
+        result = json.loads(out.read_text()).get("graphs_in_process") if out.exists() else None
+        if result is None:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            return {"error": f"the graphs child exited with {proc.returncode} before its result:\n{tail}"}
+        return result
+
+
 def run_pytest(launcher: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([*launcher, sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
@@ -553,6 +578,9 @@ def machine() -> dict:
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                     capability=list(torch.cuda.get_device_capability(0)),
                     memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    cpu = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+           if ln.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    info["cpu"] = f"{cpu[0] if cpu else platform.processor()} x {os.cpu_count()}"
     info["uptime"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     return info
 
@@ -584,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     parser.add_argument("--skip-tests", action="store_true", help="measurements only")
-    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="these measurements only")
+    parser.add_argument("--only", nargs="+", choices=[*MEASUREMENTS, *IN_PROCESS],
+                        help="these measurements only")
     args = parser.parse_args(argv)
     info = machine()
     print(f"gpu-check: {json.dumps(info)}", flush=True)
@@ -605,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     for name in args.only or MEASUREMENTS:
-        fn = MEASUREMENTS[name]
+        fn = MEASUREMENTS.get(name) or IN_PROCESS[name]
         start = time.perf_counter()
         try:
             result[name] = fn()
@@ -666,6 +695,10 @@ def print_table(r: dict) -> None:
         same = demo["same_ap_at_same_snapshots"]
         rows.append(("demo background / sync",
                      f"{demo['background / sync']:.2f}; same AP at the same snapshots: {same}"))
+    for setting, v in r.get("host_overhead", {}).get("host_us_per_call", {}).items():
+        rows.append((f"host us/call: {setting}", f"{v}"))
+    if "device_ops_per_layer_step" in r.get("host_overhead", {}):
+        rows.append(("device ops per layer step", json.dumps(r["host_overhead"]["device_ops_per_layer_step"])))
     for setting, v in r.get("graphs", {}).items():
         if isinstance(v, dict) and "timings" in v:
             rows += [(f"graphs {setting} {k} ms", f"{x['median_ms']:.3f} (host {x['host_issue_ms']:.3f})")
@@ -695,7 +728,8 @@ def print_table(r: dict) -> None:
 
 MEASUREMENTS = {"lamb_step": bench_lamb, "bn_layer": bench_bn_layer, "backbone_step": bench_backbone,
                 "detector_step": bench_detector, "demo": bench_demo, "horovod": bench_horovod,
-                "graphs": bench_graphs}  # last: a capture that goes wrong can leave the CUDA context unusable
+                "host_overhead": bench_host_overhead, "graphs": bench_graphs_child}
+IN_PROCESS = {"graphs_in_process": bench_graphs}  # what bench_graphs_child's child runs
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -390,6 +390,20 @@ def test_gpu_check_horovod_part_rehearsed_on_cpu(tmp_path):
     assert report["demo_fp16_allreduce"]["reached"] and not report["nccl_path"]
 
 
+@pytest.mark.slow
+def test_gpu_check_host_overhead_part_runs_on_cpu():
+    """gpu_check's host-overhead part (benchmarks/gpu_host.py) with the Triton interpreter on CPU tensors,
+    a few calls each: every piece it times runs, the cProfile is there (the GPU run must not be what finds
+    a typo)."""
+    from benchmarks.gpu_host import bench_host_overhead
+
+    r = bench_host_overhead(calls=2, rounds=1, device=torch.device("cpu"))
+    times = r["host_us_per_call"]
+    assert len(times) == 17 and all(t > 0 for t in times.values()), times
+    assert r["device_ops_per_layer_step"] == {"cudnn_batchnorm": None, "cgbn_triton": None}
+    assert any("_CrossGPUBatchNormFn" in line or "group_moments" in line for line in r["cgbn_forward_cprofile"])
+
+
 def test_gpu_check_horovod_pass_marks():
     """The Horovod part fails on the wrong backend, an inexact run, failed tests or a missed target, and
     is not required where Horovod is absent."""
