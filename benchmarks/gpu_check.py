@@ -41,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -393,8 +394,6 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
 @functools.cache  # bench_demo and bench_horovod train on the same data: written once
 def demo_data() -> Path:
     """A scratch folder with the demo's synthetic dataset written under data/."""
-    import tempfile
-
     from hvdet.data.synthetic import make_synthetic_coco
 
     tmp = Path(tempfile.mkdtemp(prefix="hvdet-gpu-demo-"))
@@ -494,65 +493,122 @@ def bench_horovod(timeout_s: float = 300) -> dict:
 # 7. CUDA graphs: the layer and the backbone step with the host's launches taken out
 # ---------------------------------------------------------------------------------------------
 
-def graphed_against_eager(makers: dict, sample: torch.Tensor, step, rounds: int, reps: int) -> dict:
-    """Each module of ``makers`` eager and captured by ``torch.cuda.make_graphed_callables`` (forward
-    and backward, fixed shapes), ``step(module)`` timed interleaved; a capture that fails is reported
-    (its eager variant still runs) rather than losing the others."""
-    variants, errors = {}, {}
-    for name, make in makers.items():
-        variants[f"{name} eager"] = step(make())
-        try:
-            variants[f"{name} graphed"] = step(torch.cuda.make_graphed_callables(make(), (sample,)))
-        except Exception as err:  # noqa: BLE001 - reported in the JSON
-            errors[f"{name} graphed"] = f"{type(err).__name__}: {err}"[:500]
-    timings = time_variants(variants, rounds=rounds, reps=reps)
+GRAPH_CASES = ("bn_layer_nchw", "backbone_step_fp32")
+GRAPH_BNS = ("cudnn_batchnorm", "cgbn_triton")
+GRAPH_MODES = ("eager", "graphed_callables", "whole_step")
+
+
+def graph_case(case: str):
+    """(bn name -> maker of a fresh module, the static input, fwd_bwd(module, input), rounds, reps):
+    one BN layer ([2, 256, 200, 336] fp32 NCHW, backward from a fixed dy) or the R50-FPN backbone
+    step (8 x 512², fp32)."""
+    if case == "bn_layer_nchw":
+        shape = (2, 256, 200, 336)
+        x = torch.randn(shape, device="cuda", requires_grad=True)
+        dy = torch.randn(shape, device="cuda")
+        made = bn_variants(shape[1])
+        return ({bn: (lambda make=made[bn]: make().cuda()) for bn in GRAPH_BNS}, x,
+                lambda module, inp: module(inp).backward(dy), 5, 10)
+    if case == "backbone_step_fp32":
+        images = torch.randn(8, 3, 512, 512, device="cuda")
+        return ({bn: functools.partial(r50_fpn, bn) for bn in GRAPH_BNS}, images,
+                lambda net, inp: sum(f.float().mean() for f in net(inp).values()).backward(), 3, 5)
+    raise ValueError(f"unknown graph case {case!r}: {GRAPH_CASES}")
+
+
+def _zero(module: nn.Module, inp: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    inp.grad = None
+
+
+def graph_step(mode: str, module: nn.Module, inp: torch.Tensor, fwd_bwd):
+    """One training step (grads to None, forward, backward) of ``module`` on ``inp``: ``eager``;
+    ``graphed_callables``: the module's forward and backward captured by
+    ``torch.cuda.make_graphed_callables``; ``whole_step``: forward and backward captured as one graph
+    (torch's "whole network capture": warm-up on a side stream, grads None before the capture so that
+    it allocates them, each replay rewrites them)."""
+    if mode == "eager":
+        return lambda: (_zero(module, inp), fwd_bwd(module, inp))
+    if mode == "graphed_callables":
+        graphed = torch.cuda.make_graphed_callables(module, (inp,))
+        return lambda: (_zero(graphed, inp), fwd_bwd(graphed, inp))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            _zero(module, inp)
+            fwd_bwd(module, inp)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    _zero(module, inp)
+    with torch.cuda.graph(graph):
+        fwd_bwd(module, inp)
+    return graph.replay
+
+
+def bench_graphs_case(case: str, only: str | None = None) -> dict:
+    """cuDNN BN and CGBN (Triton, group path with a group of one) in ``case``, eager and in CUDA graphs
+    both ways (:func:`graph_step`), timed interleaved: what is left of CGBN's cost once the host's
+    launches are out of the picture. ``only``: that one variant ("cgbn_triton whole_step"), the
+    triage of a case whose process died. A capture that raises is reported, the others still run."""
+    makers, inp, fwd_bwd, rounds, reps = graph_case(case)
+    steps, errors = {}, {}
+    for bn in GRAPH_BNS:
+        for mode in GRAPH_MODES:
+            name = f"{bn} {mode}"
+            if only and name != only:
+                continue
+            try:
+                steps[name] = graph_step(mode, makers[bn](), inp, fwd_bwd)
+                steps[name]()
+                torch.cuda.synchronize()  # a graph that faults does it here, named by the triage
+            except Exception as err:  # noqa: BLE001 - reported in the JSON
+                steps.pop(name, None)
+                errors[name] = f"{type(err).__name__}: {err}"[:500]
+    timings = time_variants(steps, rounds=rounds, reps=reps) if steps else {}
     ms = {k: v["median_ms"] for k, v in timings.items()}
-    floor = ms["cudnn_batchnorm eager"]
-    return {"timings": timings, "capture_errors": errors,
-            **{f"{k} / cudnn_batchnorm eager": v / floor for k, v in ms.items() if k != "cudnn_batchnorm eager"}}
+    floor = ms.get("cudnn_batchnorm eager")
+    ratios = {f"{k} / cudnn_batchnorm eager": v / floor for k, v in ms.items()
+              if floor and k != "cudnn_batchnorm eager"}
+    if "cudnn_batchnorm whole_step" in ms and "cgbn_triton whole_step" in ms:
+        ratios["cgbn_triton whole_step / cudnn_batchnorm whole_step"] = (
+            ms["cgbn_triton whole_step"] / ms["cudnn_batchnorm whole_step"])
+    return {"timings": timings, "capture_errors": errors, **ratios}
 
 
-def bench_graphs() -> dict:
-    """One BN layer ([2, 256, 200, 336] fp32 NCHW) and the R50-FPN backbone step (8 x 512², fp32) with
-    cuDNN BN and with CGBN (Triton, group path with a group of one), eager and in CUDA graphs: what is
-    left of CGBN's cost once the host's launches are out of the picture. CGBN makes no host sync on a
-    GPU (its count check is ``torch._assert_async``), so it can be captured; a group larger than one
-    also needs a capturable collective (torch.distributed's NCCL is; Horovod's is not). A graph needs
-    fixed shapes: detection's varying image sizes would need one graph per padded size."""
-    names = ("cudnn_batchnorm", "cgbn_triton")
-    shape = (2, 256, 200, 336)
-    x = torch.randn(shape, device="cuda", requires_grad=True)
-    dy = torch.randn(shape, device="cuda")
-    variants = bn_variants(shape[1])
-    layers = {name: lambda make=variants[name]: make().cuda() for name in names}
-    out = {"bn_layer_nchw": graphed_against_eager(layers, x, lambda layer: layer_step(layer, x, dy),
-                                                  rounds=5, reps=10)}
-    images = torch.randn(8, 3, 512, 512, device="cuda")
-    backbones = {name: functools.partial(r50_fpn, name) for name in names}
-    out["backbone_step_fp32"] = graphed_against_eager(backbones, images, lambda net: backbone_step(net, images),
-                                                      rounds=3, reps=5)
-    return out
-
-
-def bench_graphs_child(timeout_s: int = 300) -> dict:
-    """:func:`bench_graphs` in a child process: a fault in a captured graph (an illegal address, as on
-    the 2026-12-04 run) aborts the process, and the parts measured before it must stay in the JSON.
-    The child's last lines say what failed."""
-    import tempfile
-
+def _graphs_child(case: str, only: str | None, timeout_s: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "graphs.json"
+        cmd = [sys.executable, __file__, "--graph-case", case, "--out", str(out),
+               *(["--graph-variant", only] if only else [])]
         try:
-            proc = subprocess.run([sys.executable, __file__, "--skip-tests", "--only", "graphs_in_process",
-                                   "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                                  check=False)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
-            return {"error": f"the graphs child ran past {timeout_s} s"}
-        result = json.loads(out.read_text()).get("graphs_in_process") if out.exists() else None
-        if result is None:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-            return {"error": f"the graphs child exited with {proc.returncode} before its result:\n{tail}"}
-        return result
+            return {"error": f"ran past {timeout_s} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # The C++ abort's own lines (what(), the error) and a Python error before them, if any.
+        keep = [ln for ln in lines if "Error" in ln or "what()" in ln or "error" in ln][:8] or lines[-8:]
+        return {"error": f"exited with {proc.returncode} before its result: " + " | ".join(keep)[:1500]}
+
+
+def bench_graphs(timeout_s: int = 240) -> dict:
+    """Each case of :func:`bench_graphs_case` in a child process: a fault in a captured graph (an illegal
+    address, as on the 2026-12-04 run) aborts the process that made it, and the parts measured before
+    must stay in the JSON. A case whose child dies is triaged: each variant alone in a child, to name
+    the one that faults."""
+    out = {}
+    for case in GRAPH_CASES:
+        out[case] = result = _graphs_child(case, None, timeout_s)
+        print(f"gpu-check: graphs {case}: {json.dumps(result)[:600]}", flush=True)
+        if "error" in result:
+            result["triage"] = {}
+            for name in (f"{bn} {mode}" for bn in GRAPH_BNS for mode in GRAPH_MODES):
+                alone = _graphs_child(case, name, timeout_s)
+                result["triage"][name] = alone.get("error") or alone["capture_errors"].get(name) or "ran"
+                print(f"gpu-check: graphs {case} triage {name}: {result['triage'][name][:300]}", flush=True)
+    return out
 
 
 def run_pytest(launcher: tuple[str, ...] = ()) -> dict:
@@ -612,8 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     parser.add_argument("--skip-tests", action="store_true", help="measurements only")
-    parser.add_argument("--only", nargs="+", choices=[*MEASUREMENTS, *IN_PROCESS],
-                        help="these measurements only")
+    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, help="these measurements only")
+    parser.add_argument("--graph-case", choices=GRAPH_CASES, help=argparse.SUPPRESS)  # bench_graphs' child
+    parser.add_argument("--graph-variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     info = machine()
     print(f"gpu-check: {json.dumps(info)}", flush=True)
@@ -628,13 +685,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     comm.init()
     torch.backends.cudnn.benchmark = True
+    if args.graph_case:  # bench_graphs' child: one case (or one variant of it), nothing else
+        Path(args.out).write_text(json.dumps(bench_graphs_case(args.graph_case, args.graph_variant)) + "\n")
+        return 0
     result = {"machine": info, "provenance": provenance(),
               "not_covered": "multi-rank NCCL collectives (gradients between ranks), AGVM: need two GPUs / ranks"}
     if not args.skip_tests:
         result["pytest_gpu"] = run_pytest()
     result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     for name in args.only or MEASUREMENTS:
-        fn = MEASUREMENTS.get(name) or IN_PROCESS[name]
+        fn = MEASUREMENTS[name]
         start = time.perf_counter()
         try:
             result[name] = fn()
@@ -703,8 +763,11 @@ def print_table(r: dict) -> None:
         if isinstance(v, dict) and "timings" in v:
             rows += [(f"graphs {setting} {k} ms", f"{x['median_ms']:.3f} (host {x['host_issue_ms']:.3f})")
                      for k, x in v["timings"].items()]
-            rows += [(f"graphs {setting} {k}", f"{x:.3f}") for k, x in v.items() if k.endswith("eager")]
+            rows += [(f"graphs {setting} {k}", f"{x:.3f}") for k, x in v.items() if " / " in k]
             rows += [(f"graphs {setting} {k} FAILED", e[:200]) for k, e in v["capture_errors"].items()]
+        if isinstance(v, dict) and "error" in v:
+            rows.append((f"graphs {setting} FAILED", v["error"][:200]))
+            rows += [(f"graphs {setting} alone: {k}", e[:200]) for k, e in v.get("triage", {}).items()]
     hv = r.get("horovod", {})
     if "allreduce_check" in hv:
         check = hv["allreduce_check"]
@@ -728,8 +791,7 @@ def print_table(r: dict) -> None:
 
 MEASUREMENTS = {"lamb_step": bench_lamb, "bn_layer": bench_bn_layer, "backbone_step": bench_backbone,
                 "detector_step": bench_detector, "demo": bench_demo, "horovod": bench_horovod,
-                "host_overhead": bench_host_overhead, "graphs": bench_graphs_child}
-IN_PROCESS = {"graphs_in_process": bench_graphs}  # what bench_graphs_child's child runs
+                "host_overhead": bench_host_overhead, "graphs": bench_graphs}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ import pstats
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 
 from hvdet import comm
 from hvdet.nn import CrossGPUBatchNorm2d
-from hvdet.nn.cross_gpu_bn import _check_count, group_moments
+from hvdet.nn.cross_gpu_bn import _check_count, _CrossGPUBatchNormFn, group_moments
 
 SHAPE = (2, 256, 8, 8)  # device work of a few microseconds per kernel: the host is what is timed
 
@@ -78,11 +79,26 @@ def forward_profile(layer: nn.Module, x: torch.Tensor, calls: int = 300, top: in
             f"{func} ({Path(file).name}:{line})" for (file, line, func), (_, n, own, cum, _) in rows]
 
 
-def _step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+def _step(layer, x: torch.Tensor, dy: torch.Tensor, threads: bool = True):
+    """A layer step: forward, backward from ``dy``; ``threads=False``: the backward on this thread
+    instead of autograd's device thread."""
     def run():
         x.grad = None
-        layer(x).backward(dy)
+        with torch.autograd.set_multithreading_enabled(threads):
+            layer(x).backward(dy)
     return run
+
+
+class _Identity(torch.autograd.Function):
+    """y = x with a Python backward: what autograd's node for a Python Function costs the host."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
 
 
 def bench_host_overhead(calls: int = 200, rounds: int = 5, device: torch.device | None = None) -> dict:
@@ -111,6 +127,9 @@ def bench_host_overhead(calls: int = 200, rounds: int = 5, device: torch.device 
     parts = local[None]
     mean, var, n = bn_triton.group_stats(parts, torch.float32, rm, rv, 0.1)
     total, _, _ = bn_triton.grad_sums_packed(dy, xd, mean, var, 1e-5, torch.float32)
+    # What the layer's forward leaves for its backward, to time the backward's body on this thread.
+    ctx = SimpleNamespace(saved_tensors=(xd, w, mean, var), eps=1e-5, n=n, group=group, backend="auto",
+                          impl="auto", needs_input_grad=(True, True, True))
     cudnn = nn.BatchNorm2d(c).to(dev)
     cgbn = CrossGPUBatchNorm2d(c).to(dev)
     cgbn.force_group_path = True
@@ -133,6 +152,11 @@ def bench_host_overhead(calls: int = 200, rounds: int = 5, device: torch.device 
         "layer forward, CGBN (train, needs grad)": lambda: cgbn(x),
         "layer step (fwd + bwd), cuDNN BatchNorm2d": _step(cudnn, x, dy),
         "layer step (fwd + bwd), CGBN": _step(cgbn, x, dy),
+        "bwd: CGBN backward's body, called on this thread": lambda: _CrossGPUBatchNormFn.backward(ctx, dy),
+        "step of x * 1 (a C++ backward node)": _step(lambda t: t * 1.0, x, dy),
+        "step of an identity Function (a Python backward node)": _step(_Identity.apply, x, dy),
+        "layer step, cuDNN, backward on this thread": _step(cudnn, x, dy, threads=False),
+        "layer step, CGBN, backward on this thread": _step(cgbn, x, dy, threads=False),
     }
     if dev.type == "cuda":  # bn_plan.counters asks for it on every launch of _moments and _backward_reduce
         pieces["torch.cuda.current_stream().stream_id"] = lambda: torch.cuda.current_stream(dev).stream_id
