@@ -19,7 +19,8 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
    bf16 channels-last;
 4. the demo detector's (fasterrcnn_resnet18_fpn_fast, PMD-LAMB) training step with CGBN in fp32, AMP
    bf16 and AMP bf16 + channels-last, and with local BN (cuDNN) in fp32 and AMP bf16 + channels-last,
-   in images/s;
+   in images/s; and fp32 and AMP bf16 + channels-last again with the backbone in CUDA graphs
+   (solver.cuda_graphs, :mod:`hvdet.models.cuda_graphs`), CGBN and local BN;
 5. the demo end to end (train.py, eval.mode sync and background);
 6. Horovod's CUDA build under ``horovodrun -np 1`` (the backend its timeline names for CUDA tensors,
    ``pytest -m gpu`` and the demo under it), where Horovod is importable;
@@ -351,6 +352,8 @@ def bench_backbone() -> dict:
 
 def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
     from hvdet.models import build_detector
+    from hvdet.models.cuda_graphs import graph_backbone
+    from hvdet.step import autocast
 
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, size, size, generator=gen).cuda() for _ in range(images_per_gpu)]
@@ -361,21 +364,30 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).cuda(), "labels": torch.randint(1, 5, (4,)).cuda()})
     variants = {}
     # CGBN (a group of one, forced through its arithmetic) in three precisions/layouts; local BN (cuDNN) in
-    # two of them: what turning Cross-GPU BN on costs the whole step.
+    # two of them: what turning Cross-GPU BN on costs the whole step; and with the backbone in CUDA graphs
+    # (solver.cuda_graphs), what is left of that cost without the host's launches.
     for name, amp, fmt, norm in (("fp32", False, torch.contiguous_format, "cross_gpu"),
                                  ("amp_bf16", True, torch.contiguous_format, "cross_gpu"),
                                  ("amp_bf16_channels_last", True, torch.channels_last, "cross_gpu"),
                                  ("fp32 local_bn", False, torch.contiguous_format, "local"),
-                                 ("amp_bf16_channels_last local_bn", True, torch.channels_last, "local")):
+                                 ("amp_bf16_channels_last local_bn", True, torch.channels_last, "local"),
+                                 ("fp32 cuda_graphs", False, torch.contiguous_format, "cross_gpu"),
+                                 ("amp_bf16_channels_last cuda_graphs", True, torch.channels_last, "cross_gpu"),
+                                 ("fp32 local_bn cuda_graphs", False, torch.contiguous_format, "local"),
+                                 ("amp_bf16_channels_last local_bn cuda_graphs", True, torch.channels_last,
+                                  "local")):
         torch.manual_seed(0)
         model = group_path(build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm=norm, min_size=size,
                                           max_size=size))
         model = model.cuda().to(memory_format=fmt).train()
+        graphs = name.endswith("cuda_graphs")
+        if graphs:
+            graph_backbone(model)
         opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
 
-        def run(model=model, opt=opt, amp=amp):
+        def run(model=model, opt=opt, amp=amp, graphs=graphs):
             opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with autocast(torch.device("cuda"), torch.bfloat16 if amp else None, graphs):
                 losses = model(images, targets)
             sum(losses.values()).backward()
             opt.step()

@@ -137,6 +137,10 @@ def build_run(cfg: Config, resume: str | None = None) -> Run:
     plan = plan_run(cfg, world, len(train_set))
     model = build_model(cfg, train_set.num_classes, world)
     init_model(cfg, model, init, logger, resume)
+    if cfg.solver.cuda_graphs:  # captured at the first training forward of each shape, after every weight load
+        from hvdet.models.cuda_graphs import graph_backbone
+
+        graph_backbone(model)
     opt = build_optimizer(cfg, model, plan.lr, plan.cycle_length)
     a = cfg.agvm
     agvm = AGVM(opt, model, plan.agvm_interval, a.start_iter, plan.agvm_momentum, tuple(a.clamp)) if a.enabled else None

@@ -98,6 +98,8 @@ class SolverConfig:
     amp_dtype: str = "float16"                # CUDA autocast dtype: float16 (with loss scaling) | bfloat16
     amp_on_cpu: bool = False                  # bf16 autocast on CPU hosts too (no loss scaling needed)
     channels_last: bool = True                # CUDA only
+    cuda_graphs: bool = False                 # CUDA: the backbone replayed as CUDA graphs, one per input shape
+    #   (hvdet.models.cuda_graphs: one backward pass per step; Cross-GPU BN groups need bn.backend torch, lsj)
 
 
 @dataclass

@@ -106,6 +106,8 @@ def validate(cfg, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: solver.warmup_iters and warmup_epochs must be >= 0")
     if s.base_lr <= 0:
         raise ConfigError(f"{source}: solver.base_lr must be > 0, got {s.base_lr}")
+    if s.cuda_graphs:
+        _check_cuda_graphs(cfg, source)
     if cfg.agvm.enabled and s.backward_passes_per_step > 1:
         raise ConfigError(f"{source}: agvm.enabled needs solver.backward_passes_per_step=1 (AGVM compares "
                           "one backward pass's gradients across ranks)")
@@ -129,3 +131,23 @@ def validate(cfg, source: str = "<config>") -> None:
                           f"(e.g. [{d.max_size}])")
     if "segm" in cfg.eval.iou_types and not registry.ARCHS[cfg.model.arch].mask:
         raise ConfigError(f"{source}: eval.iou_types has 'segm' but model.arch {cfg.model.arch} has no mask head")
+
+
+def _check_cuda_graphs(cfg, source: str) -> None:
+    """What the backbone's CUDA graphs need (hvdet.models.cuda_graphs says why)."""
+    if cfg.solver.backward_passes_per_step > 1:
+        raise ConfigError(f"{source}: solver.cuda_graphs needs solver.backward_passes_per_step=1 (a graph's backward "
+                          "writes its gradients into the same buffers every pass)")
+    if cfg.comm.gradients != "horovod":
+        raise ConfigError(f"{source}: solver.cuda_graphs needs comm.gradients=horovod (DistributedDataParallel's "
+                          "reducer is not set up for graphed modules here)")
+    if cfg.model.norm == "cross_gpu":
+        if cfg.bn.backend not in ("auto", "torch"):
+            raise ConfigError(f"{where(source, 'bn.backend')}: solver.cuda_graphs with Cross-GPU BN needs a "
+                              f"collective a graph can capture: bn.backend torch (NCCL) or auto, not {cfg.bn.backend}")
+        if cfg.data.augmentation != "lsj":
+            raise ConfigError(f"{source}: solver.cuda_graphs with Cross-GPU BN needs data.augmentation=lsj (every "
+                              "rank of a BN group must capture and replay the same input shapes: LSJ's fixed square)")
+        if cfg.elastic.enabled:
+            raise ConfigError(f"{source}: solver.cuda_graphs with Cross-GPU BN and elastic.enabled is not supported "
+                              "(captured collectives belong to the world they were captured in)")

@@ -44,6 +44,13 @@ def autocast_dtype(amp: bool, amp_dtype: str, amp_on_cpu: bool, device: torch.de
     return torch.bfloat16 if amp_on_cpu else None  # CPUs have fast bf16, no fast fp16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None, cuda_graphs: bool = False):
+    """The step's autocast (off for fp32); without its weight cache under CUDA graphs, which
+    ``torch.cuda.make_graphed_callables`` refuses."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None,
+                          cache_enabled=False if cuda_graphs else None)
+
+
 def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 autocast (bf16 has fp32's range and needs none)."""
     return torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -55,17 +62,20 @@ class StepSettings:
 
     ``passes``: backward passes per optimizer step (solver.backward_passes_per_step); ``amp_dtype``:
     the autocast dtype or None for fp32 (:func:`autocast_dtype`); ``clip_grad_norm``: the max norm of
-    the averaged gradients, or None; ``device``: where batches go (None: ``comm.device()``)."""
+    the averaged gradients, or None; ``device``: where batches go (None: ``comm.device()``);
+    ``cuda_graphs``: the backbone runs as CUDA graphs (solver.cuda_graphs), which autocast's weight
+    cache would break."""
     passes: int = 1
     amp_dtype: torch.dtype | None = None
     clip_grad_norm: float | None = None
     device: torch.device | None = None
+    cuda_graphs: bool = False
 
     @classmethod
     def from_solver(cls, solver, device: torch.device) -> StepSettings:
         """The settings of a recipe's ``solver`` section on ``device``."""
         dtype = autocast_dtype(solver.amp, solver.amp_dtype, solver.amp_on_cpu, device)
-        return cls(solver.backward_passes_per_step, dtype, solver.clip_grad_norm, device)
+        return cls(solver.backward_passes_per_step, dtype, solver.clip_grad_norm, device, solver.cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ def train_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, 
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
-        with timer.phase("forward_s"), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), \
+        with timer.phase("forward_s"), autocast(device, dtype, settings.cuda_graphs), \
                 forward_module(optimizer, model, last=i == passes - 1) as module:
             loss_dict = module(images, targets)
         with timer.phase("backward_allreduce_s"):

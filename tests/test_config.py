@@ -136,6 +136,14 @@ def test_bad_overrides():
     ({"solver": {"max_iters": 5}, "eval": {"iou_types": ["bbox", "segm"]}}, "has no mask head"),
     ({"solver": {"max_iters": 5}, "data": {"images_per_gpu": 0}}, "data.images_per_gpu must be >= 1"),
     ({"solver": {"max_iters": 5, "backward_passes_per_step": 2}, "agvm": {"enabled": True}}, "agvm.enabled needs"),
+    # CUDA graphs of the backbone (hvdet.models.cuda_graphs): what a graph cannot do
+    ({"solver": {"max_iters": 5, "cuda_graphs": True, "backward_passes_per_step": 2}}, "backward_passes_per_step=1"),
+    ({"solver": {"max_iters": 5, "cuda_graphs": True}, "comm": {"gradients": "ddp"}}, "comm.gradients=horovod"),
+    ({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"}, "bn": {"backend": "horovod"},
+      "data": {"augmentation": "lsj"}}, "bn.backend torch"),
+    ({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"}}, "data.augmentation=lsj"),
+    ({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"}, "data": {"augmentation": "lsj"},
+      "elastic": {"enabled": True}}, "elastic.enabled is not supported"),
 ])
 def test_wrong_values(raw, expected):
     msg = _error(raw)

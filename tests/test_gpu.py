@@ -177,3 +177,81 @@ def test_detector_training_step_amp_channels_last_cgbn_on_cuda():
         opt.step()
     assert all(torch.isfinite(v) for v in losses.values())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def _fast_detector(norm: str):
+    from hvdet.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm=norm, min_size=128, max_size=128).to(CUDA)
+    for m in model.modules():
+        if isinstance(m, CrossGPUBatchNorm2d):
+            m.force_group_path = True  # CGBN's own arithmetic (Triton) with the group of one GPU
+    return model.train()
+
+
+def _fixed_batch(n: int = 4):
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 128, 128, generator=gen).to(CUDA) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [50.0, 40.0, 120.0, 110.0]], device=CUDA),
+                "labels": torch.tensor([1, 2], device=CUDA)} for _ in images]
+    return images, targets
+
+
+@pytest.mark.parametrize("norm", ["local", "cross_gpu"])
+def test_graphed_backbone_trains_like_the_eager_one_on_cuda(norm):
+    """solver.cuda_graphs (hvdet.models.cuda_graphs): the backbone replayed as CUDA graphs gives the eager
+    model's losses, gradients and BN running statistics step after step (fp32, SGD; the heads' sampling
+    seeded alike), with one graph for the one input shape; its warm-up leaves the statistics as they
+    were; evaluation runs the eager forward and captures nothing."""
+    from hvdet.models.cuda_graphs import graph_backbone
+
+    comm.init()
+    eager, graphed = _fast_detector(norm), graph_backbone(_fast_detector(norm))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (eager, graphed)]
+    images, targets = _fixed_batch()
+    for step in range(3):
+        losses = []
+        for model, opt in zip((eager, graphed), opts, strict=True):
+            opt.zero_grad()
+            torch.manual_seed(step)  # the RPN's and RoI heads' sampling draws the same for both
+            loss_dict = model(images, targets)
+            sum(loss_dict.values()).backward()
+            losses.append(torch.stack(list(loss_dict.values())))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        for opt in opts:
+            opt.step()
+    for (name, b), c in zip(eager.named_buffers(), graphed.buffers(), strict=True):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert len(graphed.backbone.forward.graphs) == 1
+    graphed.eval()
+    with torch.no_grad():
+        assert len(graphed(images)) == len(images)
+    assert len(graphed.backbone.forward.graphs) == 1
+    assert graphed.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_train_step_with_cuda_graphs_bf16_autocast_and_a_new_shape_on_cuda():
+    """hvdet.step.train_step with solver.cuda_graphs: bf16 autocast without its weight cache (which
+    make_graphed_callables refuses), finite losses, the parameters move; a second input shape gets a
+    second graph."""
+    from hvdet.models.cuda_graphs import graph_backbone
+    from hvdet.step import StepSettings, grad_scaler, train_step
+
+    comm.init()
+    model = graph_backbone(_fast_detector("cross_gpu"))
+    opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
+    settings = StepSettings(amp_dtype=torch.bfloat16, device=CUDA, cuda_graphs=True)
+    images, targets = _fixed_batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        result = train_step(model, opt, grad_scaler(torch.bfloat16, CUDA), iter([(images, targets)]), settings,
+                            step=step, lr=0.02)
+        assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values()), result.losses
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    wide = [torch.nn.functional.pad(im, (0, 64)) for im in images]  # 128 x 192: a new batch shape
+    train_step(model, opt, grad_scaler(torch.bfloat16, CUDA), iter([(wide, targets)]), settings, step=3, lr=0.02)
+    assert len(model.backbone.forward.graphs) == 2

@@ -309,3 +309,25 @@ def test_cross_gpu_norm_two_ranks():
         assert r["kinds"] == {"CrossGPUBatchNorm2d"} and r["finite"]
     # Statistics are computed over the group of both ranks, so both ranks hold the same running mean.
     torch.testing.assert_close(results[0]["running_mean"], results[1]["running_mean"])
+
+
+def test_cuda_graphs_wiring_on_cpu(monkeypatch):
+    """solver.cuda_graphs without CUDA: a clear error; its forward keeps the backbone's state_dict and
+    parameters and runs eagerly for what a graph does not take (CPU tensors, evaluation), equal to
+    the backbone's own forward; a valid recipe passes the checks. The graphs themselves: tests/test_gpu.py."""
+    from hvdet.config import from_dict
+    from hvdet.models.cuda_graphs import GraphedForward, graph_backbone
+
+    model = build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm="local")
+    keys = model.state_dict().keys()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="solver.cuda_graphs needs a CUDA device"):
+        graph_backbone(model)
+    x = torch.rand(2, 3, 64, 64)
+    want = model.backbone(x)
+    model.backbone.forward = GraphedForward(model.backbone)
+    got = model.backbone(x)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.state_dict().keys() == keys and not model.backbone.forward.graphs
+    from_dict({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"},
+               "data": {"augmentation": "lsj"}, "bn": {"backend": "torch"}})
