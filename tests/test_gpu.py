@@ -5,7 +5,8 @@ the same code is checked on CPU elsewhere (tests/test_ops.py runs the Triton ker
 TRITON_INTERPRET=1). One GPU covers: the Triton LAMB step against the torch reference on CUDA and
 its freedom from host syncs, CGBN's group path (Triton and reference arithmetic, NCHW and
 channels-last, fp32/bf16/fp64) against cuDNN/torch BatchNorm, the AMP step order with an fp16
-GradScaler, and a detector's training step (AMP bf16, channels-last, CGBN, Triton PMD-LAMB). Not
+GradScaler, a detector's training step (AMP bf16, channels-last, CGBN, Triton PMD-LAMB), and the
+backbone in CUDA graphs (solver.cuda_graphs) against the eager one and inside hvdet's train_step. Not
 covered by one GPU: multi-rank NCCL collectives and AGVM, which needs two ranks.
 """
 import pytest
@@ -199,39 +200,47 @@ def _fixed_batch(n: int = 4):
 
 
 @pytest.mark.parametrize("norm", ["local", "cross_gpu"])
-def test_graphed_backbone_trains_like_the_eager_one_on_cuda(norm):
-    """solver.cuda_graphs (hvdet.models.cuda_graphs): the backbone replayed as CUDA graphs gives the eager
-    model's losses, gradients and BN running statistics step after step (fp32, SGD; the heads' sampling
-    seeded alike), with one graph for the one input shape; its warm-up leaves the statistics as they
-    were; evaluation runs the eager forward and captures nothing."""
+def test_graphed_backbone_matches_the_eager_backbone_on_cuda(norm, monkeypatch):
+    """solver.cuda_graphs (hvdet.models.cuda_graphs): the fast detector's backbone (ResNet-18 body + FPN)
+    replayed as CUDA graphs gives the eager backbone's features, parameter gradients (for the same
+    upstream gradients) and BN running statistics, step after step (SGD on both, fp32 without TF32);
+    one graph for the one input shape; its warm-up leaves the statistics as they were; evaluation runs
+    eagerly. A whole detector is no oracle: a feature's last bit can change which proposals NMS keeps,
+    and with them the RoI losses (the first version of this test, on the H200 on 2026-12-04, saw
+    loss_classifier differ by 0.25% while the anchor-based RPN losses agreed to 1e-4)."""
     from hvdet.models.cuda_graphs import graph_backbone
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # algorithms may differ under capture
     comm.init()
-    eager, graphed = _fast_detector(norm), graph_backbone(_fast_detector(norm))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (eager, graphed)]
-    images, targets = _fixed_batch()
+    eager, graphed_model = _fast_detector(norm), graph_backbone(_fast_detector(norm))
+    nets = (eager.backbone, graphed_model.backbone)
+    opts = [torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for net in nets]
+    x = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(1)).to(CUDA)
     for step in range(3):
-        losses = []
-        for model, opt in zip((eager, graphed), opts, strict=True):
+        feats = []
+        for net, opt in zip(nets, opts, strict=True):
             opt.zero_grad()
-            torch.manual_seed(step)  # the RPN's and RoI heads' sampling draws the same for both
-            loss_dict = model(images, targets)
-            sum(loss_dict.values()).backward()
-            losses.append(torch.stack(list(loss_dict.values())))
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
-        for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+            out = net(x)
+            gen = torch.Generator(device=CUDA).manual_seed(step)
+            upstream = [torch.randn(f.shape, device=CUDA, generator=gen) for f in out.values()]
+            sum((f * g).sum() for f, g in zip(out.values(), upstream, strict=True)).backward()
+            feats.append({k: f.detach().clone() for k, f in out.items()})
+        assert feats[0].keys() == feats[1].keys()
+        for k in feats[0]:
+            torch.testing.assert_close(feats[1][k], feats[0][k], rtol=1e-4, atol=1e-5)
+        for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
             if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         for opt in opts:
             opt.step()
-    for (name, b), c in zip(eager.named_buffers(), graphed.buffers(), strict=True):
+    for (name, b), c in zip(nets[0].named_buffers(), nets[1].buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert len(graphed.backbone.forward.graphs) == 1
-    graphed.eval()
+    assert len(nets[1].forward.graphs) == 1
+    graphed_model.eval()
     with torch.no_grad():
-        assert len(graphed(images)) == len(images)
-    assert len(graphed.backbone.forward.graphs) == 1
-    assert graphed.state_dict().keys() == eager.state_dict().keys()
+        assert len(graphed_model([x[0]])) == 1
+    assert len(nets[1].forward.graphs) == 1
+    assert graphed_model.state_dict().keys() == eager.state_dict().keys()
 
 
 def test_train_step_with_cuda_graphs_bf16_autocast_and_a_new_shape_on_cuda():
