@@ -419,3 +419,22 @@ def test_gpu_check_horovod_pass_marks():
     assert not horovod_ok({**good, "demo_fp16_allreduce": {"error": "exited 1"}}, backend="NCCL_ALLREDUCE")
     assert horovod_ok({"skipped": "Horovod is not importable here"}, backend="NCCL_ALLREDUCE")
     assert horovod_ok({}, backend="NCCL_ALLREDUCE")
+
+
+def test_provenance_names_the_source_files_themselves(tmp_path):
+    """benchmarks/provenance.py's source_sha256: the same for the same files, changed by an edit or a new
+    source file, blind to what is not source (where a copied tree's stale .git names the wrong commit)."""
+    from benchmarks.provenance import provenance, source_sha256
+
+    (tmp_path / "hvdet" / "ops").mkdir(parents=True)
+    (tmp_path / "hvdet" / "ops" / "bn.py").write_text("x = 1\n")
+    first = source_sha256(tmp_path)
+    (tmp_path / "notes.txt").write_text("not source")
+    assert source_sha256(tmp_path) == first and len(first) == 64
+    (tmp_path / "hvdet" / "ops" / "bn.py").write_text("x = 2\n")
+    assert source_sha256(tmp_path) != first
+    (tmp_path / "hvdet" / "ops" / "bn.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "new.py").write_text("")
+    assert source_sha256(tmp_path) != first
+    assert provenance()["source_sha256"] == source_sha256()
