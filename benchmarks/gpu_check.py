@@ -20,7 +20,8 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
 4. the demo detector's (fasterrcnn_resnet18_fpn_fast, PMD-LAMB) training step with CGBN in fp32, AMP
    bf16 and AMP bf16 + channels-last, and with local BN (cuDNN) in fp32 and AMP bf16 + channels-last,
    in images/s; and fp32 and AMP bf16 + channels-last again with the backbone in CUDA graphs
-   (solver.cuda_graphs, :mod:`hvdet.models.cuda_graphs`), CGBN and local BN;
+   (solver.cuda_graphs, :mod:`hvdet.models.cuda_graphs`), CGBN and local BN; and CGBN fp32 with the
+   backward on the calling thread instead of autograd's device thread;
 5. the demo end to end (train.py, eval.mode sync and background);
 6. Horovod's CUDA build under ``horovodrun -np 1`` (the backend its timeline names for CUDA tensors,
    ``pytest -m gpu`` and the demo under it), where Horovod is importable;
@@ -375,21 +376,27 @@ def bench_detector(images_per_gpu: int = 16, size: int = 512) -> dict:
                                  ("amp_bf16_channels_last cuda_graphs", True, torch.channels_last, "cross_gpu"),
                                  ("fp32 local_bn cuda_graphs", False, torch.contiguous_format, "local"),
                                  ("amp_bf16_channels_last local_bn cuda_graphs", True, torch.channels_last,
-                                  "local")):
+                                  "local"),
+                                 # autograd's device thread made a CGBN layer's backward 5x its body on the
+                                 # H200's host (host_overhead): does running it on the calling thread pay?
+                                 ("fp32 backward on the calling thread", False, torch.contiguous_format,
+                                  "cross_gpu")):
         torch.manual_seed(0)
         model = group_path(build_detector("fasterrcnn_resnet18_fpn_fast", 6, norm=norm, min_size=size,
                                           max_size=size))
         model = model.cuda().to(memory_format=fmt).train()
         graphs = name.endswith("cuda_graphs")
+        threads = not name.endswith("calling thread")
         if graphs:
             graph_backbone(model)
         opt = PMDLAMB(model.parameters(), lr=0.02, max_grad_norm=10.0)
 
-        def run(model=model, opt=opt, amp=amp, graphs=graphs):
+        def run(model=model, opt=opt, amp=amp, graphs=graphs, threads=threads):
             opt.zero_grad()
             with autocast(torch.device("cuda"), torch.bfloat16 if amp else None, graphs):
                 losses = model(images, targets)
-            sum(losses.values()).backward()
+            with torch.autograd.set_multithreading_enabled(threads):
+                sum(losses.values()).backward()
             opt.step()
         variants[name] = run
     timings = time_variants(variants, rounds=3, reps=5)
