@@ -331,3 +331,9 @@ def test_cuda_graphs_wiring_on_cpu(monkeypatch):
     assert model.state_dict().keys() == keys and not model.backbone.forward.graphs
     from_dict({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"},
                "data": {"augmentation": "lsj"}, "bn": {"backend": "torch"}})
+    from hvdet.models.cuda_graphs import check_capturable
+
+    check_capturable(model.backbone)  # momentum 0.1 everywhere: capturable
+    model.backbone.body.bn1.momentum = None
+    with pytest.raises(RuntimeError, match="'body.bn1' has momentum=None"):
+        check_capturable(model.backbone)

@@ -17,8 +17,11 @@ statistics they move are put back, so the run's statistics are those of the eage
 What a graph needs (checked by :mod:`hvdet.config_checks` and here):
 
 * a CUDA device; training mode with gradients on (evaluation runs the eager forward);
-* one backward pass per optimizer step: the graph's backward hands autograd its own static gradient
-  buffers, which the next backward overwrites (a second pass would accumulate into them);
+* one backward pass per optimizer step: the graph's backward writes its gradients into the same
+  static buffers every time, and autograd may keep the first pass's as ``.grad`` (a second pass
+  would overwrite what it should add to);
+* BatchNorm layers with a momentum: ``momentum=None`` (a cumulative average) reads the batch count
+  on the host every training forward, a sync that a capture cannot contain;
 * autocast without its weight cache (``torch.autocast(..., cache_enabled=False)``, what
   :func:`hvdet.step.train_step` uses when this is on);
 * Cross-GPU BN's group collectives inside the graph: a group of more than one rank needs a
@@ -88,17 +91,24 @@ def capture(backbone: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def check_capturable(backbone: nn.Module) -> None:
-    """Cross-GPU BN layers with a group of more than one rank must communicate by a capturable
-    collective (torch.distributed's NCCL): RuntimeError naming the layer otherwise."""
+    """What would break a capture, as a RuntimeError naming the layer: a training BatchNorm with
+    ``momentum=None`` (its factor 1/t is read on the host), a Cross-GPU BN group of more than one rank
+    on a collective other than torch.distributed's NCCL."""
     from hvdet.nn import CrossGPUBatchNorm2d
 
     for name, m in backbone.named_modules():
-        if isinstance(m, CrossGPUBatchNorm2d) and m.training:
-            group = m._group()
-            if group.size > 1 and group.resolve_backend(torch.device("cuda"), m.backend) != "torch":
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training):
+            continue
+        if m.momentum is None and m.track_running_stats:
+            raise RuntimeError(f"solver.cuda_graphs: BatchNorm layer {name!r} has momentum=None (a cumulative "
+                               "average, whose factor is read on the host every step), which a CUDA graph cannot "
+                               "capture: give it a momentum")
+        if isinstance(m, CrossGPUBatchNorm2d) and (group := m._group()).size > 1:
+            backend = group.resolve_backend(torch.device("cuda"), m.backend)
+            if backend != "torch":
                 raise RuntimeError(f"solver.cuda_graphs: Cross-GPU BN layer {name!r} (a group of {group.size} "
-                                   f"ranks) communicates by {group.resolve_backend(torch.device('cuda'), m.backend)!r},"
-                                   " which a CUDA graph cannot capture: set bn.backend: torch (NCCL)")
+                                   f"ranks) communicates by {backend!r}, which a CUDA graph cannot capture: "
+                                   "set bn.backend: torch (NCCL)")
 
 
 def graph_backbone(model: nn.Module, max_shapes: int = 8) -> nn.Module:
