@@ -27,8 +27,9 @@ table. Measured, each variant interleaved with the others in rounds (medians of 
    ``pytest -m gpu`` and the demo under it), where Horovod is importable;
 7. where a CGBN layer's host time goes (benchmarks/gpu_host.py): host microseconds per call of each of
    its pieces, the device operations per layer step, a cProfile of its forward;
-8. the BN layer and the backbone step in CUDA graphs (torch.cuda.make_graphed_callables), eager vs
-   graphed, in a child process (an illegal address in a capture aborts the process that made it).
+8. the BN layer and the backbone step in CUDA graphs (torch.cuda.make_graphed_callables, and the whole
+   step captured by torch.cuda.graph), eager vs graphed, each case in a child process (an illegal
+   address in a capture aborts the process that made it; a dead child is triaged variant by variant).
 
 One GPU cannot cover multi-rank NCCL collectives or AGVM (two ranks); the JSON says so.
 """
@@ -509,7 +510,8 @@ def bench_horovod(timeout_s: float = 300) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. CUDA graphs: the layer and the backbone step with the host's launches taken out
+# 8. CUDA graphs: the layer and the backbone step with the host's launches taken out
+#    (7., the host-overhead breakdown, is benchmarks/gpu_host.py)
 # ---------------------------------------------------------------------------------------------
 
 GRAPH_CASES = ("bn_layer_nchw", "backbone_step_fp32")
