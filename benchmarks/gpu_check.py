@@ -54,7 +54,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_host import bench_host_overhead
+from benchmarks.gpu_host import bench_host_overhead, kernel_breakdown, layer_step
 from benchmarks.provenance import provenance
 from hvdet import comm
 from hvdet.nn import CrossGPUBatchNorm2d, convert_cross_gpu_bn
@@ -95,28 +95,6 @@ def time_variants(variants: dict, rounds: int = 5, reps: int = 10, warmup: int =
             samples[name].append(start.elapsed_time(stop) / reps)
     return {name: {"median_ms": statistics.median(s), "host_issue_ms": statistics.median(host[name]),
                    "samples_ms": s} for name, s in samples.items()}
-
-
-def kernel_breakdown(fn, top: int = 10) -> dict:
-    """The CUDA kernels one call of ``fn`` runs (torch.profiler): their total device time, and the
-    ``top`` ones by device time, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    except Exception as err:  # noqa: BLE001 - the profiler is a diagnosis, not the measurement
-        return {"total_device_us": None, "top": [], "error": f"profiler failed: {type(err).__name__}: {err}"}
-    rows = []
-    for e in prof.key_averages():
-        dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        if dev_us > 0:
-            rows.append({"kernel": e.key[:90], "calls": e.count, "device_us": round(dev_us, 1)})
-    return {"total_device_us": round(sum(r["device_us"] for r in rows), 1),
-            "top": sorted(rows, key=lambda r: -r["device_us"])[:top]}
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -276,14 +254,6 @@ def ratios(ms: dict) -> dict:
     else:
         out["torch_syncbn"] = f"left out: no torch.distributed world of one ({world_of_one()})"
     return out
-
-
-def layer_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """One forward + backward of ``layer`` on ``x`` with upstream gradient ``dy``."""
-    def run():
-        x.grad = None
-        layer(x).backward(dy)
-    return run
 
 
 def r50_fpn(bn: str) -> nn.Module:

@@ -5,7 +5,8 @@ than cuDNN's (0.86x, fp32 NCHW), yet its layer step took 2.5x as long: the wall 
 time to issue the step. This part says where that host time goes: host microseconds per call of
 each piece of the layer (at a tiny shape, so the device never holds the host back), the kernels
 each layer step launches (torch.profiler), and a cProfile of the forward (the backward runs on
-autograd's device thread, which cProfile does not see; its pieces are timed one by one).
+autograd's device thread, which cProfile does not see; its pieces are timed one by one). The
+per-call helpers it shares with gpu_check (:func:`kernel_breakdown`, :func:`layer_step`) live here.
 """
 from __future__ import annotations
 
@@ -47,19 +48,28 @@ def host_us(fn, device: torch.device, calls: int = 200, rounds: int = 5) -> floa
     return round(statistics.median(per_call), 1)
 
 
-def device_ops(fn, device: torch.device) -> int | None:
-    """How many device operations (kernels, copies, memsets) one call of ``fn`` runs (None on CPU)."""
+def kernel_breakdown(fn, top: int = 10) -> dict:
+    """The device operations (kernels, copies, memsets) one call of ``fn`` runs (torch.profiler): how
+    many, their total device time, and the ``top`` ones by device time, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    if device.type != "cuda":
-        return None
     fn()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync(device)
-    return sum(e.count for e in prof.key_averages()
-               if (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) > 0)
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - the profiler is a diagnosis, not the measurement
+        return {"total_device_us": None, "device_ops": None, "top": [],
+                "error": f"profiler failed: {type(err).__name__}: {err}"}
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if dev_us > 0:
+            rows.append({"kernel": e.key[:90], "calls": e.count, "device_us": round(dev_us, 1)})
+    return {"total_device_us": round(sum(r["device_us"] for r in rows), 1),
+            "device_ops": sum(r["calls"] for r in rows),
+            "top": sorted(rows, key=lambda r: -r["device_us"])[:top]}
 
 
 def forward_profile(layer: nn.Module, x: torch.Tensor, calls: int = 300, top: int = 25) -> list[str]:
@@ -79,9 +89,9 @@ def forward_profile(layer: nn.Module, x: torch.Tensor, calls: int = 300, top: in
             f"{func} ({Path(file).name}:{line})" for (file, line, func), (_, n, own, cum, _) in rows]
 
 
-def _step(layer, x: torch.Tensor, dy: torch.Tensor, threads: bool = True):
-    """A layer step: forward, backward from ``dy``; ``threads=False``: the backward on this thread
-    instead of autograd's device thread."""
+def layer_step(layer, x: torch.Tensor, dy: torch.Tensor, threads: bool = True):
+    """One forward + backward of ``layer`` on ``x`` with upstream gradient ``dy``; ``threads=False``: the
+    backward on the calling thread instead of autograd's device thread."""
     def run():
         x.grad = None
         with torch.autograd.set_multithreading_enabled(threads):
@@ -150,18 +160,19 @@ def bench_host_overhead(calls: int = 200, rounds: int = 5, device: torch.device 
         "bwd 4: _input_grad": lambda: bn_triton.input_grad(dy, xd, total, n, w, mean, var, 1e-5),
         "layer forward, cuDNN BatchNorm2d (train)": lambda: cudnn(xd),
         "layer forward, CGBN (train, needs grad)": lambda: cgbn(x),
-        "layer step (fwd + bwd), cuDNN BatchNorm2d": _step(cudnn, x, dy),
-        "layer step (fwd + bwd), CGBN": _step(cgbn, x, dy),
+        "layer step (fwd + bwd), cuDNN BatchNorm2d": layer_step(cudnn, x, dy),
+        "layer step (fwd + bwd), CGBN": layer_step(cgbn, x, dy),
         "bwd: CGBN backward's body, called on this thread": lambda: _CrossGPUBatchNormFn.backward(ctx, dy),
-        "step of x * 1 (a C++ backward node)": _step(lambda t: t * 1.0, x, dy),
-        "step of an identity Function (a Python backward node)": _step(_Identity.apply, x, dy),
-        "layer step, cuDNN, backward on this thread": _step(cudnn, x, dy, threads=False),
-        "layer step, CGBN, backward on this thread": _step(cgbn, x, dy, threads=False),
+        "step of x * 1 (a C++ backward node)": layer_step(lambda t: t * 1.0, x, dy),
+        "step of an identity Function (a Python backward node)": layer_step(_Identity.apply, x, dy),
+        "layer step, cuDNN, backward on this thread": layer_step(cudnn, x, dy, threads=False),
+        "layer step, CGBN, backward on this thread": layer_step(cgbn, x, dy, threads=False),
     }
     if dev.type == "cuda":  # bn_plan.counters asks for it on every launch of _moments and _backward_reduce
         pieces["torch.cuda.current_stream().stream_id"] = lambda: torch.cuda.current_stream(dev).stream_id
     return {"shape": list(SHAPE),
             "host_us_per_call": {name: host_us(fn, dev, calls, rounds) for name, fn in pieces.items()},
-            "device_ops_per_layer_step": {"cudnn_batchnorm": device_ops(_step(cudnn, x, dy), dev),
-                                          "cgbn_triton": device_ops(_step(cgbn, x, dy), dev)},
+            "device_ops_per_layer_step": {name: kernel_breakdown(layer_step(layer, x, dy))["device_ops"]
+                                          if dev.type == "cuda" else None
+                                          for name, layer in (("cudnn_batchnorm", cudnn), ("cgbn_triton", cgbn))},
             "cgbn_forward_cprofile": forward_profile(cgbn, x, calls=calls)}
