@@ -199,6 +199,39 @@ def _fixed_batch(n: int = 4):
     return images, targets
 
 
+def test_cgbn_in_a_cuda_graph_outlives_its_counters_being_outgrown_on_cuda(monkeypatch):
+    """A CGBN layer captured in a CUDA graph keeps the address of its stream's arrival counters; a wider
+    layer run eagerly on that stream afterwards outgrows them (make_graphed_callables' warm-up draws its
+    stream from the same pool as the capture stream). hvdet.ops.bn_plan.counters keeps the outgrown
+    buffer, so memory allocated next on the stream (filled with 7s: counters that never reach the
+    arrival count) is elsewhere and the replay still equals BatchNorm; had the buffer been freed, the
+    replay's programs would count from 7 and merge partials too early or never."""
+    from hvdet.ops import bn_plan
+
+    comm.init()
+    monkeypatch.setattr(bn_plan, "MIN_COUNTERS", 1)  # an ordinary layer outgrows them
+    monkeypatch.setattr(bn_plan, "_COUNTERS", {})
+    monkeypatch.setattr(bn_plan, "_RETIRED", [])
+    ref, narrow = bn_pair(16, "triton")
+    wide = bn_pair(1024, "triton")[1]
+    x = torch.randn(4, 16, 32, 32, device=CUDA) + 3
+    expected = ref(x)
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        narrow(x)  # compiles the kernels and makes this stream's counters (2 blocks)
+        with torch.cuda.graph(graph, stream=stream):
+            y = narrow(x)
+        wide(torch.randn(2, 1024, 4, 4, device=CUDA))  # 128 blocks: a new buffer
+        junk = [torch.full((2,), 7, device=CUDA, dtype=torch.int32) for _ in range(64)]
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(bn_plan._RETIRED) == 1
+    for _ in range(2):
+        graph.replay()
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert all(int(j.min()) == 7 for j in junk)
+
+
 @pytest.mark.parametrize("norm", ["local", "cross_gpu"])
 def test_graphed_backbone_matches_the_eager_backbone_on_cuda(norm):
     """solver.cuda_graphs (hvdet.models.cuda_graphs): the fast detector's backbone (ResNet-18 body + FPN)

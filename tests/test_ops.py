@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,28 @@ def test_every_kernel_launch_names_only_its_own_parameters():
             names = {k.arg for k in node.keywords} - {"num_warps", "num_stages"}
             assert names <= kernels[node.func.value.id], (path.name, node.func.value.id, names)
         assert len(calls) >= 3, path.name
+
+
+def test_bn_counters_are_one_buffer_per_stream_and_never_freed(monkeypatch):
+    """hvdet.ops.bn_plan.counters: every layer on one stream (here: thread) shares one zeroed buffer of
+    MIN_COUNTERS blocks; a wider layer gets a new one and the old is kept, since a captured CUDA graph
+    may still write to its address (tests/test_gpu.py replays such a graph on a GPU)."""
+    from hvdet.ops import bn_plan
+
+    monkeypatch.setattr(bn_plan, "_COUNTERS", {})
+    monkeypatch.setattr(bn_plan, "_RETIRED", [])
+    cpu = torch.device("cpu")
+    first = bn_plan.counters(cpu, 2)
+    assert first.numel() == bn_plan.MIN_COUNTERS and first.dtype == torch.int32 and not first.any()
+    assert bn_plan.counters(cpu, bn_plan.MIN_COUNTERS) is first
+    wider = bn_plan.counters(cpu, bn_plan.MIN_COUNTERS + 1)
+    assert wider is not first and len(bn_plan._RETIRED) == 1 and bn_plan._RETIRED[0] is first
+    assert bn_plan.counters(cpu, 2) is wider
+    other = []
+    thread = threading.Thread(target=lambda: other.append(bn_plan.counters(cpu, 2)))
+    thread.start()
+    thread.join()
+    assert other[0] is not wider  # another simulated rank's launches may run at the same time
 
 
 @pytest.mark.parametrize(("shape", "programs"), [((70, 3, 2, 2), None), ((5, 11, 20, 30), 8)])

@@ -67,16 +67,27 @@ def plan(x: torch.Tensor) -> Plan:
 
 
 _COUNTERS: dict = {}  # (device, stream or thread) -> int32 counters
+_RETIRED: list = []   # counters outgrown by a wider layer: kept, a captured CUDA graph may still use them
+MIN_COUNTERS = 4096   # channel blocks: C = 32768 at NCHW's 8 channels a block, so no real layer outgrows it
 
 
 def counters(device: torch.device, blocks: int) -> torch.Tensor:
     """int32 arrival counters, all zero, for ``blocks`` channel blocks: one buffer per device and stream,
     reused by every launch (each launch leaves them zero). Launches that may run at the same time must
-    not share one: those of two CUDA streams, or of two threads under the interpreter (simulated ranks)."""
+    not share one: those of two CUDA streams, or of two threads under the interpreter (simulated ranks).
+
+    A buffer is never freed. A CUDA graph keeps the address its capture saw, and the capture stream is a
+    pooled stream that eager launches (make_graphed_callables' warm-up) can draw too: had a wider layer
+    replaced the buffer, the graph's next replay would write into memory freed and perhaps returned to the
+    driver. So a buffer starts at 4096 blocks (16 KiB, one growth at most for any real layer) and an
+    outgrown one is kept. One born inside a capture is zeroed by that graph's memset, at its first replay,
+    which hvdet.models.cuda_graphs runs right after the capture."""
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else threading.get_ident())
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < blocks:
-        buf = _COUNTERS[key] = torch.zeros(max(blocks, 64), device=device, dtype=torch.int32)
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(blocks, MIN_COUNTERS), device=device, dtype=torch.int32)
     return buf
 
 
