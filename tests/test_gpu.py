@@ -203,9 +203,10 @@ def test_cgbn_in_a_cuda_graph_outlives_its_counters_being_outgrown_on_cuda(monke
     """A CGBN layer captured in a CUDA graph keeps the address of its stream's arrival counters; a wider
     layer run eagerly on that stream afterwards outgrows them (make_graphed_callables' warm-up draws its
     stream from the same pool as the capture stream). hvdet.ops.bn_plan.counters keeps the outgrown
-    buffer, so memory allocated next on the stream (filled with 7s: counters that never reach the
-    arrival count) is elsewhere and the replay still equals BatchNorm; had the buffer been freed, the
-    replay's programs would count from 7 and merge partials too early or never."""
+    buffer, so memory allocated next on the stream (filled with 7s) is elsewhere, the replay equals
+    BatchNorm and leaves the 7s alone. With the buffer freed (before e359baf), on the H200 on
+    2026-12-04, the next allocation took its memory and the replay's counter reset turned those 7s to
+    0s, while the layer's output still matched: only the other tensor shows the corruption."""
     from hvdet.ops import bn_plan
 
     comm.init()
