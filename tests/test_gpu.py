@@ -6,7 +6,8 @@ TRITON_INTERPRET=1). One GPU covers: the Triton LAMB step against the torch refe
 its freedom from host syncs, CGBN's group path (Triton and reference arithmetic, NCHW and
 channels-last, fp32/bf16/fp64) against cuDNN/torch BatchNorm, the AMP step order with an fp16
 GradScaler, a detector's training step (AMP bf16, channels-last, CGBN, Triton PMD-LAMB), and the
-backbone in CUDA graphs (solver.cuda_graphs) against the eager one and inside hvdet's train_step. Not
+backbone in CUDA graphs (solver.cuda_graphs) against the eager one and inside hvdet's train_step, and a
+CGBN layer's graph replayed after its stream's counters were outgrown. Not
 covered by one GPU: multi-rank NCCL collectives and AGVM, which needs two ranks.
 """
 import pytest
