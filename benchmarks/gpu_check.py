@@ -270,13 +270,18 @@ def r50_fpn(bn: str) -> nn.Module:
     return net.cuda()
 
 
+def feature_loss(feats: dict) -> torch.Tensor:
+    """The backbone steps' loss: every FPN level's mean, in fp32."""
+    return sum(f.float().mean() for f in feats.values())
+
+
 def backbone_step(net: nn.Module, x: torch.Tensor, amp: bool = False):
     """One forward + backward of the backbone ``net`` on ``x`` (AMP bf16 when ``amp``), grads reset first."""
     def run():
         net.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             feats = net(x)
-        sum(f.float().mean() for f in feats.values()).backward()
+        feature_loss(feats).backward()
     return run
 
 
@@ -503,7 +508,7 @@ def graph_case(case: str):
     if case == "backbone_step_fp32":
         images = torch.randn(8, 3, 512, 512, device="cuda")
         return ({bn: functools.partial(r50_fpn, bn) for bn in GRAPH_BNS}, images,
-                lambda net, inp: sum(f.float().mean() for f in net(inp).values()).backward(), 3, 5)
+                lambda net, inp: feature_loss(net(inp)).backward(), 3, 5)
     raise ValueError(f"unknown graph case {case!r}: {GRAPH_CASES}")
 
 

@@ -316,7 +316,7 @@ def test_cuda_graphs_wiring_on_cpu(monkeypatch):
     parameters and runs eagerly for what a graph does not take (CPU tensors, evaluation), equal to
     the backbone's own forward; a valid recipe passes the checks. The graphs themselves: tests/test_gpu.py."""
     from hvdet.config import from_dict
-    from hvdet.models.cuda_graphs import GraphedForward, graph_backbone
+    from hvdet.models.cuda_graphs import GraphedForward, check_capturable, graph_backbone
 
     model = build_detector("fasterrcnn_resnet18_fpn_fast", 3, norm="local")
     keys = model.state_dict().keys()
@@ -331,8 +331,6 @@ def test_cuda_graphs_wiring_on_cpu(monkeypatch):
     assert model.state_dict().keys() == keys and not model.backbone.forward.graphs
     from_dict({"solver": {"max_iters": 5, "cuda_graphs": True}, "model": {"norm": "cross_gpu"},
                "data": {"augmentation": "lsj"}, "bn": {"backend": "torch"}})
-    from hvdet.models.cuda_graphs import check_capturable
-
     check_capturable(model.backbone)  # momentum 0.1 everywhere: capturable
     model.backbone.body.bn1.momentum = None
     with pytest.raises(RuntimeError, match="'body.bn1' has momentum=None"):

@@ -83,6 +83,7 @@ def capture(backbone: nn.Module, x: torch.Tensor) -> nn.Module:
     steps' effect on the buffers (BN running statistics, batch counters) is undone."""
     check_capturable(backbone)
     saved = [b.detach().clone() for b in backbone.buffers()]
+    # A fresh wrapper each time: make_graphed_callables replaces the module's own forward with the graph.
     graphed = torch.cuda.make_graphed_callables(_Eager(backbone), (x.detach().clone(),), allow_unused_input=True)
     with torch.no_grad():
         for b, s in zip(backbone.buffers(), saved, strict=True):
